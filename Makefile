@@ -1,0 +1,47 @@
+# flaap-mq: every target installs what it needs first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+BROKER_URL ?= $(FLAAP_MQ_BROKER_URL)
+
+.PHONY: install demo test test-faults lint protos bench topology clean
+
+install: $(STAMP)
+
+# The lock holds every package at an exact version and is installed with
+# --no-deps: TFF 0.87.0's own metadata pins a jaxlib that is not on the index
+# (see docs/install.md), so pip must not re-resolve it.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23.2"
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+	$(PY) -c "import tensorflow_federated, pika, flaap_mq"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/flaap-mq demo
+
+test: install
+	$(PY) -m pytest tests -m "not faults"
+
+test-faults: install
+	$(PY) -m pytest tests -m faults
+
+lint: install
+	$(VENV)/bin/ruff check flaap_mq tests bench
+	$(VENV)/bin/ruff format --check flaap_mq tests bench
+
+bench: install
+	$(PY) -m bench.run
+
+# Regenerates the envelope code; the result is committed.
+protos: install
+	$(eval TMP := $(shell mktemp -d))
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(TMP) --pyi_out=$(TMP) protos/flaap_mq/v1/task.proto
+	cp $(TMP)/flaap_mq/v1/task_pb2.py $(TMP)/flaap_mq/v1/task_pb2.pyi flaap_mq/protocol/v1/
+	rm -rf $(TMP)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

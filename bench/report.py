@@ -1,0 +1,152 @@
+"""Goals, verdicts and the printed tables of a benchmark run."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from bench.measure import DIRECT, MB, MQ
+
+ROUND_GOAL = 1.5  # flaap-mq round over the most silos, as a multiple of one silo
+TINY_GOAL = 1.5  # flaap-mq tiny invocation, as a multiple of TFF direct
+MODEL_GOAL = 0.5  # flaap-mq model throughput, as a fraction of TFF direct
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    row: str
+    measured: str
+    goal: str
+    met: bool
+
+    @property
+    def word(self) -> str:
+        return "goal met" if self.met else "goal missed"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "verdict": self.word}
+
+
+def round_verdict(rounds: list[dict]) -> Verdict:
+    base, top = rounds[0], rounds[-1]
+    ratio = top[MQ]["median"] / base[MQ]["median"]
+    return Verdict(
+        row=f"1. round, {top['silos']} silos vs {base['silos']}",
+        measured=f"{ratio:.2f}x (flaap-mq {top[MQ]['median']:.2f} s vs {base[MQ]['median']:.2f} s)",
+        goal=f"<= {ROUND_GOAL}x",
+        met=ratio <= ROUND_GOAL,
+    )
+
+
+def tiny_verdict(tiny: dict) -> Verdict:
+    mq, direct = tiny[MQ]["invocation_s"]["median"], tiny[DIRECT]["invocation_s"]["median"]
+    ratio = mq / direct
+    return Verdict(
+        row="2. tiny invocation vs TFF direct",
+        measured=f"{ratio:.2f}x ({mq * 1000:.1f} ms vs {direct * 1000:.1f} ms)",
+        goal=f"<= {TINY_GOAL}x",
+        met=ratio <= TINY_GOAL,
+    )
+
+
+def model_verdict(model: dict) -> Verdict:
+    mq, direct = model[MQ]["round_trip_mb_per_s"], model[DIRECT]["round_trip_mb_per_s"]
+    ratio = mq / direct
+    return Verdict(
+        row=f"3. {model['model_bytes'] / 2**20:.0f} MiB model throughput vs TFF direct",
+        measured=f"{ratio:.0%} ({mq:.1f} MB/s vs {direct:.1f} MB/s)",
+        goal=f">= {MODEL_GOAL:.0%}",
+        met=ratio >= MODEL_GOAL,
+    )
+
+
+def format_rounds(rounds: list[dict], repeats: int) -> str:
+    base = rounds[0]
+    lines = [
+        "Row 1: round time, 1 client per silo, each client waits 1 s "
+        f"(seconds, median of {repeats})",
+        f"  {'silos':>5}  {'flaap-mq':>9}  {'x base':>7}  {'TFF direct':>10}  {'x base':>7}"
+        f"  {'requests/round mq|direct':>24}",
+    ]
+    for r in rounds:
+        lines.append(
+            f"  {r['silos']:>5}  {r[MQ]['median']:>9.2f}  "
+            f"{r[MQ]['median'] / base[MQ]['median']:>6.2f}x  "
+            f"{r[DIRECT]['median']:>10.2f}  {r[DIRECT]['median'] / base[DIRECT]['median']:>6.2f}x"
+            f"  {r[MQ]['requests']:>11.1f} | {r[DIRECT]['requests']:<10.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _pair(label: str, mq: float, direct: float, fmt: str, ratio: bool = True) -> str:
+    tail = f"  {mq / direct:>6.2f}x" if ratio else ""
+    return f"  {label:<30}{mq:>10{fmt}}  {direct:>10{fmt}}{tail}"
+
+
+def format_tiny(tiny: dict, calls: int) -> str:
+    mq, direct = tiny[MQ], tiny[DIRECT]
+    return "\n".join(
+        [
+            f"Row 2: tiny computation, federated_mean of one float on 1 silo (median of {calls})",
+            f"  {'':<30}{'flaap-mq':>10}  {'TFF direct':>10}  {'ratio':>7}",
+            _pair(
+                "per invocation (ms)",
+                mq["invocation_s"]["median"] * 1000,
+                direct["invocation_s"]["median"] * 1000,
+                ".1f",
+            ),
+            _pair("requests per invocation", mq["requests"], direct["requests"], ".1f", False),
+            _pair(
+                "per request (ms, invocation/n)",
+                mq["per_request_s"] * 1000,
+                direct["per_request_s"] * 1000,
+                ".2f",
+            ),
+            _pair(
+                "one CreateValue round trip (ms)",
+                mq["single_request_s"]["median"] * 1000,
+                direct["single_request_s"]["median"] * 1000,
+                ".2f",
+            ),
+        ]
+    )
+
+
+def format_model(model: dict, repeats: int) -> str:
+    mq, direct = model[MQ], model[DIRECT]
+    size = model["model_bytes"]
+    return "\n".join(
+        [
+            f"Row 3: {size / 2**20:.0f} MiB float32 model to 1 silo and back, server-side "
+            f"identity (median of {repeats})",
+            f"  {'':<30}{'flaap-mq':>10}  {'TFF direct':>10}  {'ratio':>7}",
+            _pair(
+                "per invocation (s)",
+                mq["invocation_s"]["median"],
+                direct["invocation_s"]["median"],
+                ".2f",
+            ),
+            _pair(
+                f"MB/s (2 x {size / MB:.1f} MB / t)",
+                mq["round_trip_mb_per_s"],
+                direct["round_trip_mb_per_s"],
+                ".1f",
+            ),
+            _pair(
+                "wire MB per invocation",
+                (mq["bytes_out"] + mq["bytes_in"]) / MB,
+                (direct["bytes_out"] + direct["bytes_in"]) / MB,
+                ".1f",
+                False,
+            ),
+            _pair("wire MB/s", mq["wire_mb_per_s"], direct["wire_mb_per_s"], ".1f"),
+        ]
+    )
+
+
+def format_verdicts(verdicts: list[Verdict]) -> str:
+    width = max(len(v.row) for v in verdicts)
+    lines = ["Goals"]
+    for v in verdicts:
+        lines.append(f"  {v.row:<{width}}  {v.measured:<44}  goal {v.goal:<7}  {v.word}")
+    return "\n".join(lines)

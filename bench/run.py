@@ -1,0 +1,219 @@
+"""Benchmark flaap-mq against TFF's own remote path, side by side, in one run.
+
+    .venv/bin/python -m bench.run            # full run (make bench), ~5-10 min
+    .venv/bin/python -m bench.run --quick    # smoke run, 1 and 2 silos, < 3 min
+    .venv/bin/python -m bench.run --silos 1,2,4,8
+
+Rows (see docs/benchmarks.md):
+
+1. round time over 1, 2, 4, 8 silos, one client per silo, each client
+   waiting 1 s; goal: flaap-mq's 8-silo round within 1.5x its 1-silo round;
+2. a tiny computation (median ms per invocation and per executor request);
+   goal: within 1.5x TFF's direct gRPC path;
+3. a 64 MiB model sent to a silo and back (MB/s); goal: at least 50% of
+   TFF's direct path.
+
+flaap-mq runs on real `flaap-mq worker` processes through the broker, under
+a topology prefix of this run's own, deleted afterwards. TFF's direct path
+is `RemoteExecutor` over `RemoteExecutorGrpcStub` to `worker_binary`s on
+this machine (`bench.baseline`). Every process started here is stopped, and
+the run checks that none is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psutil
+import tensorflow_federated as tff
+
+from bench import computations, measure, report
+from bench.baseline import DirectSilos
+from bench.mq import MqSilos
+from flaap_mq import logs
+from flaap_mq.broker.urls import BROKER_URL_ENV, DEFAULT_BROKER_URL
+from flaap_mq.testing.broker import redact_url, throwaway_broker
+
+BENCH_DIR = Path(__file__).resolve().parent
+MODEL_ELEMENTS = 16 * 1024 * 1024  # float32: 64 MiB, under the broker's 128 MiB limit
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    mode: str
+    silos: list[int]
+    round_repeats: int
+    tiny_calls: int
+    tiny_warmup: int
+    model_elements: int
+    model_repeats: int
+    output: Path
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fast smoke run (< 3 min)")
+    parser.add_argument("--silos", help="silo counts for row 1, e.g. 1,2,4,8")
+    parser.add_argument(
+        "--broker-url",
+        default=os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL),
+        help="broker to use; a throwaway one is started if none answers there",
+    )
+    parser.add_argument("--output", type=Path, help="results file (default bench/results.json)")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    default_silos = "1,2" if args.quick else "1,2,4,8"
+    silos = sorted({int(s) for s in (args.silos or default_silos).split(",") if s.strip()})
+    if not silos or silos[0] < 1:
+        raise SystemExit(f"--silos needs positive silo counts, got {args.silos!r}")
+    name = "results-quick.json" if args.quick else "results.json"
+    return Settings(
+        mode="quick" if args.quick else "full",
+        silos=silos,
+        round_repeats=1 if args.quick else 3,
+        tiny_calls=20 if args.quick else 50,
+        tiny_warmup=3 if args.quick else 5,
+        model_elements=MODEL_ELEMENTS,
+        model_repeats=1 if args.quick else 3,
+        output=args.output or BENCH_DIR / name,
+    )
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "physical_cpus": psutil.cpu_count(logical=False),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow_federated": tff.__version__,
+    }
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every process started here is stopped."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def still_running(pids: Sequence[int]) -> list[int]:
+    """Those of `pids` still alive (zombies count as gone)."""
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+    return alive
+
+
+@contextlib.contextmanager
+def silos(broker_url: str, count: int, log_dir: Path) -> Iterator[tuple[MqSilos, DirectSilos]]:
+    """Both paths' silos; on exit, checks that every process started here is gone."""
+    started: list[int] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            direct = stack.enter_context(DirectSilos(count))
+            started += direct.pids
+            mq = stack.enter_context(MqSilos(broker_url, count, log_dir))
+            started += mq.worker_pids + mq.executor_pids
+            print(f"{count} flaap-mq workers (prefix {mq.prefix}) and {count} worker_binaries up")
+            yield mq, direct
+    finally:
+        left = still_running(started)
+        if left:
+            print(f"WARNING: processes started by the benchmark still run: {left}")
+        else:
+            print(f"all {len(started)} processes started by the benchmark stopped")
+
+
+def run_rows(mq: MqSilos, direct: DirectSilos, s: Settings) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    phases = [
+        ("round", lambda: measure.measure_rounds(mq, direct, s.silos, s.round_repeats)),
+        ("tiny", lambda: measure.measure_tiny(mq, direct, s.tiny_calls, s.tiny_warmup)),
+        (
+            "model",
+            lambda: measure.measure_model_round_trip(mq, direct, s.model_elements, s.model_repeats),
+        ),
+    ]
+    for name, phase in phases:
+        start = time.monotonic()
+        rows[name] = phase()
+        print(f"  {name}: measured in {time.monotonic() - start:.0f} s", flush=True)
+    return rows
+
+
+def print_report(rows: dict[str, Any], s: Settings, verdicts: list[report.Verdict]) -> None:
+    print()
+    print(report.format_rounds(rows["round"], s.round_repeats))
+    print()
+    print(report.format_tiny(rows["tiny"], s.tiny_calls))
+    print()
+    print(report.format_model(rows["model"], s.model_repeats))
+    print()
+    print(report.format_verdicts(verdicts))
+
+
+def benchmark(s: Settings, broker_url: str) -> dict[str, Any]:
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    log_dir = Path(tempfile.mkdtemp(prefix="flaap-bench-logs-"))
+    with throwaway_broker(broker_url) as (url, description):
+        print(f"broker: {description}; worker logs: {log_dir}")
+        with silos(url, max(s.silos), log_dir) as (mq, direct):
+            prefix = mq.prefix
+            rows = run_rows(mq, direct, s)
+    verdicts = [
+        report.round_verdict(rows["round"]),
+        report.tiny_verdict(rows["tiny"]),
+        report.model_verdict(rows["model"]),
+    ]
+    print_report(rows, s, verdicts)
+    return {
+        "mode": s.mode,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "broker": redact_url(url),
+        "topology_prefix": prefix,
+        "worker_logs": str(log_dir),
+        "client_wait_s": computations.CLIENT_WAIT_S,
+        "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "output"},
+        "rows": rows,
+        "goals": [v.as_dict() for v in verdicts],
+        "duration_s": round(time.monotonic() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    s = settings_from(args)
+    logs.configure("console", "warning")
+    stop_on_sigterm()
+    results = benchmark(s, args.broker_url)
+    s.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults written to {s.output} ({results['duration_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

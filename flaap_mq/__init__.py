@@ -1,0 +1,39 @@
+"""flaap-mq: run TensorFlow Federated computations on silo workers through RabbitMQ.
+
+Silo workers only dial out, to a shared broker; the coordinator publishes
+each TFF executor request as a Task to the silo's queue and awaits the
+result on its own reply queue.
+
+    import flaap_mq
+    flaap_mq.set_execution_context("amqp://user:pass@broker:5672/", ["a", "b", "c"])
+    # ... any TFF program: its federated work now runs on the silos' workers
+
+The public names below load TensorFlow, so they are imported on first use:
+`import flaap_mq` (and `flaap-mq --help`) stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "FederatedSilosContext": "flaap_mq.coordinator.context",
+    "create_execution_context": "flaap_mq.coordinator.context",
+    "set_execution_context": "flaap_mq.coordinator.context",
+    "MessageTooLargeError": "flaap_mq.coordinator.errors",
+    "SiloError": "flaap_mq.coordinator.errors",
+    "SiloExecutionError": "flaap_mq.coordinator.errors",
+    "SiloProtocolError": "flaap_mq.coordinator.errors",
+    "SiloRetryableError": "flaap_mq.coordinator.errors",
+    "SiloTimeoutError": "flaap_mq.coordinator.errors",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flaap_mq' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,611 @@
+"""One AMQP connection, owned by one I/O thread, shared by a whole process.
+
+Both the coordinator and the worker talk to the broker through a
+`BrokerLink`. pika objects are not thread-safe, so every pika call happens on
+the link's own thread; other threads (TFF's event loops, the worker's task
+threads, garbage-collector finalizers) hand work over with
+`add_callback_threadsafe`, which wakes the I/O loop at once: nothing here
+polls on a timer.
+
+The guarantees the link makes, each in one place:
+
+* **publish** resolves its future only when the broker confirms the message
+  (publisher confirms). A message the broker cannot route (mandatory flag)
+  fails its future with `Unroutable`. A message not yet confirmed when the
+  connection drops is published again on the next connection, so a publish is
+  at-least-once; receivers deduplicate by task id.
+* **consume** hands each delivery to the owner with the channel generation it
+  came from; `ack` of a delivery from an older channel is dropped, because
+  the broker has already requeued it.
+* **reconnect**: a lost connection is retried with bounded, jittered
+  exponential backoff (tenacity), over every URL given (cluster fail-over);
+  topology and consumers are declared again on each new channel. After
+  `unavailable_after` seconds without a broker, pending and new publishes
+  fail with `BrokerUnavailable` instead of waiting, while reconnecting goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pika
+import pika.adapters.select_connection
+import pika.exceptions
+import pika.spec
+import structlog
+import tenacity
+
+from flaap_mq.broker.urls import BrokerAddress
+from flaap_mq.protocol import topology
+
+log = structlog.get_logger("flaap_mq.broker")
+
+# RabbitMQ's default max_message_size (3.10): a bigger message closes the
+# channel, taking every other message in flight with it, so it is refused
+# before it is sent.
+DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+_PUBLISH_ID_HEADER = "x-flaap-publish-id"
+
+
+class BrokerError(Exception):
+    """Base of the errors the link reports."""
+
+
+class BrokerUnavailable(BrokerError, ConnectionError):
+    """No broker could be reached for longer than the link waits."""
+
+
+class BrokerRefused(BrokerError):
+    """The broker refused us for a reason retrying will not change."""
+
+
+class Unroutable(BrokerError):
+    """The broker had no queue to route a mandatory message to."""
+
+
+class MessageTooLarge(BrokerError, ValueError):
+    """A message over the broker's size limit; it was not sent."""
+
+
+class LinkClosed(BrokerError):
+    """The link was closed while the operation was pending."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    body: bytes
+    properties: pika.spec.BasicProperties
+    delivery_tag: int
+    redelivered: bool
+    queue: str
+    # Which channel the delivery came on; see `BrokerLink.ack`.
+    generation: int
+
+
+@dataclasses.dataclass
+class _Outgoing:
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: pika.spec.BasicProperties
+    mandatory: bool
+    future: concurrent.futures.Future[None]
+    returned: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Consumer:
+    queue: str
+    on_delivery: Callable[[Delivery], None]
+
+
+class _ConnectionDropped(Exception):
+    """An open connection was lost: the reconnect budget starts afresh."""
+
+
+class _ConnectFailed(Exception):
+    """A connection attempt failed."""
+
+
+class BrokerLink:
+    """A process's AMQP connection; see the module docstring."""
+
+    def __init__(
+        self,
+        addresses: Sequence[BrokerAddress],
+        *,
+        name: str,
+        declarations: Callable[[], Sequence[topology.Declaration]] = list,
+        prefetch: int = 0,
+        unavailable_after: float = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        on_unavailable: Callable[[BaseException], None] | None = None,
+        on_returned: Callable[[pika.spec.BasicProperties, str], None] | None = None,
+    ) -> None:
+        if not addresses:
+            raise ValueError("at least one broker address is needed")
+        self._addresses = list(addresses)
+        self._name = name
+        self._declarations = declarations
+        self._prefetch = prefetch
+        self._unavailable_after = unavailable_after
+        self.max_message_bytes = max_message_bytes
+        self._on_unavailable = on_unavailable
+        self._on_returned = on_returned
+        self._log = log.bind(link=name)
+
+        self._ioloop = pika.adapters.select_connection.IOLoop()
+        self._thread: threading.Thread | None = None
+        self._connection: pika.SelectConnection | None = None
+        self._channel: Any = None
+        self._generation = 0
+        self._ready = False  # channel open, topology declared, consumers on
+        self._closing = False
+        self._unavailable: BaseException | None = None
+        self._fatal: BaseException | None = None
+        self._last_error = ""
+        self._down_since: float | None = None
+        self._was_open = False
+        self._started = threading.Event()
+        self._stopped = threading.Event()
+
+        self._consumers: list[_Consumer] = []
+        self._cancel_waiters: list[concurrent.futures.Future[None]] = []
+        self._outbox: deque[_Outgoing] = deque()
+        self._unconfirmed: dict[int, _Outgoing] = {}
+        self._next_tag = 1
+        self._publish_ids = itertools.count(1)
+        self._by_publish_id: dict[int, _Outgoing] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Connects, declares the topology and starts consumers, or raises.
+
+        Raises `BrokerRefused` at once for a wrong password or vhost (retrying
+        will not help) and `BrokerUnavailable` when no broker answered within
+        `timeout` seconds.
+        """
+        self._thread = threading.Thread(target=self._run, name=f"amqp-{self._name}", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            error = self._fatal or BrokerUnavailable(
+                f"no broker answered at {self.describe_addresses()} within {timeout:.0f} s"
+                + (f" (last error: {self._last_error})" if self._last_error else "")
+            )
+            self.close()
+            raise error
+        if self._fatal is not None:
+            self.close()
+            raise self._fatal
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancels consumers, closes the connection and joins the I/O thread."""
+        if self._thread is None:
+            return
+        self._ioloop.add_callback_threadsafe(self._begin_close)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._log.warning("amqp_thread_did_not_stop", timeout_s=timeout)
+        self._thread = None
+
+    def describe_addresses(self) -> str:
+        return ", ".join(a.redacted for a in self._addresses)
+
+    @property
+    def connected(self) -> bool:
+        return self._ready
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the link stopped for good (e.g. the broker refused the topology), if it did."""
+        return self._fatal
+
+    # ------------------------------------------------------------ public API
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.spec.BasicProperties,
+        *,
+        mandatory: bool = True,
+    ) -> concurrent.futures.Future[None]:
+        """Publishes from any thread; the future resolves on the broker's confirm."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if len(body) > self.max_message_bytes:
+            future.set_exception(
+                MessageTooLarge(
+                    f"message of {len(body)} bytes for {exchange or 'default'}/{routing_key} is "
+                    f"over the broker's limit of {self.max_message_bytes} bytes; not sent"
+                )
+            )
+            return future
+        if self._unavailable is not None:
+            future.set_exception(self._unavailable)
+            return future
+        if self._stopped.is_set():
+            future.set_exception(LinkClosed(f"link {self._name} is closed"))
+            return future
+        out = _Outgoing(exchange, routing_key, body, properties, mandatory, future)
+        self._ioloop.add_callback_threadsafe(lambda: self._send(out))
+        return future
+
+    def consume(self, queue: str, on_delivery: Callable[[Delivery], None]) -> None:
+        """Consumes `queue` now and after every reconnect.
+
+        `on_delivery` runs on the I/O thread: it must hand the work off and
+        return at once.
+        """
+        consumer = _Consumer(queue, on_delivery)
+        self._ioloop.add_callback_threadsafe(lambda: self._add_consumer(consumer))
+
+    def stop_consuming(self) -> concurrent.futures.Future[None]:
+        """Cancels every consumer; the future resolves once the broker agreed."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if self._stopped.is_set():
+            done.set_result(None)  # a closed link consumes nothing
+            return done
+        self._cancel_waiters.append(done)
+        self._ioloop.add_callback_threadsafe(lambda: self._cancel_consumers(done))
+        return done
+
+    def ack(self, delivery: Delivery) -> None:
+        self._ioloop.add_callback_threadsafe(lambda: self._settle(delivery, ack=True))
+
+    def reject(self, delivery: Delivery, *, requeue: bool) -> None:
+        self._ioloop.add_callback_threadsafe(
+            lambda: self._settle(delivery, ack=False, requeue=requeue)
+        )
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Runs `fn` on the I/O thread (for owners that need its ordering)."""
+        self._ioloop.add_callback_threadsafe(fn)
+
+    # ------------------------------------------------------------ I/O thread
+
+    def _run(self) -> None:
+        addresses = itertools.cycle(self._addresses)
+        try:
+            while not self._closing and self._fatal is None:
+                try:
+                    for attempt in tenacity.Retrying(
+                        retry=tenacity.retry_if_exception_type(_ConnectFailed),
+                        wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.5),
+                        sleep=self._sleep_unless_closing,
+                        before_sleep=self._before_reconnect,
+                    ):
+                        with attempt:
+                            self._run_connection(next(addresses))
+                    return
+                except _ConnectionDropped:
+                    self._down_since = time.monotonic()
+                    continue
+        finally:
+            self._fail_everything(LinkClosed(f"link {self._name} is closed"))
+            for waiter in self._cancel_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)  # no connection, no consumers
+            self._stopped.set()
+            self._started.set()
+            self._ioloop.close()
+
+    def _sleep_unless_closing(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._closing and time.monotonic() < deadline:
+            # Keep serving queued callbacks (a close request) while we wait;
+            # after a close the next attempt returns at once.
+            timer = self._ioloop.call_later(
+                max(0.0, min(0.1, deadline - time.monotonic())), self._ioloop.stop
+            )
+            self._ioloop.start()
+            self._ioloop.remove_timeout(timer)
+
+    def _before_reconnect(self, state: tenacity.RetryCallState) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        down_for = time.monotonic() - self._down_since
+        wait = state.next_action.sleep if state.next_action else 0.0
+        self._log.warning(
+            "broker_reconnecting",
+            attempt=state.attempt_number,
+            down_for_s=round(down_for, 1),
+            retry_in_s=round(wait, 2),
+            error=self._last_error,
+        )
+        if down_for >= self._unavailable_after and self._unavailable is None:
+            error = BrokerUnavailable(
+                f"no broker reachable at {self.describe_addresses()} for {down_for:.0f} s "
+                f"(last error: {self._last_error}); still retrying"
+            )
+            self._unavailable = error
+            self._log.error("broker_unavailable", down_for_s=round(down_for, 1))
+            self._fail_everything(error)
+            if self._on_unavailable is not None:
+                self._on_unavailable(error)
+
+    def _run_connection(self, address: BrokerAddress) -> None:
+        """Runs one connection until it closes; raises to say how it ended."""
+        if self._closing:
+            return
+        self._was_open = False
+        self._connection = pika.SelectConnection(
+            parameters=address.parameters(),
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_connection_open_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=self._ioloop,
+        )
+        self._ioloop.start()
+        self._connection = None
+        self._channel = None
+        self._ready = False
+        if self._closing or self._fatal is not None:
+            return
+        if self._was_open:
+            raise _ConnectionDropped()
+        raise _ConnectFailed(self._last_error)
+
+    def _on_connection_open(self, connection: pika.SelectConnection) -> None:
+        self._was_open = True
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_open_error(self, _connection: Any, error: BaseException) -> None:
+        self._last_error = _describe(error)
+        if isinstance(
+            error,
+            pika.exceptions.ProbableAuthenticationError
+            | pika.exceptions.ProbableAccessDeniedError
+            | pika.exceptions.AuthenticationError,
+        ):
+            self._fatal = BrokerRefused(
+                f"broker at {self.describe_addresses()} refused the login: {_describe(error)} "
+                "(check the user, password and vhost)"
+            )
+        self._ioloop.stop()
+
+    def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
+        self._last_error = _describe(reason)
+        if not self._closing:
+            self._log.warning("broker_connection_lost", reason=self._last_error)
+        self._channel_lost()
+        self._ioloop.stop()
+
+    def _on_channel_open(self, channel: Any) -> None:
+        self._channel = channel
+        self._generation += 1
+        self._next_tag = 1
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.add_on_cancel_callback(self._on_consumer_cancelled)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_ok)
+
+    def _on_confirm_ok(self, _frame: Any) -> None:
+        channel = self._channel
+        try:
+            topology.declare_async(channel, list(self._declarations()), self._on_declared)
+        except Exception as e:  # a bad declaration list is the caller's bug: stop loudly
+            self._fatal = BrokerRefused(f"could not declare the topology: {e}")
+            self._begin_close()
+
+    def _on_declared(self) -> None:
+        if self._prefetch:
+            self._channel.basic_qos(prefetch_count=self._prefetch, callback=self._on_qos)
+        else:
+            self._on_qos(None)
+
+    def _on_qos(self, _frame: Any) -> None:
+        for consumer in self._consumers:
+            self._start_consumer(consumer)
+        self._ready = True
+        if self._unavailable is not None or self._down_since is not None:
+            self._log.info("broker_reconnected", url=self._connection_url())
+        self._unavailable = None
+        self._down_since = None
+        # Everything not confirmed on the lost channel goes out again first.
+        while self._outbox:
+            self._send(self._outbox.popleft())
+        self._started.set()
+
+    def _connection_url(self) -> str:
+        params = getattr(self._connection, "params", None)
+        return f"{params.host}:{params.port}" if params else "?"
+
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        if channel is not self._channel:
+            return
+        self._last_error = _describe(reason)
+        declaring = not self._ready
+        self._channel_lost()
+        if self._closing:
+            return
+        if declaring and isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            # A refused declaration (e.g. a queue that exists with other
+            # arguments) would be refused again: report it, do not loop.
+            self._fatal = BrokerRefused(
+                f"broker refused the topology: {reason.reply_text} "
+                "(a queue or exchange exists with other settings; see docs/topology.md "
+                "on migrating)"
+                if reason.reply_code == 406
+                else f"broker closed the channel while declaring: {self._last_error}"
+            )
+            self._log.error("topology_refused", reason=self._last_error)
+            self._begin_close()
+            return
+        self._log.warning("channel_closed", reason=self._last_error)
+        if self._connection is not None and self._connection.is_open:
+            self._connection.channel(on_open_callback=self._on_channel_open)
+
+    def _channel_lost(self) -> None:
+        """Queues every unconfirmed message to go out again on the next channel."""
+        self._ready = False
+        self._channel = None
+        pending = [self._unconfirmed[tag] for tag in sorted(self._unconfirmed)]
+        self._unconfirmed.clear()
+        self._by_publish_id.clear()
+        for out in pending:
+            out.returned = None
+        self._outbox.extendleft(reversed(pending))
+
+    def _add_consumer(self, consumer: _Consumer) -> None:
+        self._consumers.append(consumer)
+        if self._ready:
+            self._start_consumer(consumer)
+
+    def _start_consumer(self, consumer: _Consumer) -> None:
+        generation = self._generation
+        queue = consumer.queue
+
+        def on_message(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
+            consumer.on_delivery(
+                Delivery(body, properties, method.delivery_tag, method.redelivered, queue,
+                         generation)
+            )
+
+        self._channel.basic_consume(queue, on_message, auto_ack=False)
+
+    def _cancel_consumers(self, done: concurrent.futures.Future[None]) -> None:
+        self._consumers.clear()
+        channel = self._channel
+        if channel is None or not self._ready or not channel.consumer_tags:
+            done.set_result(None)
+            return
+        tags = list(channel.consumer_tags)
+        remaining = set(tags)
+
+        def cancelled(tag: str) -> Callable[[Any], None]:
+            def callback(_frame: Any) -> None:
+                remaining.discard(tag)
+                if not remaining and not done.done():
+                    done.set_result(None)
+            return callback
+
+        for tag in tags:
+            channel.basic_cancel(tag, callback=cancelled(tag))
+
+    def _on_consumer_cancelled(self, frame: Any) -> None:
+        # The broker cancels a consumer when its queue is deleted or, for a
+        # quorum queue, when it cannot serve it; a fresh channel re-declares
+        # the queue and consumes again.
+        self._log.warning("consumer_cancelled_by_broker", tag=frame.method.consumer_tag)
+        if self._channel is not None and self._channel.is_open:
+            self._channel.close()
+
+    def _settle(self, delivery: Delivery, *, ack: bool, requeue: bool = False) -> None:
+        channel = self._channel
+        if channel is None or delivery.generation != self._generation or not channel.is_open:
+            # The broker requeued it when the old channel closed.
+            return
+        if ack:
+            channel.basic_ack(delivery.delivery_tag)
+        else:
+            channel.basic_reject(delivery.delivery_tag, requeue=requeue)
+
+    def _send(self, out: _Outgoing) -> None:
+        if out.future.done():
+            return
+        if self._unavailable is not None:
+            out.future.set_exception(self._unavailable)
+            return
+        if not self._ready or self._channel is None:
+            self._outbox.append(out)
+            return
+        publish_id = next(self._publish_ids)
+        properties = out.properties
+        headers = dict(properties.headers or {})
+        headers[_PUBLISH_ID_HEADER] = publish_id
+        properties.headers = headers
+        tag = self._next_tag
+        self._next_tag += 1
+        self._unconfirmed[tag] = out
+        self._by_publish_id[publish_id] = out
+        try:
+            self._channel.basic_publish(
+                out.exchange, out.routing_key, out.body, properties, mandatory=out.mandatory
+            )
+        except Exception as e:  # channel closed under us: it goes out again
+            self._log.warning("publish_deferred", error=_describe(e))
+
+    def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
+        publish_id = (properties.headers or {}).get(_PUBLISH_ID_HEADER)
+        out = self._by_publish_id.get(publish_id)
+        reason = f"{method.reply_text} (exchange {method.exchange!r}, key {method.routing_key!r})"
+        if out is not None:
+            out.returned = reason
+        if self._on_returned is not None:
+            self._on_returned(properties, reason)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        if method.multiple:
+            tags = [t for t in self._unconfirmed if t <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag] if method.delivery_tag in self._unconfirmed else []
+        for tag in tags:
+            out = self._unconfirmed.pop(tag)
+            publish_id = (out.properties.headers or {}).get(_PUBLISH_ID_HEADER)
+            self._by_publish_id.pop(publish_id, None)
+            if out.future.done():
+                continue
+            if not acked:
+                out.future.set_exception(
+                    BrokerError(f"broker refused (nack) a message for {out.routing_key}")
+                )
+            elif out.returned is not None:
+                out.future.set_exception(Unroutable(out.returned))
+            else:
+                out.future.set_result(None)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        pending = list(self._outbox) + list(self._unconfirmed.values())
+        self._outbox.clear()
+        self._unconfirmed.clear()
+        self._by_publish_id.clear()
+        for out in pending:
+            if not out.future.done():
+                out.future.set_exception(error)
+
+    def _begin_close(self) -> None:
+        self._closing = True
+        self._consumers.clear()
+        connection = self._connection
+        if connection is not None and (connection.is_open or connection.is_opening):
+            try:
+                connection.close()
+            except pika.exceptions.ConnectionWrongStateError:
+                self._ioloop.stop()
+        else:
+            self._ioloop.stop()
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
+
+
+def default_properties(**kwargs: Any) -> pika.BasicProperties:
+    """Persistent message properties; every task and result is persistent."""
+    return pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, **kwargs)
+
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "BrokerError",
+    "BrokerLink",
+    "BrokerRefused",
+    "BrokerUnavailable",
+    "Delivery",
+    "LinkClosed",
+    "MessageTooLarge",
+    "Unroutable",
+    "default_properties",
+]

@@ -1,0 +1,193 @@
+"""The TFF execution context that spreads a computation over silo workers.
+
+`create_execution_context(broker_url, silos)` builds, over one `TaskClient`
+(one AMQP connection):
+
+* one asynchronous TFF context per silo, backed by a `SiloExecutor`;
+* a mergeable-computation context on top, which compiles each computation
+  to TFF's mergeable form, runs `up_to_merge` on every silo side by side with
+  its share of the clients, merges the partial results, and runs
+  `after_merge`. The clients are split by `partitioning`, not by TFF 0.87's
+  own splitter, which silently gives wrong answers for some argument shapes.
+
+Retries: TFF's `AsyncExecutionContext` retries an invocation that raises
+`RetryableError` forever (30 s apart at most); a silo that is gone for good
+would hang the program. `SiloExecutionContext` retries a bounded number of
+times and then raises the silo's error.
+"""
+
+from __future__ import annotations
+
+import atexit
+import weakref
+from collections.abc import Mapping, Sequence
+
+import structlog
+import tenacity
+from tensorflow_federated.python.core.backends.native import compiler, mergeable_comp_compiler
+from tensorflow_federated.python.core.environments.tensorflow_frontend import (
+    tensorflow_computation,
+)
+from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
+from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
+from tensorflow_federated.python.core.impl.executors import executors_errors
+from tensorflow_federated.python.core.impl.types import placements
+
+from flaap_mq.coordinator.partitioning import SiloSplittingContext
+from flaap_mq.coordinator.silo_executor import SiloExecutor
+from flaap_mq.coordinator.task_client import TaskClient
+from flaap_mq.protocol import topology
+
+log = structlog.get_logger("flaap_mq.coordinator")
+
+# TFF's own retry loop, without its unbounded retry decorator.
+_tff_invoke_once = async_execution_context.AsyncExecutionContext.invoke.__wrapped__
+
+
+class SiloExecutionContext(async_execution_context.AsyncExecutionContext):
+    """TFF's async context for one silo, with a bounded number of retries."""
+
+    def __init__(self, silo_id: str, *args: object, max_attempts: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.silo_id = silo_id
+        self._max_attempts = max_attempts
+
+    async def invoke(self, comp: object, arg: object) -> object:
+        if hasattr(arg, "__await__"):
+            arg = await arg  # TFF passes a coroutine when called from its own __call__
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(executors_errors.RetryableError),
+            stop=tenacity.stop_after_attempt(self._max_attempts),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=5.0),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await _tff_invoke_once(self, comp, arg)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        log.warning(
+            "invocation_retrying",
+            silo=self.silo_id,
+            attempt=state.attempt_number,
+            error=str(state.outcome.exception()) if state.outcome else None,
+        )
+
+
+class FederatedSilosContext(SiloSplittingContext):
+    """Runs TFF computations across silo workers; close it (or use `with`) when done."""
+
+    def __init__(
+        self, client: TaskClient, silo_contexts: Sequence[SiloExecutionContext]
+    ) -> None:
+        super().__init__(
+            silo_contexts,
+            compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
+            transform_result=tensorflow_computation.transform_result,
+        )
+        self.client = client
+        self.silo_ids = list(client.silo_ids)
+        self._finalizer = weakref.finalize(self, client.close)
+        atexit.register(self._finalizer)
+
+    @property
+    def job_id(self) -> str:
+        return self.client.job_id
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> FederatedSilosContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _silo_context(
+    client: TaskClient, silo_id: str, default_clients: int, max_attempts: int
+) -> SiloExecutionContext:
+    def executor_for(cardinalities: dict[placements.PlacementLiteral, int]) -> SiloExecutor:
+        if cardinalities.get(placements.CLIENTS) is None:
+            # No CLIENTS-placed argument to count: the silo hosts its own.
+            cardinalities[placements.CLIENTS] = default_clients
+        return SiloExecutor(client, silo_id, cardinalities)
+
+    return SiloExecutionContext(
+        silo_id,
+        python_executor_stacks.ResourceManagingExecutorFactory(executor_for),
+        compiler.desugar_and_transform_to_native,
+        transform_args=tensorflow_computation.transform_args,
+        transform_result=tensorflow_computation.transform_result,
+        max_attempts=max_attempts,
+    )
+
+
+def create_execution_context(
+    broker_url: str | None,
+    silos: Sequence[str],
+    *,
+    task_timeout: float = 600.0,
+    clients_per_silo: int | Mapping[str, int] = 1,
+    job_id: str | None = None,
+    topology_prefix: str = "flaap",
+    queue_type: str = "quorum",
+    max_attempts: int = 4,
+    connect_timeout: float = 30.0,
+) -> FederatedSilosContext:
+    """A TFF context that runs computations on the given silos' workers.
+
+    Args:
+      broker_url: AMQP URL of the broker (several, comma-separated, for a
+        cluster); `None` reads `FLAAP_MQ_BROKER_URL`.
+      silos: the silo ids; each must have a worker (`flaap-mq worker`).
+        Tasks for a silo whose worker is not up yet wait in its queue.
+      task_timeout: seconds a silo may take to answer one executor request
+        before the call fails with `SiloTimeoutError` naming the silo.
+      clients_per_silo: how many clients each silo hosts when a computation's
+        argument does not say (no CLIENTS-placed argument); one number for all
+        silos or a mapping silo id -> number.
+      job_id: names this coordinator's reply queue; random by default.
+      topology_prefix: prefix of every exchange and queue name.
+      queue_type: "quorum" (default) or "classic" silo queues.
+      max_attempts: how often an invocation that failed with a retryable
+        error (lost worker state, broker unavailable) is run in all.
+      connect_timeout: seconds to wait for the broker at start.
+    """
+    if isinstance(clients_per_silo, Mapping):
+        missing = [s for s in silos if s not in clients_per_silo]
+        if missing:
+            raise ValueError(f"clients_per_silo has no entry for silos {missing}")
+        per_silo = {s: int(clients_per_silo[s]) for s in silos}
+    else:
+        per_silo = {s: int(clients_per_silo) for s in silos}
+    if any(n < 0 for n in per_silo.values()):
+        raise ValueError(f"clients_per_silo must not be negative, got {per_silo}")
+    if task_timeout <= 0:
+        raise ValueError(f"task_timeout must be positive, got {task_timeout}")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+    client = TaskClient(
+        broker_url,
+        list(silos),
+        job_id=job_id,
+        names=topology.Names(topology_prefix),
+        queue_type=topology.QueueType(queue_type),
+        task_timeout_s=task_timeout,
+        connect_timeout_s=connect_timeout,
+    )
+    client.start()
+    contexts = [_silo_context(client, s, per_silo[s], max_attempts) for s in client.silo_ids]
+    return FederatedSilosContext(client, contexts)
+
+
+def set_execution_context(
+    broker_url: str | None, silos: Sequence[str], **options: object
+) -> FederatedSilosContext:
+    """Like `create_execution_context`, and installs it as TFF's default context."""
+    context = create_execution_context(broker_url, silos, **options)  # type: ignore[arg-type]
+    context_stack_impl.context_stack.set_default_context(context)
+    return context

@@ -1,0 +1,280 @@
+"""The coordinator's side of the wire: publish Tasks, await their TaskResults.
+
+This is RabbitMQ's RPC pattern: each coordinator (job) has its own reply
+queue, bound to the replies exchange under its job id; each Task carries
+`reply_to` (the job id) and a `correlation_id` (the task id). A reply
+resolves the asyncio future registered for its correlation id, on the event
+loop that is waiting for it, so many requests to many silos are in flight at
+once and nothing on any event loop blocks on the network.
+
+The guarantees live here:
+
+* a task is persistent, its publish confirmed (`BrokerLink`), and it expires
+  in the broker at its deadline, so a silo that comes back late finds it
+  dead-lettered rather than runs it;
+* the caller waits at most `timeout_s` and then gets a `SiloTimeoutError`
+  naming the silo and the request;
+* a reply is accepted only from the silo the task was sent to; late and
+  duplicate replies (a task redelivered after its reply) are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+import structlog
+from google.protobuf import message as protobuf_message
+
+from flaap_mq.broker import link as broker_link
+from flaap_mq.broker.link import BrokerLink, Delivery, default_properties
+from flaap_mq.broker.urls import parse_broker_urls
+from flaap_mq.coordinator import errors
+from flaap_mq.protocol import envelope, topology
+from flaap_mq.protocol.v1 import task_pb2
+
+log = structlog.get_logger("flaap_mq.coordinator")
+
+TASK_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.Task"
+
+
+@dataclasses.dataclass
+class _Pending:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[task_pb2.TaskResult]
+    silo_id: str
+    request: str
+    started: float
+
+
+def _set_outcome(
+    future: asyncio.Future[task_pb2.TaskResult],
+    result: task_pb2.TaskResult | None,
+    error: BaseException | None,
+) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class TaskClient:
+    """Sends TFF executor requests to silos over one AMQP connection."""
+
+    def __init__(
+        self,
+        broker_url: str | None,
+        silo_ids: Sequence[str],
+        *,
+        job_id: str | None = None,
+        names: topology.Names | None = None,
+        queue_type: topology.QueueType = topology.QueueType.QUORUM,
+        task_timeout_s: float = 600.0,
+        connect_timeout_s: float = 30.0,
+        max_message_bytes: int = broker_link.DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if not silo_ids:
+            raise ValueError("at least one silo id is needed")
+        if len(set(silo_ids)) != len(silo_ids):
+            raise ValueError(f"silo ids must be distinct, got {list(silo_ids)}")
+        self.silo_ids = [topology.validate_id("silo", s) for s in silo_ids]
+        self.job_id = topology.validate_id("job", job_id or f"job-{uuid.uuid4().hex[:12]}")
+        self.task_timeout_s = task_timeout_s
+        self._names = names or topology.Names()
+        self._queue_type = queue_type
+        self._connect_timeout_s = connect_timeout_s
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._log = log.bind(job=self.job_id)
+        self._link = BrokerLink(
+            parse_broker_urls(broker_url, connection_name=f"flaap-coordinator-{self.job_id}"),
+            name=f"coordinator-{self.job_id}",
+            declarations=self._declarations,
+            max_message_bytes=max_message_bytes,
+            on_unavailable=self._fail_all_pending,
+        )
+        self.requests_sent = 0
+
+    def _declarations(self) -> list[topology.Declaration]:
+        return (
+            topology.shared_declarations(self._names)
+            + topology.silo_declarations(self._names, self.silo_ids, self._queue_type)
+            + topology.reply_declarations(self._names, self.job_id)
+        )
+
+    def start(self) -> None:
+        self._link.start(self._connect_timeout_s)
+        self._link.consume(self._names.reply_queue(self.job_id), self._on_reply)
+        self._log.info(
+            "coordinator_connected",
+            broker=self._link.describe_addresses(),
+            silos=self.silo_ids,
+            reply_queue=self._names.reply_queue(self.job_id),
+        )
+
+    def close(self) -> None:
+        self._fail_all_pending(broker_link.LinkClosed("the coordinator was closed"))
+        self._link.close()
+
+    # ------------------------------------------------------------------ calls
+
+    async def call(
+        self,
+        silo_id: str,
+        request: protobuf_message.Message,
+        *,
+        timeout_s: float | None = None,
+    ) -> protobuf_message.Message:
+        """Runs one executor request on `silo_id` and returns its response."""
+        spec = envelope.spec_for_request(request)
+        timeout_s = self.task_timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[task_pb2.TaskResult] = loop.create_future()
+        task_id = envelope.new_task_id()
+        pending = _Pending(loop, future, silo_id, spec.name, time.monotonic())
+        with self._lock:
+            self._pending[task_id] = pending
+        try:
+            published = self._publish(silo_id, request, task_id, timeout_s)
+            published.add_done_callback(lambda f: self._on_published(task_id, f))
+            try:
+                result = await asyncio.wait_for(future, timeout_s)
+            except TimeoutError:
+                raise errors.SiloTimeoutError(
+                    silo_id, spec.name, f"no answer within the task timeout of {timeout_s:g} s"
+                ) from None
+        finally:
+            with self._lock:
+                self._pending.pop(task_id, None)
+        if result.WhichOneof("outcome") == "error":
+            raise errors.error_from_result(silo_id, spec.name, result.error)
+        response = spec.response_type()
+        response.ParseFromString(result.response)
+        self._log.debug(
+            "task_done",
+            silo=silo_id,
+            kind=spec.name,
+            task_id=task_id,
+            duration_ms=round((time.monotonic() - pending.started) * 1000, 2),
+            silo_duration_ms=round(result.duration_us / 1000, 2),
+            bytes_out=request.ByteSize(),
+            bytes_in=len(result.response),
+        )
+        return response
+
+    def send_and_forget(self, silo_id: str, request: protobuf_message.Message) -> None:
+        """Publishes a request whose reply nobody waits for (disposal).
+
+        Safe from any thread, the garbage collector's included: waiting for a
+        reply there could deadlock the thread that delivers it.
+        """
+        self._publish(silo_id, request, envelope.new_task_id(), self.task_timeout_s)
+
+    def _publish(
+        self,
+        silo_id: str,
+        request: protobuf_message.Message,
+        task_id: str,
+        timeout_s: float,
+    ) -> concurrent.futures.Future[None]:
+        task = envelope.build_task(
+            request=request,
+            job_id=self.job_id,
+            silo_id=silo_id,
+            task_id=task_id,
+            deadline_unix_ms=envelope.deadline_after(timeout_s),
+        )
+        self.requests_sent += 1
+        return self._link.publish(
+            self._names.tasks_exchange,
+            silo_id,
+            task.SerializeToString(),
+            default_properties(
+                message_id=task_id,
+                correlation_id=task_id,
+                reply_to=self.job_id,
+                # The broker drops (dead-letters) the task at its deadline, so a
+                # silo that comes back late does not run work nobody awaits.
+                expiration=str(max(1, int(timeout_s * 1000))),
+                content_type=TASK_CONTENT_TYPE,
+                type=envelope.kind_name(task.kind),
+                app_id="flaap-mq",
+            ),
+        )
+
+    def _on_published(self, task_id: str, published: concurrent.futures.Future[None]) -> None:
+        error = published.exception()
+        if error is None:
+            return
+        with self._lock:
+            pending = self._pending.get(task_id)
+        if pending is None:
+            return
+        if isinstance(error, broker_link.MessageTooLarge):
+            mapped: BaseException = errors.MessageTooLargeError(
+                pending.silo_id, pending.request, str(error)
+            )
+        elif isinstance(error, broker_link.Unroutable):
+            mapped = errors.SiloProtocolError(
+                pending.silo_id,
+                pending.request,
+                f"the broker has no queue for this silo ({error}); was it deleted?",
+            )
+        else:
+            mapped = errors.SiloRetryableError(
+                pending.silo_id, pending.request, f"task not delivered to the broker: {error}"
+            )
+        self._resolve(pending, None, mapped)
+
+    # ---------------------------------------------------------------- replies
+
+    def _on_reply(self, delivery: Delivery) -> None:
+        """Runs on the I/O thread for every message in our reply queue."""
+        self._link.ack(delivery)
+        try:
+            result = envelope.parse_result(delivery.body)
+        except envelope.MalformedEnvelope as e:
+            self._log.warning("reply_malformed", error=str(e))
+            return
+        correlation_id = delivery.properties.correlation_id or result.task_id
+        with self._lock:
+            pending = self._pending.get(correlation_id)
+        if pending is None:
+            # A reply to a disposal, or a second reply to a redelivered task.
+            self._log.debug("reply_unclaimed", task_id=correlation_id, silo=result.silo_id)
+            return
+        if result.silo_id != pending.silo_id:
+            self._log.warning(
+                "reply_from_wrong_silo",
+                task_id=correlation_id,
+                expected=pending.silo_id,
+                got=result.silo_id,
+            )
+            return
+        self._resolve(pending, result, None)
+
+    def _resolve(
+        self,
+        pending: _Pending,
+        result: task_pb2.TaskResult | None,
+        error: BaseException | None,
+    ) -> None:
+        try:
+            pending.loop.call_soon_threadsafe(_set_outcome, pending.future, result, error)
+        except RuntimeError:
+            pass  # the caller's event loop is closed: nobody is waiting any more
+
+    def _fail_all_pending(self, error: BaseException) -> None:
+        with self._lock:
+            pending = list(self._pending.values())
+        for p in pending:
+            self._resolve(
+                p, None, errors.SiloRetryableError(p.silo_id, p.request, f"broker: {error}")
+            )

@@ -1,0 +1,197 @@
+"""The broker topology of flaap-mq: every exchange, queue and binding, by name.
+
+The topology is data (a list of declarations), declared idempotently by the
+coordinator, the worker and `flaap-mq topology` alike, so that whoever
+starts first creates it and nobody depends on start order. A task published
+before its silo's worker ever ran waits in the silo queue: the coordinator
+declares that queue before it publishes.
+
+Names (prefix `flaap` by default):
+
+| name                      | kind                 | role |
+|---------------------------|----------------------|------|
+| `flaap.tasks`             | direct exchange      | tasks, routing key = silo id |
+| `flaap.silo.<silo>`       | quorum queue         | one silo's tasks; single active consumer |
+| `flaap.replies`           | direct exchange      | results, routing key = job id |
+| `flaap.reply.<job>`       | classic queue        | one coordinator's results; expires when unused |
+| `flaap.dead-letter`       | fanout exchange      | rejected, expired and malformed tasks |
+| `flaap.dead-letter`       | quorum queue         | where they wait for an operator |
+
+Replies go through their own exchange, never the default one: a silo that
+may write to the default exchange could write into any queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# How often a quorum queue redelivers a task before dead-lettering it with
+# reason `delivery_limit`: a task that crashes its worker every time must not
+# crash-loop the silo forever.
+DEFAULT_DELIVERY_LIMIT = 5
+# An unused reply queue lives this long: long enough for a coordinator to
+# reconnect after a broker restart, short enough to not clog the broker.
+DEFAULT_REPLY_QUEUE_EXPIRES_MS = 120_000
+
+
+class QueueType(enum.StrEnum):
+    QUORUM = "quorum"
+    CLASSIC = "classic"
+
+
+@dataclasses.dataclass(frozen=True)
+class Names:
+    prefix: str = "flaap"
+
+    @property
+    def tasks_exchange(self) -> str:
+        return f"{self.prefix}.tasks"
+
+    @property
+    def replies_exchange(self) -> str:
+        return f"{self.prefix}.replies"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.prefix}.dead-letter"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}.dead-letter"
+
+    def silo_queue(self, silo_id: str) -> str:
+        return f"{self.prefix}.silo.{silo_id}"
+
+    def reply_queue(self, job_id: str) -> str:
+        return f"{self.prefix}.reply.{job_id}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+    name: str
+    type: str
+    durable: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any]
+    durable: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+    queue: str
+    exchange: str
+    routing_key: str
+
+
+Declaration = Exchange | Queue | Binding
+
+
+def validate_id(kind: str, value: str) -> str:
+    """Silo and job ids become routing keys and queue names: keep them plain."""
+    if not value or len(value) > 100:
+        raise ValueError(f"{kind} id must be 1 to 100 characters, got {value!r}")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+    bad = sorted(set(value) - allowed)
+    if bad:
+        raise ValueError(
+            f"{kind} id {value!r} has characters {''.join(bad)!r}; use letters, digits, - and _"
+        )
+    return value
+
+
+def shared_declarations(names: Names) -> list[Declaration]:
+    return [
+        Exchange(names.tasks_exchange, "direct"),
+        Exchange(names.replies_exchange, "direct"),
+        Exchange(names.dead_letter_exchange, "fanout"),
+        Queue(names.dead_letter_queue, {"x-queue-type": "quorum"}),
+        Binding(names.dead_letter_queue, names.dead_letter_exchange, ""),
+    ]
+
+
+def silo_queue_arguments(names: Names, queue_type: QueueType) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "x-queue-type": str(queue_type),
+        "x-dead-letter-exchange": names.dead_letter_exchange,
+        # Two workers of one silo must never share an executor's requests:
+        # the second waits as a standby until the first goes away.
+        "x-single-active-consumer": True,
+    }
+    if queue_type is QueueType.QUORUM:
+        args["x-delivery-limit"] = DEFAULT_DELIVERY_LIMIT
+    return args
+
+
+def silo_declarations(
+    names: Names, silo_ids: Iterable[str], queue_type: QueueType = QueueType.QUORUM
+) -> list[Declaration]:
+    decls: list[Declaration] = []
+    for silo_id in silo_ids:
+        queue = names.silo_queue(validate_id("silo", silo_id))
+        decls.append(Queue(queue, silo_queue_arguments(names, queue_type)))
+        decls.append(Binding(queue, names.tasks_exchange, silo_id))
+    return decls
+
+
+def reply_declarations(
+    names: Names, job_id: str, expires_ms: int = DEFAULT_REPLY_QUEUE_EXPIRES_MS
+) -> list[Declaration]:
+    queue = names.reply_queue(validate_id("job", job_id))
+    return [
+        # Classic, not quorum: replies are consumed at once by their only
+        # reader, and a quorum queue would triple every result's writes.
+        Queue(queue, {"x-expires": expires_ms, "x-queue-type": "classic"}),
+        Binding(queue, names.replies_exchange, job_id),
+    ]
+
+
+def declare_blocking(channel: Any, declarations: Sequence[Declaration]) -> None:
+    """Declares on a `pika.BlockingChannel` (CLI and tests)."""
+    for decl in declarations:
+        match decl:
+            case Exchange():
+                channel.exchange_declare(decl.name, decl.type, durable=decl.durable)
+            case Queue():
+                channel.queue_declare(decl.name, durable=decl.durable, arguments=decl.arguments)
+            case Binding():
+                channel.queue_bind(decl.queue, decl.exchange, routing_key=decl.routing_key)
+
+
+def declare_async(channel: Any, declarations: Sequence[Declaration], on_done: Any) -> None:
+    """Declares on a pika `Channel` of a `SelectConnection`, one after another.
+
+    Declarations are chained through their completion callbacks so that a
+    binding is only sent once its queue and exchange exist. A declaration the
+    broker refuses (for example a queue declared earlier with other
+    arguments) closes the channel with the broker's reason, which the owner
+    of the channel reports.
+    """
+    pending = list(declarations)
+
+    def next_one(_frame: Any = None) -> None:
+        if not pending:
+            on_done()
+            return
+        decl = pending.pop(0)
+        match decl:
+            case Exchange():
+                channel.exchange_declare(
+                    decl.name, decl.type, durable=decl.durable, callback=next_one
+                )
+            case Queue():
+                channel.queue_declare(
+                    decl.name, durable=decl.durable, arguments=decl.arguments, callback=next_one
+                )
+            case Binding():
+                channel.queue_bind(
+                    decl.queue, decl.exchange, routing_key=decl.routing_key, callback=next_one
+                )
+
+    next_one()

@@ -1,0 +1,1 @@
+"""Helpers for demos and tests: throwaway RabbitMQ brokers and friends."""

@@ -1,0 +1,208 @@
+"""Silo workers as real subprocesses, for the demo, the tests and the benchmarks.
+
+`WorkerFleet` starts `flaap-mq worker` processes exactly as an operator
+would (one per silo), waits until each consumes its queue, and stops them
+the way systemd does (SIGTERM, then SIGKILL after a grace period). It owns
+them: whatever happens, `close()` leaves none running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import psutil
+
+from flaap_mq.protocol import topology
+
+
+def queue_consumers(broker_url: str, queue: str) -> int | None:
+    """Consumers of `queue`, or None if it does not exist yet."""
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url.split(",")[0]))
+    try:
+        channel = connection.channel()
+        try:
+            return channel.queue_declare(queue, passive=True).method.consumer_count
+        except pika.exceptions.ChannelClosedByBroker:
+            return None
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def worker_binaries_of(pid: int) -> list[psutil.Process]:
+    """`worker_binary` processes below `pid` (executors a worker started)."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c for c in children if _is_worker_binary(c)]
+
+
+def all_worker_binaries() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name", "cmdline"]) if _is_worker_binary(p)]
+
+
+def _is_worker_binary(process: psutil.Process) -> bool:
+    try:
+        return any("worker_binary" in part for part in process.cmdline()[:1])
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+class WorkerProcess:
+    """One `flaap-mq worker` subprocess."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        silo_id: str,
+        *,
+        prefix: str,
+        extra_args: Sequence[str] = (),
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.silo_id = silo_id
+        self.broker_url = broker_url
+        self.prefix = prefix
+        self.log_path = log_path
+        args = [
+            sys.executable,
+            "-m",
+            "flaap_mq.cli",
+            "worker",
+            "--silo-id",
+            silo_id,
+            "--prefix",
+            prefix,
+            "--log-format",
+            "json",
+            *extra_args,
+        ]
+        run_env = {**os.environ, **(env or {}), "FLAAP_MQ_BROKER_URL": broker_url}
+        self._log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            args, env=run_env, stdout=self._log_file, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def executor_pids(self) -> list[int]:
+        return [p.pid for p in worker_binaries_of(self.pid)]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self, grace_s: float = 30.0) -> int:
+        """SIGTERM, as systemd does; SIGKILL if it has not exited in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._close_log()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: a crash. The executor dies with it (PDEATHSIG)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_file not in (None, subprocess.DEVNULL):
+            self._log_file.close()
+            self._log_file = subprocess.DEVNULL
+
+
+class WorkerFleet:
+    """Workers for several silos; a context manager that always stops them."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        silo_ids: Sequence[str],
+        *,
+        prefix: str = "flaap",
+        log_dir: Path | None = None,
+        extra_args: Sequence[str] = (),
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        self.broker_url = broker_url
+        self.prefix = prefix
+        self.silo_ids = list(silo_ids)
+        self._log_dir = log_dir
+        self._extra_args = list(extra_args)
+        self._start_timeout_s = start_timeout_s
+        self.workers: dict[str, WorkerProcess] = {}
+        self.exit_codes: dict[str, int] = {}
+
+    def start(self) -> WorkerFleet:
+        try:
+            for silo_id in self.silo_ids:
+                self.start_worker(silo_id, wait=False)
+            self.wait_consuming(self.silo_ids)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start_worker(self, silo_id: str, *, wait: bool = True) -> WorkerProcess:
+        log_path = self._log_dir / f"worker-{silo_id}.log" if self._log_dir else None
+        worker = WorkerProcess(
+            self.broker_url,
+            silo_id,
+            prefix=self.prefix,
+            extra_args=self._extra_args,
+            log_path=log_path,
+        )
+        self.workers[silo_id] = worker
+        if wait:
+            self.wait_consuming([silo_id])
+        return worker
+
+    def wait_consuming(self, silo_ids: Sequence[str]) -> None:
+        names = topology.Names(self.prefix)
+        deadline = time.monotonic() + self._start_timeout_s
+        waiting = list(silo_ids)
+        while waiting:
+            for silo_id in list(waiting):
+                worker = self.workers[silo_id]
+                if worker.process.poll() is not None:
+                    raise RuntimeError(
+                        f"worker for silo {silo_id!r} exited with {worker.process.returncode} "
+                        f"while starting:\n{worker.log_text()[-3000:]}"
+                    )
+                if (queue_consumers(self.broker_url, names.silo_queue(silo_id)) or 0) > 0:
+                    waiting.remove(silo_id)
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"workers for silos {waiting} did not start consuming within "
+                    f"{self._start_timeout_s:.0f} s"
+                )
+            if waiting:
+                time.sleep(0.2)
+
+    def close(self) -> dict[str, int]:
+        for silo_id, worker in self.workers.items():
+            self.exit_codes[silo_id] = worker.stop()
+        return self.exit_codes
+
+    def __enter__(self) -> WorkerFleet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

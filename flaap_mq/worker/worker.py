@@ -1,0 +1,442 @@
+"""The silo worker: consumes its silo's queue and runs each task on TFF's executor.
+
+The worker only ever dials out: to the broker, and to its own executor
+service on loopback. For each delivered task it
+
+1. checks the envelope (malformed tasks are dead-lettered with their reason,
+   and answered with an error where the sender can be told);
+2. answers a task it has already run from a bounded cache of recent results
+   instead of running it twice (redelivery after a lost ack);
+3. checks the executor id belongs to this incarnation (`incarnation`);
+4. forwards the request to the executor service and publishes the
+   `TaskResult` to the coordinator's reply queue with the task's
+   `correlation_id`;
+5. acks the task only once the broker has confirmed the reply, so a task is
+   never lost between the broker and the worker.
+
+Tasks run on a thread pool as large as the prefetch window, so a `Compute`
+that waits does not hold up the others, and memory is bounded by the window.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import cachetools
+import grpc
+import pika
+import structlog
+
+from flaap_mq.broker.link import (
+    BrokerLink,
+    Delivery,
+    Unroutable,
+    default_properties,
+)
+from flaap_mq.broker.urls import parse_broker_urls
+from flaap_mq.protocol import envelope, topology
+from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.worker.executor_service import ExecutorCallError, ExecutorService
+from flaap_mq.worker.incarnation import Incarnation, StateLost
+
+log = structlog.get_logger("flaap_mq.worker")
+
+RESULT_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.TaskResult"
+REASON_HEADER = "x-flaap-reason"
+
+
+class Outcome(NamedTuple):
+    """A serialized TaskResult and what it says, for logs."""
+
+    result: bytes
+    name: str
+
+
+class SiloWorker:
+    """Serves one silo's tasks until `stop()`; see the module docstring."""
+
+    def __init__(
+        self,
+        broker_url: str | None,
+        silo_id: str,
+        *,
+        prefetch: int = 8,
+        names: topology.Names | None = None,
+        queue_type: topology.QueueType = topology.QueueType.QUORUM,
+        data_dir: str | None = None,
+        result_cache_bytes: int = 256 * 1024 * 1024,
+        drain_timeout_s: float = 60.0,
+        connect_timeout_s: float = 30.0,
+    ) -> None:
+        self.silo_id = topology.validate_id("silo", silo_id)
+        self._names = names or topology.Names()
+        self._queue_type = queue_type
+        self._prefetch = max(1, prefetch)
+        self._drain_timeout_s = drain_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._addresses = parse_broker_urls(broker_url, connection_name=f"flaap-worker-{silo_id}")
+        self._service = ExecutorService(working_dir=data_dir)
+        self._incarnation = Incarnation()
+        self._service_lock = threading.Lock()
+        self._results: cachetools.LRUCache[str, Outcome] = cachetools.LRUCache(
+            maxsize=result_cache_bytes, getsizeof=lambda outcome: len(outcome.result)
+        )
+        self._running: dict[str, concurrent.futures.Future[Outcome]] = {}
+        self._results_lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self._prefetch, thread_name_prefix=f"task-{silo_id}"
+        )
+        self._in_flight = 0
+        self._in_flight_cv = threading.Condition()
+        self._stop = threading.Event()
+        self._link: BrokerLink | None = None
+        self._log = log.bind(silo=self.silo_id)
+        self.tasks_handled = 0
+
+    @property
+    def incarnation_id(self) -> str:
+        return self._incarnation.id
+
+    @property
+    def executor_pid(self) -> int | None:
+        return self._service.pid
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Starts the executor service, connects and begins consuming."""
+        self._service.start()
+        try:
+            self._link = BrokerLink(
+                self._addresses,
+                name=f"worker-{self.silo_id}",
+                declarations=self._declarations,
+                prefetch=self._prefetch,
+            )
+            self._link.start(self._connect_timeout_s)
+        except BaseException:
+            self._service.close()
+            raise
+        self._link.consume(self._names.silo_queue(self.silo_id), self._on_delivery)
+        self._log.info(
+            "worker_started",
+            queue=self._names.silo_queue(self.silo_id),
+            broker=self._link.describe_addresses(),
+            incarnation=self._incarnation.id,
+            prefetch=self._prefetch,
+            note="one worker per silo consumes at a time; others wait as standby",
+        )
+
+    def _declarations(self) -> list[topology.Declaration]:
+        return topology.shared_declarations(self._names) + topology.silo_declarations(
+            self._names, [self.silo_id], self._queue_type
+        )
+
+    def stop(self) -> None:
+        """Asks `run_until_stopped` to drain and return (signal-safe)."""
+        self._stop.set()
+
+    def run_until_stopped(self, install_signal_handlers: bool = True) -> int:
+        """Serves until SIGTERM/SIGINT or `stop()`, then drains; returns the exit code."""
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        self.start()
+        exit_code = 0
+        try:
+            while not self._stop.wait(0.5):
+                failure = self._link.failure if self._link else None
+                if failure is not None:
+                    # Retrying cannot fix this (a refused login or topology):
+                    # exit non-zero so the operator, or systemd, sees it.
+                    self._log.error("worker_giving_up", error=str(failure))
+                    exit_code = 1
+                    break
+        finally:
+            self.shutdown()
+        return exit_code
+
+    def shutdown(self) -> None:
+        """Stops consuming, finishes what is in flight, and stops everything."""
+        link = self._link
+        if link is not None:
+            try:
+                link.stop_consuming().result(10)
+            except Exception as e:
+                self._log.warning("stop_consuming_failed", error=str(e))
+            with self._in_flight_cv:
+                drained = self._in_flight_cv.wait_for(
+                    lambda: self._in_flight == 0, timeout=self._drain_timeout_s
+                )
+            if not drained:
+                self._log.warning("drain_timed_out", in_flight=self._in_flight)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if link is not None:
+            link.close()
+            self._link = None
+        self._service.close()
+        self._log.info("worker_stopped", tasks_handled=self.tasks_handled)
+
+    # ----------------------------------------------------------- task handling
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        """Runs on the I/O thread: hand the task to the pool and return."""
+        with self._in_flight_cv:
+            self._in_flight += 1
+        self._pool.submit(self._handle, delivery)
+
+    def _handle(self, delivery: Delivery) -> None:
+        started = time.monotonic()
+        task: task_pb2.Task | None = None
+        outcome = "error"
+        try:
+            try:
+                task = envelope.parse_task(delivery.body)
+            except envelope.MalformedEnvelope as e:
+                self._reject_malformed(delivery, str(e))
+                outcome = "malformed"
+                return
+            result = self._result_for(task, delivery)
+            if result is None:
+                outcome = "expired"
+                return
+            outcome = result.name
+            self._reply(delivery, task, result.result)
+        except Exception:
+            # A bug here must not kill the worker: the task goes back to the
+            # queue (and to the dead-letter queue after the delivery limit).
+            self._log.exception("task_handler_failed")
+            self._settle(delivery, lambda: self._link.reject(delivery, requeue=True))
+        finally:
+            self.tasks_handled += 1
+            self._log.info(
+                "task",
+                task_id=task.task_id if task else None,
+                job=task.job_id if task else None,
+                kind=envelope.kind_name(task.kind) if task else None,
+                attempt=task.attempt if task else None,
+                outcome=outcome,
+                redelivered=delivery.redelivered,
+                bytes_in=len(delivery.body),
+                duration_ms=round((time.monotonic() - started) * 1000, 2),
+            )
+            with self._in_flight_cv:
+                self._in_flight -= 1
+                self._in_flight_cv.notify_all()
+
+    def _result_for(self, task: task_pb2.Task, delivery: Delivery) -> Outcome | None:
+        """The serialized TaskResult for `task`, or None if it was dead-lettered."""
+        if task.protocol_version != envelope.PROTOCOL_VERSION:
+            return self._error(
+                task,
+                envelope.Failure.UNSUPPORTED_PROTOCOL,
+                f"protocol version {task.protocol_version} is not supported by this worker "
+                f"(it speaks {envelope.PROTOCOL_VERSION}); upgrade the worker or coordinator",
+            )
+        if task.silo_id != self.silo_id:
+            return self._error(
+                task,
+                envelope.Failure.WRONG_SILO,
+                f"task for silo {task.silo_id!r} reached silo {self.silo_id!r}",
+            )
+        if envelope.deadline_passed(task):
+            self._dead_letter(delivery, "expired: deadline passed before the task could run")
+            return None
+        # Run each task id once: a redelivered task gets the cached result,
+        # a duplicate that arrives while the first still runs waits for it.
+        with self._results_lock:
+            cached = self._results.get(task.task_id)
+            if cached is not None:
+                return cached
+            running = self._running.get(task.task_id)
+            if running is None:
+                running = concurrent.futures.Future()
+                self._running[task.task_id] = running
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return running.result()
+        try:
+            result = self._execute(task)
+            running.set_result(result)
+            return result
+        except BaseException as e:
+            running.set_exception(e)
+            raise
+        finally:
+            with self._results_lock:
+                self._running.pop(task.task_id, None)
+                if running.done() and not running.exception():
+                    self._results[task.task_id] = running.result()
+
+    def _execute(self, task: task_pb2.Task) -> Outcome:
+        started = time.monotonic()
+        try:
+            request = envelope.decode_request(task)
+        except envelope.MalformedEnvelope as e:
+            return self._error(task, envelope.Failure.MALFORMED_TASK, str(e))
+        with self._service_lock:
+            if not self._service.alive():
+                self._restart_service()
+            incarnation = self._incarnation
+        try:
+            raw = incarnation.untag_request(task.kind, request)
+        except StateLost as e:
+            return self._error(task, envelope.Failure.STATE_LOST, str(e))
+        timeout = None
+        if task.deadline_unix_ms:
+            timeout = max(0.001, task.deadline_unix_ms / 1000 - time.time())
+        try:
+            response = self._service.call(task.kind, raw, timeout_s=timeout)
+        except ExecutorCallError as e:
+            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                failure = envelope.Failure.DEADLINE_EXCEEDED
+            elif e.unavailable or not self._service.alive():
+                failure = envelope.Failure.EXECUTOR_UNAVAILABLE
+            else:
+                failure = envelope.Failure.EXECUTOR_ERROR
+            return self._error(
+                task,
+                failure,
+                f"{envelope.kind_name(task.kind)} failed on silo {self.silo_id!r}: {e}",
+                started,
+            )
+        result = envelope.result_ok(
+            task,
+            incarnation.tag_response(task.kind, response),
+            incarnation=incarnation.id,
+            duration_us=int((time.monotonic() - started) * 1e6),
+        )
+        return Outcome(result.SerializeToString(), "ok")
+
+    def _restart_service(self) -> None:
+        """The executor died: start a fresh one under a new incarnation."""
+        old = self._incarnation.id
+        self._service.close()
+        self._incarnation = Incarnation()
+        self._service.start()
+        self._log.warning(
+            "executor_service_restarted", old_incarnation=old, incarnation=self._incarnation.id
+        )
+
+    def _error(
+        self,
+        task: task_pb2.Task,
+        failure: envelope.Failure,
+        message: str,
+        started: float | None = None,
+    ) -> Outcome:
+        duration_us = int((time.monotonic() - started) * 1e6) if started else 0
+        result = envelope.result_error(
+            task_id=task.task_id,
+            silo_id=self.silo_id,
+            kind=task.kind,
+            failure=failure,
+            message=message,
+            incarnation=self._incarnation.id,
+            duration_us=duration_us,
+        )
+        return Outcome(result.SerializeToString(), failure.name.lower())
+
+    # ----------------------------------------------------- replies, dead letters
+
+    def _reply(self, delivery: Delivery, task: task_pb2.Task, result: bytes) -> None:
+        props = delivery.properties
+        if not props.reply_to:
+            self._dead_letter(delivery, "malformed: task has no reply_to property")
+            return
+        future = self._link.publish(
+            self._names.replies_exchange,
+            props.reply_to,
+            result,
+            default_properties(
+                correlation_id=props.correlation_id or task.task_id,
+                message_id=task.task_id,
+                content_type=RESULT_CONTENT_TYPE,
+                # Checked by the broker against our login, so the coordinator
+                # can trust which silo a result came from.
+                user_id=self._addresses[0].username,
+            ),
+        )
+        self._ack_when_confirmed(delivery, future, what="reply")
+
+    def _reject_malformed(self, delivery: Delivery, reason: str) -> None:
+        props = delivery.properties
+        if props.reply_to and props.correlation_id:
+            # Tell the sender now rather than letting it wait for a timeout.
+            error = envelope.result_error(
+                task_id=props.correlation_id,
+                silo_id=self.silo_id,
+                kind=envelope.RequestKind.REQUEST_KIND_UNSPECIFIED,
+                failure=envelope.Failure.MALFORMED_TASK,
+                message=f"silo {self.silo_id!r} could not read the task: {reason}",
+                incarnation=self._incarnation.id,
+            )
+            self._link.publish(
+                self._names.replies_exchange,
+                props.reply_to,
+                error.SerializeToString(),
+                default_properties(
+                    correlation_id=props.correlation_id,
+                    content_type=RESULT_CONTENT_TYPE,
+                    user_id=self._addresses[0].username,
+                ),
+            )
+        self._dead_letter(delivery, f"malformed: {reason}")
+
+    def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Moves a task to the dead-letter queue with `reason`, then acks it."""
+        props = delivery.properties
+        headers: dict[str, Any] = dict(props.headers or {})
+        headers.update(
+            {
+                REASON_HEADER: reason,
+                "x-flaap-silo": self.silo_id,
+                "x-flaap-worker": self._incarnation.id,
+                "x-flaap-original-queue": delivery.queue,
+            }
+        )
+        copy = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            headers=headers,
+            message_id=props.message_id,
+            correlation_id=props.correlation_id,
+            reply_to=props.reply_to,
+            content_type=props.content_type,
+            type=props.type,
+        )
+        self._log.warning("task_dead_lettered", reason=reason, message_id=props.message_id)
+        future = self._link.publish(
+            self._names.dead_letter_exchange, self.silo_id, delivery.body, copy
+        )
+        self._ack_when_confirmed(delivery, future, what="dead letter")
+
+    def _ack_when_confirmed(
+        self, delivery: Delivery, future: concurrent.futures.Future[None], *, what: str
+    ) -> None:
+        def settle(done: concurrent.futures.Future[None]) -> None:
+            error = done.exception()
+            if error is None:
+                self._link.ack(delivery)
+            elif isinstance(error, Unroutable):
+                # The coordinator is gone and its reply queue expired with it:
+                # nobody will read this result, so the task is done.
+                self._log.warning(f"{what}_unroutable", reason=str(error))
+                self._link.ack(delivery)
+            else:
+                # Not confirmed: leave the task unacked; the broker redelivers
+                # it, and the result cache answers without running it again.
+                self._log.warning(f"{what}_not_confirmed", error=str(error))
+
+        future.add_done_callback(settle)
+
+    def _settle(self, delivery: Delivery, action: Callable[[], None]) -> None:
+        if self._link is not None:
+            action()
+

@@ -1,0 +1,127 @@
+"""Shared fixtures: a real broker, a fresh topology per test, real worker processes.
+
+The broker is, in order: `FLAAP_MQ_BROKER_URL` if set; the local broker at
+127.0.0.1:5672 if it answers; a testcontainers broker where Docker works;
+a private `rabbitmq-server` node. Each test gets its own topology prefix, so
+tests never see each other's queues, and its queues are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import psutil
+import pytest
+
+from flaap_mq import logs
+from flaap_mq.broker.urls import DEFAULT_BROKER_URL
+from flaap_mq.protocol import topology
+from flaap_mq.testing.broker import throwaway_broker
+from flaap_mq.testing.workers import WorkerFleet, all_worker_binaries
+
+logs.quiet_tensorflow()
+logs.configure("console", "warning")
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    preferred = os.environ.get("FLAAP_MQ_BROKER_URL", DEFAULT_BROKER_URL)
+    try:
+        with throwaway_broker(preferred) as (url, description):
+            print(f"\nflaap-mq tests use the {description}")
+            yield url
+    except Exception as e:  # no broker of any kind: say why, do not fail obscurely
+        pytest.skip(f"no RabbitMQ broker could be had: {e}")
+
+
+# Every process this run starts inherits this marker, so the leak check below
+# finds exactly our executors, however they were started and whoever their
+# parent is now, and never another run's.
+RUN_MARKER = ("FLAAP_MQ_TEST_RUN", uuid.uuid4().hex)
+os.environ[RUN_MARKER[0]] = RUN_MARKER[1]
+
+
+def executors_of_this_run() -> list[int]:
+    found = []
+    for process in all_worker_binaries():
+        try:
+            if process.environ().get(RUN_MARKER[0]) == RUN_MARKER[1]:
+                found.append(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fails the run if any test left a TFF `worker_binary` running."""
+    deadline = time.monotonic() + 15  # a stopped worker's executor may take a moment
+    leaked = executors_of_this_run()
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leaked = executors_of_this_run()
+    if leaked:
+        print(f"\nFAILED: worker_binary processes left running by this run: {leaked}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def prefix(broker_url: str) -> Iterator[str]:
+    """A topology prefix of this test's own; its queues are deleted afterwards."""
+    value = f"t{uuid.uuid4().hex[:10]}"
+    yield value
+    delete_topology(broker_url, value)
+
+
+def delete_topology(broker_url: str, prefix: str) -> None:
+    names = topology.Names(prefix)
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        for queue in list_queues(prefix):
+            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                connection.channel().queue_delete(queue)
+        for exchange in (names.tasks_exchange, names.replies_exchange, names.dead_letter_exchange):
+            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                connection.channel().exchange_delete(exchange)
+    finally:
+        connection.close()
+
+
+def list_queues(prefix: str) -> list[str]:
+    """Queue names starting with `prefix.` on the local node (via rabbitmqctl)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []  # a broker elsewhere: its queues expire or stay; nothing to do here
+    return [line.strip() for line in out.splitlines() if line.strip().startswith(f"{prefix}.")]
+
+
+@pytest.fixture
+def workers(
+    broker_url: str, prefix: str, tmp_path: Path
+) -> Iterator[Callable[..., WorkerFleet]]:
+    """Starts real `flaap-mq worker` processes; all are stopped after the test."""
+    fleets: list[WorkerFleet] = []
+
+    def start(silo_ids: list[str], **kwargs: object) -> WorkerFleet:
+        fleet = WorkerFleet(broker_url, silo_ids, prefix=prefix, log_dir=tmp_path, **kwargs)
+        fleets.append(fleet)
+        return fleet.start()
+
+    yield start
+    for fleet in fleets:
+        fleet.close()

@@ -1,0 +1,261 @@
+"""End to end: TFF programs on 3 real silo worker processes through a real broker."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import numpy as np
+import pika
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import flaap_mq
+from flaap_mq.protocol import topology
+from flaap_mq.testing.workers import worker_binaries_of
+
+SILOS = ["a", "b", "c"]
+
+
+@pytest.fixture
+def silos(workers, broker_url, prefix):
+    """Three silo workers and a coordinator context installed as TFF's default."""
+    fleet = workers(SILOS)
+    context = flaap_mq.create_execution_context(
+        broker_url, SILOS, topology_prefix=prefix, task_timeout=120
+    )
+    with tff.framework.get_context_stack().install(context):
+        yield fleet
+    context.close()
+
+
+@pytest.fixture
+def local_tff():
+    """TFF's own local C++ runtime, for reference answers; its leaked executor is stopped."""
+    context = tff.backends.native.create_sync_local_cpp_execution_context()
+    try:
+        with tff.framework.get_context_stack().install(context):
+            yield
+    finally:
+        for process in worker_binaries_of(__import__("os").getpid()):
+            process.terminate()  # TFF only SIGINTs it from __del__, which it ignores
+            process.wait(10)
+
+
+READINGS = tff.SequenceType(np.float32)
+
+
+@tff.tensorflow.computation(READINGS)
+def local_average(readings):
+    total, count = readings.reduce(
+        (np.float32(0.0), np.float32(0.0)), lambda acc, x: (acc[0] + x, acc[1] + 1.0)
+    )
+    return total / count
+
+
+@tff.federated_computation(tff.FederatedType(READINGS, tff.CLIENTS))
+def temperature_average(readings):
+    return tff.federated_mean(tff.federated_map(local_average, readings))
+
+
+def test_temperature_average_over_three_silos(silos):
+    data = [[float(x) for x in range(n)] for n in (2, 4, 6, 8, 10, 12)]
+    expected = np.mean([np.mean(d) for d in data])
+    assert temperature_average(data) == pytest.approx(expected)
+
+
+def test_every_silo_does_work(silos, broker_url, prefix):
+    """The clients are really spread: each silo's worker ran tasks."""
+    temperature_average([[1.0], [2.0], [3.0]])
+    for silo_id, worker in silos.workers.items():
+        assert worker.executor_pids(), f"silo {silo_id} has no executor"
+    # Each worker logs one event per task; every silo must have handled some.
+    counts = {s: w.log_text().count('"event": "task"') for s, w in silos.workers.items()}
+    assert all(n > 0 for n in counts.values()), counts
+
+
+@tff.tensorflow.computation(np.float32)
+def add_one(x):
+    return x + 1.0
+
+
+@tff.federated_computation(tff.FederatedType(np.float32, tff.SERVER))
+def broadcast_map_sum(x):
+    return tff.federated_sum(tff.federated_map(add_one, tff.federated_broadcast(x)))
+
+
+@tff.federated_computation(
+    tff.FederatedType(np.float32, tff.SERVER), tff.FederatedType(np.float32, tff.CLIENTS)
+)
+def broadcast_map_sum_with_clients(x, values):
+    @tff.tensorflow.computation(np.float32, np.float32)
+    def add(a, b):
+        return a + b
+
+    return tff.federated_sum(
+        tff.federated_map(add, tff.federated_zip([tff.federated_broadcast(x), values]))
+    )
+
+
+def test_broadcast_map_sum(silos):
+    # No CLIENTS-placed argument: each silo hosts its default of 1 client.
+    assert broadcast_map_sum(2.0) == pytest.approx(3 * 3.0)
+    # Six clients spread over three silos, SERVER-placed value first.
+    assert broadcast_map_sum_with_clients(10.0, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == pytest.approx(
+        6 * 10.0 + 21.0
+    )
+
+
+@tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+def summary(values):
+    return collections.OrderedDict(
+        total=tff.federated_sum(values),
+        mean=tff.federated_mean(values),
+    )
+
+
+def test_struct_valued_result(silos):
+    result = summary([1.0, 2.0, 3.0, 6.0])
+    assert list(result.keys()) == ["total", "mean"]
+    assert result["total"] == pytest.approx(12.0)
+    assert result["mean"] == pytest.approx(3.0)
+
+
+@tff.tensorflow.computation(np.float32)
+def must_be_positive(x):
+    with tf.control_dependencies([tf.debugging.assert_positive(x, message="x must be > 0")]):
+        return tf.identity(x)
+
+
+@tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+def checked_sum(values):
+    return tff.federated_sum(tff.federated_map(must_be_positive, values))
+
+
+def test_tff_error_on_a_silo_names_the_silo_and_request(silos):
+    # The negative value lands on the last silo (clients are split in order).
+    with pytest.raises(flaap_mq.SiloExecutionError) as raised:
+        checked_sum([1.0, 2.0, -3.0])
+    message = str(raised.value)
+    assert "silo 'c'" in message
+    assert "x must be > 0" in message
+    assert raised.value.silo_id == "c"
+    assert raised.value.request in {"Compute", "CreateCall", "CreateValue"}
+    # The silos keep serving after the error.
+    assert checked_sum([1.0, 2.0, 3.0]) == pytest.approx(6.0)
+
+
+def test_malformed_message_is_dead_lettered_and_worker_keeps_serving(
+    silos, broker_url, prefix
+):
+    names = topology.Names(prefix)
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.basic_publish(
+        names.tasks_exchange,
+        "b",
+        b"\xff\x00 this is not a task",
+        pika.BasicProperties(delivery_mode=2, message_id="garbage-1"),
+        mandatory=True,
+    )
+    dead = None
+    deadline = time.monotonic() + 30
+    while dead is None and time.monotonic() < deadline:
+        method, properties, body = channel.basic_get(names.dead_letter_queue, auto_ack=True)
+        if method is not None and properties.message_id == "garbage-1":
+            dead = (properties, body)
+        else:
+            time.sleep(0.2)
+    connection.close()
+    assert dead is not None, "the malformed task never reached the dead-letter queue"
+    properties, body = dead
+    assert body == b"\xff\x00 this is not a task"
+    assert properties.headers["x-flaap-reason"].startswith("malformed")
+    assert properties.headers["x-flaap-silo"] == "b"
+    assert silos.workers["b"].process.poll() is None, "the worker died on a malformed task"
+    assert temperature_average([[1.0], [3.0], [5.0]]) == pytest.approx(3.0)
+
+
+def test_silo_that_never_answers_times_out_with_its_name(workers, broker_url, prefix):
+    workers(["a"])
+    context = flaap_mq.create_execution_context(
+        broker_url, ["a", "ghost"], topology_prefix=prefix, task_timeout=3, max_attempts=1
+    )
+    try:
+        with tff.framework.get_context_stack().install(context):
+            started = time.monotonic()
+            with pytest.raises(flaap_mq.SiloTimeoutError) as raised:
+                temperature_average([[1.0], [2.0]])
+            assert time.monotonic() - started < 60
+    finally:
+        context.close()
+    assert raised.value.silo_id == "ghost"
+    assert "silo 'ghost'" in str(raised.value)
+    assert "GetExecutor" in str(raised.value)
+
+
+def _keras_model_fn():
+    def build():
+        return tf.keras.Sequential(
+            [
+                tf.keras.layers.InputLayer(input_shape=(3,)),
+                tf.keras.layers.Dense(2, kernel_initializer="ones", bias_initializer="zeros"),
+            ]
+        )
+
+    spec = collections.OrderedDict(
+        x=tf.TensorSpec([None, 3], tf.float32), y=tf.TensorSpec([None, 1], tf.int32)
+    )
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            build(),
+            input_spec=spec,
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+
+    return model_fn
+
+
+def _client_data(num_clients):
+    rng = np.random.default_rng(7)
+    datasets = []
+    for i in range(num_clients):
+        n = 4 + 2 * i
+        x = rng.normal(size=(n, 3)).astype(np.float32)
+        y = (x.sum(axis=1, keepdims=True) > 0).astype(np.int32)
+        datasets.append(
+            tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(2)
+        )
+    return datasets
+
+
+def test_fedavg_round_matches_tff_local_runtime(workers, broker_url, prefix, local_tff):
+    process = tff.learning.algorithms.build_weighted_fed_avg(
+        _keras_model_fn(),
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.1),
+    )
+    data = _client_data(6)
+    state = process.initialize()
+    local = process.next(state, data)  # TFF's own runtime (installed by local_tff)
+    workers(SILOS)
+    context = flaap_mq.create_execution_context(
+        broker_url, SILOS, topology_prefix=prefix, task_timeout=120
+    )
+    try:
+        with tff.framework.get_context_stack().install(context):
+            remote = process.next(state, data)
+    finally:
+        context.close()
+    local_weights = process.get_model_weights(local.state).trainable
+    remote_weights = process.get_model_weights(remote.state).trainable
+    assert len(local_weights) == len(remote_weights) == 2
+    for lw, rw in zip(local_weights, remote_weights, strict=True):
+        np.testing.assert_allclose(rw, lw, atol=1e-5)
+    # Training moved the weights, so the comparison is not trivially of zeros.
+    assert not np.allclose(local_weights[0], np.ones((3, 2)))
+    assert remote.metrics["client_work"]["train"]["num_examples"] == sum(
+        4 + 2 * i for i in range(6)
+    )

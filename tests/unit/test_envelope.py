@@ -1,0 +1,131 @@
+"""The Task / TaskResult envelope and the mapping of worker errors to exceptions."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.python.core.impl.executors import executors_errors
+
+from flaap_mq.coordinator import errors
+from flaap_mq.protocol import envelope
+from flaap_mq.protocol.v1 import task_pb2
+
+
+def _task(**overrides):
+    task = envelope.build_task(
+        request=executor_pb2.ComputeRequest(executor=executor_pb2.ExecutorId(id="x")),
+        job_id="job-1",
+        silo_id="a",
+        task_id="t1",
+        deadline_unix_ms=envelope.deadline_after(60),
+    )
+    for key, value in overrides.items():
+        setattr(task, key, value)
+    return task
+
+
+def test_every_tff_request_kind_round_trips():
+    assert len(envelope.KINDS) == 8
+    for spec in envelope.KINDS.values():
+        task = envelope.build_task(
+            request=spec.request_type(), job_id="j", silo_id="s", task_id="t"
+        )
+        parsed = envelope.parse_task(task.SerializeToString())
+        assert parsed.kind == spec.kind
+        assert isinstance(envelope.decode_request(parsed), spec.request_type)
+
+
+def test_build_task_fills_the_envelope():
+    task = _task()
+    assert task.protocol_version == envelope.PROTOCOL_VERSION
+    assert (task.task_id, task.job_id, task.silo_id, task.attempt) == ("t1", "job-1", "a", 1)
+    assert task.kind == envelope.RequestKind.COMPUTE
+    assert executor_pb2.ComputeRequest.FromString(task.request).executor.id == "x"
+
+
+def test_build_task_refuses_what_is_not_an_executor_request():
+    with pytest.raises(TypeError, match="ComputeResponse is not a TFF executor request"):
+        envelope.build_task(
+            request=executor_pb2.ComputeResponse(), job_id="j", silo_id="s", task_id="t"
+        )
+
+
+def test_garbage_is_malformed_with_a_reason():
+    with pytest.raises(envelope.MalformedEnvelope, match="not a flaap_mq.v1.Task"):
+        envelope.parse_task(b"\xff\xff\xff garbage")
+
+
+@pytest.mark.parametrize("field", ["task_id", "job_id", "silo_id"])
+def test_missing_fields_are_named(field):
+    task = _task()
+    task.ClearField(field)
+    with pytest.raises(envelope.MalformedEnvelope, match=f"missing {field}"):
+        envelope.parse_task(task.SerializeToString())
+
+
+def test_unknown_kind_is_malformed():
+    with pytest.raises(envelope.MalformedEnvelope, match="unknown request kind 42"):
+        envelope.parse_task(_task(kind=42).SerializeToString())
+
+
+def test_unknown_protocol_version_is_returned_for_an_error_reply():
+    parsed = envelope.parse_task(_task(protocol_version=99).SerializeToString())
+    assert parsed.protocol_version == 99
+
+
+def test_request_that_does_not_decode_is_malformed():
+    task = _task(request=b"\xff\xff\xff\xff")
+    with pytest.raises(envelope.MalformedEnvelope, match="not a valid ComputeRequest"):
+        envelope.decode_request(task)
+
+
+def test_deadlines():
+    assert envelope.deadline_after(None) == 0
+    assert not envelope.deadline_passed(_task(deadline_unix_ms=0))
+    now = int(time.time() * 1000)
+    assert envelope.deadline_passed(_task(deadline_unix_ms=now - 1))
+    assert not envelope.deadline_passed(_task(deadline_unix_ms=now + 60_000))
+
+
+def test_results_round_trip():
+    ok = envelope.result_ok(_task(), b"resp", incarnation="i1", duration_us=5)
+    parsed = envelope.parse_result(ok.SerializeToString())
+    assert parsed.response == b"resp" and parsed.worker_incarnation == "i1"
+    error = envelope.result_error(
+        task_id="t1",
+        silo_id="a",
+        kind=envelope.RequestKind.COMPUTE,
+        failure=envelope.Failure.STATE_LOST,
+        message="gone",
+        incarnation="i2",
+    )
+    parsed = envelope.parse_result(error.SerializeToString())
+    assert parsed.error.retryable and parsed.error.code == envelope.ErrorCode.STATE_LOST
+
+
+def test_result_with_neither_outcome_is_malformed():
+    with pytest.raises(envelope.MalformedEnvelope, match="neither response nor error"):
+        envelope.parse_result(task_pb2.TaskResult(task_id="t").SerializeToString())
+
+
+@pytest.mark.parametrize(
+    ("failure", "exception", "retryable"),
+    [
+        (envelope.Failure.EXECUTOR_ERROR, errors.SiloExecutionError, False),
+        (envelope.Failure.STATE_LOST, errors.SiloRetryableError, True),
+        (envelope.Failure.EXECUTOR_UNAVAILABLE, errors.SiloRetryableError, True),
+        (envelope.Failure.DEADLINE_EXCEEDED, errors.SiloTimeoutError, False),
+        (envelope.Failure.MALFORMED_TASK, errors.SiloProtocolError, False),
+        (envelope.Failure.UNSUPPORTED_PROTOCOL, errors.SiloProtocolError, False),
+        (envelope.Failure.WRONG_SILO, errors.SiloProtocolError, False),
+    ],
+)
+def test_error_mapping(failure, exception, retryable):
+    error = task_pb2.Error(code=failure.code, message="boom", retryable=failure.retryable)
+    raised = errors.error_from_result("silo-7", "CreateCall", error)
+    assert type(raised) is exception
+    assert isinstance(raised, executors_errors.RetryableError) is retryable
+    assert str(raised).startswith("silo 'silo-7', CreateCall: boom")
+    assert raised.silo_id == "silo-7" and raised.request == "CreateCall"
