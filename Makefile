@@ -16,7 +16,7 @@ $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23.2"
 	$(PY) -m pip install --quiet --no-deps -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=compat
 	$(PY) -c "import tensorflow_federated, pika, flaap_mq"
 	touch $(STAMP)
 

@@ -2,16 +2,18 @@
 
 Every sample pair is taken back to back, alternating which path goes first,
 after warm-up invocations (compilation, executor creation) that are not
-counted, so that both paths see the same machine load.
+counted, so that both paths see the same machine load. Around every sample
+the CPU seconds of each process group are recorded (`bench.cpu`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ import tensorflow_federated as tff
 
 from bench import computations
 from bench.baseline import DirectSilos
+from bench.cpu import CpuMeter
 from bench.mq import MqSilos
 from bench.wire import WireCount
 
@@ -26,21 +29,54 @@ MQ = "flaap-mq"
 DIRECT = "tff-direct"
 MB = 1e6
 
-Run = Callable[[], float]
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    seconds: float
+    cpu: dict[str, float]
+
+
+Run = Callable[[], Sample]
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """Both paths' silos, and the meter of every process they run in."""
+
+    mq: MqSilos
+    direct: DirectSilos
+    meter: CpuMeter
+
+    @property
+    def counts(self) -> dict[str, WireCount]:
+        return {MQ: self.mq.count, DIRECT: self.direct.count}
+
+
+@contextlib.contextmanager
+def metered(meter: CpuMeter) -> Iterator[list[Sample]]:
+    """Yields a list that receives one `Sample` for the `with` body."""
+    out: list[Sample] = []
+    cpu_before = meter.snapshot()
+    start = time.perf_counter()
+    yield out
+    elapsed = time.perf_counter() - start
+    out.append(Sample(elapsed, CpuMeter.delta(cpu_before, meter.snapshot())))
 
 
 def timed_invocation(
-    context: object, comp: tff.Computation, arg: object, check: Callable[[object], None]
+    context: object,
+    comp: tff.Computation,
+    arg: object,
+    check: Callable[[object], None],
+    meter: CpuMeter,
 ) -> Run:
-    """A run that invokes `comp(arg)` in `context`, checks the result, returns seconds."""
+    """A run that invokes `comp(arg)` in `context` and checks the result."""
 
-    def run() -> float:
-        with tff.framework.get_context_stack().install(context):
-            start = time.perf_counter()
+    def run() -> Sample:
+        with tff.framework.get_context_stack().install(context), metered(meter) as sample:
             result = comp(arg)
-            elapsed = time.perf_counter() - start
         check(result)
-        return elapsed
+        return sample[0]
 
     return run
 
@@ -52,10 +88,10 @@ def warm_up(runs: Mapping[str, Run], times: int) -> None:
             run()
 
 
-def interleaved(runs: Mapping[str, Run], repeats: int) -> dict[str, list[float]]:
+def interleaved(runs: Mapping[str, Run], repeats: int) -> dict[str, list[Sample]]:
     """`repeats` samples of each run, back to back, alternating which goes first."""
     names = list(runs)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, list[Sample]] = {name: [] for name in names}
     for i in range(repeats):
         for name in names if i % 2 == 0 else reversed(names):
             samples[name].append(runs[name]())
@@ -85,7 +121,8 @@ class Counted:
     def __exit__(self, *exc: object) -> None:
         for name, count in self._counts.items():
             now, before = count.snapshot(), self._before[name]
-            self.delta[name] = tuple(a - b for a, b in zip(now, before, strict=True))  # type: ignore[assignment]
+            requests, bytes_out, bytes_in = (a - b for a, b in zip(now, before, strict=True))
+            self.delta[name] = (requests, bytes_out, bytes_in)
 
     def per_call(self, name: str, calls: int) -> dict[str, float]:
         requests, bytes_out, bytes_in = self.delta[name]
@@ -96,132 +133,137 @@ class Counted:
         }
 
 
-def summary(samples: list[float]) -> dict[str, Any]:
+def summary(samples: list[Sample]) -> dict[str, Any]:
+    """Median, min and max seconds; mean CPU seconds per sample by process group."""
+    seconds = [s.seconds for s in samples]
+    groups = samples[0].cpu if samples else {}
     return {
-        "median": statistics.median(samples),
-        "min": min(samples),
-        "max": max(samples),
-        "samples": samples,
+        "median": statistics.median(seconds),
+        "min": min(seconds),
+        "max": max(seconds),
+        "samples": seconds,
+        "cpu_s": {g: statistics.fmean(s.cpu[g] for s in samples) for g in groups},
     }
+
+
+def side_by_side(
+    paths: Paths,
+    mq_context: object,
+    direct_context: object,
+    comp: tff.Computation,
+    arg: object,
+    check: Callable[[object], None],
+    *,
+    repeats: int,
+    warmup: int,
+) -> dict[str, Any]:
+    """Per path: time summary plus requests and bytes per invocation."""
+    runs = {
+        MQ: timed_invocation(mq_context, comp, arg, check, paths.meter),
+        DIRECT: timed_invocation(direct_context, comp, arg, check, paths.meter),
+    }
+    warm_up(runs, warmup)
+    with Counted(paths.counts) as counted:
+        samples = interleaved(runs, repeats)
+    return {name: {**summary(samples[name]), **counted.per_call(name, repeats)} for name in runs}
 
 
 # ------------------------------------------------------------------ row 1
 
 
-def measure_round(mq: MqSilos, direct: DirectSilos, num_silos: int, repeats: int) -> dict:
+def measure_round(paths: Paths, num_silos: int, repeats: int) -> dict:
     """Round time over `num_silos` silos, one client each, each client waiting 1 s."""
-    arg = [1.0] * num_silos
-    check = equals(float(num_silos))
-    counts = {MQ: mq.count, DIRECT: direct.count}
-    with contextlib.closing(mq.context(num_silos)) as mq_context:
-        runs = {
-            MQ: timed_invocation(mq_context, computations.round_fn, arg, check),
-            DIRECT: timed_invocation(direct.context(num_silos), computations.round_fn, arg, check),
-        }
-        warm_up(runs, 1)
-        with Counted(counts) as counted:
-            samples = interleaved(runs, repeats)
-    return {
-        "silos": num_silos,
-        **{name: {**summary(samples[name]), **counted.per_call(name, repeats)} for name in runs},
-    }
+    with contextlib.closing(paths.mq.context(num_silos)) as mq_context:
+        result = side_by_side(
+            paths,
+            mq_context,
+            paths.direct.context(num_silos),
+            computations.round_fn,
+            [1.0] * num_silos,
+            equals(float(num_silos)),
+            repeats=repeats,
+            warmup=1,
+        )
+    return {"silos": num_silos, **result}
 
 
-def measure_rounds(
-    mq: MqSilos, direct: DirectSilos, silo_counts: list[int], repeats: int
-) -> list[dict]:
-    return [measure_round(mq, direct, n, repeats) for n in silo_counts]
+def measure_rounds(paths: Paths, silo_counts: list[int], repeats: int) -> list[dict]:
+    return [measure_round(paths, n, repeats) for n in silo_counts]
 
 
 # ------------------------------------------------------------------ row 2
 
 
-def measure_tiny(mq: MqSilos, direct: DirectSilos, calls: int, warmup: int) -> dict:
-    """Median time of a one-float `federated_mean` on one silo, and requests per call."""
-    arg, check = [2.0], equals(2.0)
-    counts = {MQ: mq.count, DIRECT: direct.count}
-    with contextlib.closing(mq.context(1)) as mq_context:
-        runs = {
-            MQ: timed_invocation(mq_context, computations.tiny_fn, arg, check),
-            DIRECT: timed_invocation(direct.context(1), computations.tiny_fn, arg, check),
-        }
-        warm_up(runs, warmup)
-        with Counted(counts) as counted:
-            samples = interleaved(runs, calls)
-        single = measure_single_requests(mq, mq_context, direct, calls * 4)
-    result: dict[str, Any] = {}
-    for name in runs:
-        per_call = counted.per_call(name, calls)
-        invocation = summary(samples[name])
-        result[name] = {
-            "invocation_s": invocation,
-            **per_call,
-            "per_request_s": invocation["median"] / per_call["requests"],
-            "single_request_s": summary(single[name]),
-        }
+def measure_tiny(paths: Paths, calls: int, warmup: int) -> dict:
+    """A one-float `federated_mean` on one silo, and one executor request alone."""
+    with contextlib.closing(paths.mq.context(1)) as mq_context:
+        result = side_by_side(
+            paths,
+            mq_context,
+            paths.direct.context(1),
+            computations.tiny_fn,
+            [2.0],
+            equals(2.0),
+            repeats=calls,
+            warmup=warmup,
+        )
+        single = measure_single_requests(paths, mq_context, calls * 4)
+    for name, row in result.items():
+        row["per_request_s"] = row["median"] / row["requests"]
+        row["single_request"] = summary(single[name])
     return result
 
 
-def measure_single_requests(
-    mq: MqSilos, mq_context: object, direct: DirectSilos, calls: int
-) -> dict[str, list[float]]:
-    """Round-trip time of one `CreateValue` of a float, through each path's executor."""
-    executors = {MQ: mq.executor(mq_context), DIRECT: direct.executor(0)}
+def measure_single_requests(paths: Paths, mq_context: Any, calls: int) -> dict[str, list[Sample]]:
+    """Round trips of one `CreateValue` of a float, through each path's executor."""
+    executors = {MQ: paths.mq.executor(mq_context), DIRECT: paths.direct.executor(0)}
     try:
-        return asyncio.run(_create_value_latencies(executors, calls, warmup=5))
+        return asyncio.run(_create_values(executors, paths.meter, calls, warmup=5))
     finally:
         for executor in executors.values():
             executor.close()
 
 
-async def _create_value_latencies(
-    executors: Mapping[str, Any], calls: int, warmup: int
-) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {name: [] for name in executors}
+async def _create_values(
+    executors: Mapping[str, Any], meter: CpuMeter, calls: int, warmup: int
+) -> dict[str, list[Sample]]:
+    samples: dict[str, list[Sample]] = {name: [] for name in executors}
     names = list(executors)
     for i in range(warmup + calls):
         for name in names if i % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            value = await executors[name].create_value(np.float32(1.0), tff.TensorType(np.float32))
-            elapsed = time.perf_counter() - start
+            with metered(meter) as sample:
+                value = await executors[name].create_value(
+                    np.float32(1.0), tff.TensorType(np.float32)
+                )
             del value  # disposed, batched, as in real use
             if i >= warmup:
-                samples[name].append(elapsed)
+                samples[name].extend(sample)
     return samples
 
 
 # ------------------------------------------------------------------ row 3
 
 
-def measure_model_round_trip(
-    mq: MqSilos, direct: DirectSilos, num_elements: int, repeats: int
-) -> dict:
+def measure_model_round_trip(paths: Paths, num_elements: int, repeats: int) -> dict:
     """A float32 model of `num_elements` sent to one silo and back (server-side identity)."""
-    comp = computations.model_fn(num_elements)
     model = np.random.default_rng(0).random(num_elements, dtype=np.float32)
 
     def check(result: object) -> None:
         if not np.array_equal(np.asarray(result), model):
             raise AssertionError("the model came back changed")
 
-    counts = {MQ: mq.count, DIRECT: direct.count}
-    with contextlib.closing(mq.context(1)) as mq_context:
-        runs = {
-            MQ: timed_invocation(mq_context, comp, model, check),
-            DIRECT: timed_invocation(direct.context(1), comp, model, check),
-        }
-        warm_up(runs, 1)
-        with Counted(counts) as counted:
-            samples = interleaved(runs, repeats)
-    result: dict[str, Any] = {"model_bytes": model.nbytes}
-    for name in runs:
-        per_call = counted.per_call(name, repeats)
-        seconds = summary(samples[name])
-        median = seconds["median"]
-        result[name] = {
-            "invocation_s": seconds,
-            **per_call,
-            "round_trip_mb_per_s": 2 * model.nbytes / MB / median,
-            "wire_mb_per_s": (per_call["bytes_out"] + per_call["bytes_in"]) / MB / median,
-        }
-    return result
+    with contextlib.closing(paths.mq.context(1)) as mq_context:
+        result = side_by_side(
+            paths,
+            mq_context,
+            paths.direct.context(1),
+            computations.model_fn(num_elements),
+            model,
+            check,
+            repeats=repeats,
+            warmup=1,
+        )
+    for row in result.values():
+        row["round_trip_mb_per_s"] = 2 * model.nbytes / MB / row["median"]
+        row["wire_mb_per_s"] = (row["bytes_out"] + row["bytes_in"]) / MB / row["median"]
+    return {"model_bytes": model.nbytes, **result}

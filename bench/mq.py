@@ -24,6 +24,8 @@ from flaap_mq.protocol import topology
 from flaap_mq.testing.workers import WorkerFleet
 
 TASK_TIMEOUT_S = 300.0
+# Eight workers importing TensorFlow at once on a busy 2-core machine can take minutes.
+WORKER_START_TIMEOUT_S = 300.0
 
 
 class MqSilos:
@@ -36,7 +38,13 @@ class MqSilos:
         self.count = WireCount()
         self.executor_pids: list[int] = []
         self._job_ids: list[str] = []
-        self._fleet = WorkerFleet(broker_url, self.silo_ids, prefix=self.prefix, log_dir=log_dir)
+        self._fleet = WorkerFleet(
+            broker_url,
+            self.silo_ids,
+            prefix=self.prefix,
+            log_dir=log_dir,
+            start_timeout_s=WORKER_START_TIMEOUT_S,
+        )
 
     def __enter__(self) -> MqSilos:
         try:

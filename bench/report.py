@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from bench.computations import CLIENT_WAIT_S
 from bench.measure import DIRECT, MB, MQ
 
 ROUND_GOAL = 1.5  # flaap-mq round over the most silos, as a multiple of one silo
@@ -39,7 +40,7 @@ def round_verdict(rounds: list[dict]) -> Verdict:
 
 
 def tiny_verdict(tiny: dict) -> Verdict:
-    mq, direct = tiny[MQ]["invocation_s"]["median"], tiny[DIRECT]["invocation_s"]["median"]
+    mq, direct = tiny[MQ]["median"], tiny[DIRECT]["median"]
     ratio = mq / direct
     return Verdict(
         row="2. tiny invocation vs TFF direct",
@@ -60,53 +61,82 @@ def model_verdict(model: dict) -> Verdict:
     )
 
 
+def client_wait_check(rounds: list[dict]) -> str:
+    """TFF's direct path runs silos one after another: >= 1 s per silo shows each client waits."""
+    per_silo = min(r[DIRECT]["min"] / r["silos"] for r in rounds)
+    verdict = "every client waits" if per_silo >= 0.95 * CLIENT_WAIT_S else "CLIENTS DO NOT WAIT"
+    return (
+        f"client wait check: TFF direct (silos in sequence) took >= {per_silo:.2f} s per silo: "
+        f"{verdict} ~{CLIENT_WAIT_S:g} s"
+    )
+
+
 def format_rounds(rounds: list[dict], repeats: int) -> str:
     base = rounds[0]
     lines = [
         "Row 1: round time, 1 client per silo, each client waits 1 s "
         f"(seconds, median of {repeats})",
         f"  {'silos':>5}  {'flaap-mq':>9}  {'x base':>7}  {'TFF direct':>10}  {'x base':>7}"
-        f"  {'requests/round mq|direct':>24}",
+        f"  {'requests mq | direct':>20}  {'CPU s mq | direct':>17}",
     ]
     for r in rounds:
+        mq, direct = r[MQ], r[DIRECT]
         lines.append(
-            f"  {r['silos']:>5}  {r[MQ]['median']:>9.2f}  "
-            f"{r[MQ]['median'] / base[MQ]['median']:>6.2f}x  "
-            f"{r[DIRECT]['median']:>10.2f}  {r[DIRECT]['median'] / base[DIRECT]['median']:>6.2f}x"
-            f"  {r[MQ]['requests']:>11.1f} | {r[DIRECT]['requests']:<10.1f}"
+            f"  {r['silos']:>5}  {mq['median']:>9.2f}  {mq['median'] / base[MQ]['median']:>6.2f}x"
+            f"  {direct['median']:>10.2f}  {direct['median'] / base[DIRECT]['median']:>6.2f}x"
+            f"  {mq['requests']:>9.1f} | {direct['requests']:<8.1f}"
+            f"  {sum(mq['cpu_s'].values()):>8.2f} | {sum(direct['cpu_s'].values()):<6.2f}"
         )
     return "\n".join(lines)
 
 
 def _pair(label: str, mq: float, direct: float, fmt: str, ratio: bool = True) -> str:
-    tail = f"  {mq / direct:>6.2f}x" if ratio else ""
-    return f"  {label:<30}{mq:>10{fmt}}  {direct:>10{fmt}}{tail}"
+    tail = f"  {mq / direct:>6.2f}x" if ratio and direct else ""
+    return f"  {label:<34}{mq:>10{fmt}}  {direct:>10{fmt}}{tail}"
+
+
+def _header(title: str) -> list[str]:
+    return [title, f"  {'':<34}{'flaap-mq':>10}  {'TFF direct':>10}  {'ratio':>7}"]
+
+
+def _cpu_lines(title: str, mq: dict[str, float], direct: dict[str, float], scale: float) -> list:
+    """CPU per sample by process group, and the total, in `scale` units of seconds."""
+    lines = [f"  {title}"]
+    for group in mq:
+        lines.append(_pair(f"  {group}", mq[group] * scale, direct[group] * scale, ".2f", False))
+    lines.append(_pair("  total", sum(mq.values()) * scale, sum(direct.values()) * scale, ".2f"))
+    return lines
 
 
 def format_tiny(tiny: dict, calls: int) -> str:
     mq, direct = tiny[MQ], tiny[DIRECT]
+    single_mq, single_direct = mq["single_request"], direct["single_request"]
     return "\n".join(
         [
-            f"Row 2: tiny computation, federated_mean of one float on 1 silo (median of {calls})",
-            f"  {'':<30}{'flaap-mq':>10}  {'TFF direct':>10}  {'ratio':>7}",
-            _pair(
-                "per invocation (ms)",
-                mq["invocation_s"]["median"] * 1000,
-                direct["invocation_s"]["median"] * 1000,
-                ".1f",
+            *_header(
+                "Row 2: tiny computation, federated_mean of one float on 1 silo "
+                f"(median of {calls})"
             ),
+            _pair("per invocation (ms)", mq["median"] * 1000, direct["median"] * 1000, ".1f"),
             _pair("requests per invocation", mq["requests"], direct["requests"], ".1f", False),
             _pair(
-                "per request (ms, invocation/n)",
+                "per request (ms, invocation / n)",
                 mq["per_request_s"] * 1000,
                 direct["per_request_s"] * 1000,
                 ".2f",
             ),
             _pair(
-                "one CreateValue round trip (ms)",
-                mq["single_request_s"]["median"] * 1000,
-                direct["single_request_s"]["median"] * 1000,
+                f"one CreateValue alone (ms, n={len(single_mq['samples'])})",
+                single_mq["median"] * 1000,
+                single_direct["median"] * 1000,
                 ".2f",
+            ),
+            *_cpu_lines("CPU ms per invocation, by process", mq["cpu_s"], direct["cpu_s"], 1000),
+            *_cpu_lines(
+                "CPU ms per CreateValue alone",
+                single_mq["cpu_s"],
+                single_direct["cpu_s"],
+                1000,
             ),
         ]
     )
@@ -117,15 +147,11 @@ def format_model(model: dict, repeats: int) -> str:
     size = model["model_bytes"]
     return "\n".join(
         [
-            f"Row 3: {size / 2**20:.0f} MiB float32 model to 1 silo and back, server-side "
-            f"identity (median of {repeats})",
-            f"  {'':<30}{'flaap-mq':>10}  {'TFF direct':>10}  {'ratio':>7}",
-            _pair(
-                "per invocation (s)",
-                mq["invocation_s"]["median"],
-                direct["invocation_s"]["median"],
-                ".2f",
+            *_header(
+                f"Row 3: {size / 2**20:.0f} MiB float32 model to 1 silo and back, server-side "
+                f"identity (median of {repeats})"
             ),
+            _pair("per invocation (s)", mq["median"], direct["median"], ".2f"),
             _pair(
                 f"MB/s (2 x {size / MB:.1f} MB / t)",
                 mq["round_trip_mb_per_s"],
@@ -140,6 +166,7 @@ def format_model(model: dict, repeats: int) -> str:
                 False,
             ),
             _pair("wire MB/s", mq["wire_mb_per_s"], direct["wire_mb_per_s"], ".1f"),
+            *_cpu_lines("CPU s per invocation, by process", mq["cpu_s"], direct["cpu_s"], 1),
         ]
     )
 

@@ -41,8 +41,9 @@ from typing import Any
 import psutil
 import tensorflow_federated as tff
 
-from bench import computations, measure, report
+from bench import computations, cpu, measure, report
 from bench.baseline import DirectSilos
+from bench.cpu import CpuMeter
 from bench.mq import MqSilos
 from flaap_mq import logs
 from flaap_mq.broker.urls import BROKER_URL_ENV, DEFAULT_BROKER_URL
@@ -90,7 +91,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         tiny_calls=20 if args.quick else 50,
         tiny_warmup=3 if args.quick else 5,
         model_elements=MODEL_ELEMENTS,
-        model_repeats=1 if args.quick else 3,
+        model_repeats=1 if args.quick else 5,
         output=args.output or BENCH_DIR / name,
     )
 
@@ -115,44 +116,61 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def still_running(pids: Sequence[int]) -> list[int]:
-    """Those of `pids` still alive (zombies count as gone)."""
+def still_running(started: Sequence[psutil.Process]) -> list[str]:
+    """Those of `started` still alive (zombies count as gone), described."""
     alive = []
-    for pid in pids:
+    for process in started:
+        # is_running() also compares the start time, so a reused pid is not ours.
         with contextlib.suppress(psutil.NoSuchProcess):
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{process.pid} ({' '.join(process.cmdline())[:120]})")
     return alive
 
 
 @contextlib.contextmanager
-def silos(broker_url: str, count: int, log_dir: Path) -> Iterator[tuple[MqSilos, DirectSilos]]:
-    """Both paths' silos; on exit, checks that every process started here is gone."""
-    started: list[int] = []
+def silos(
+    broker_url: str, count: int, log_dir: Path, cleanup: dict[str, Any]
+) -> Iterator[tuple[MqSilos, DirectSilos]]:
+    """Both paths' silos; on exit, checks (into `cleanup`) that every process started is gone."""
+    started: list[psutil.Process] = []
     try:
         with contextlib.ExitStack() as stack:
             direct = stack.enter_context(DirectSilos(count))
-            started += direct.pids
+            started += [psutil.Process(pid) for pid in direct.pids]
             mq = stack.enter_context(MqSilos(broker_url, count, log_dir))
-            started += mq.worker_pids + mq.executor_pids
+            started += [psutil.Process(pid) for pid in mq.worker_pids + mq.executor_pids]
             print(f"{count} flaap-mq workers (prefix {mq.prefix}) and {count} worker_binaries up")
             yield mq, direct
     finally:
         left = still_running(started)
+        cleanup.update(processes_started=len(started), processes_left=left)
         if left:
             print(f"WARNING: processes started by the benchmark still run: {left}")
         else:
             print(f"all {len(started)} processes started by the benchmark stopped")
 
 
-def run_rows(mq: MqSilos, direct: DirectSilos, s: Settings) -> dict[str, Any]:
+def cpu_meter(broker_url: str, mq: MqSilos, direct: DirectSilos) -> CpuMeter:
+    broker = cpu.broker_process(broker_url)
+    return CpuMeter(
+        {
+            cpu.COORDINATOR: [psutil.Process()],
+            cpu.BROKER: [broker] if broker else [],
+            cpu.MQ_WORKERS: [psutil.Process(pid) for pid in mq.worker_pids],
+            cpu.MQ_EXECUTORS: [psutil.Process(pid) for pid in mq.executor_pids],
+            cpu.DIRECT_EXECUTORS: [psutil.Process(pid) for pid in direct.pids],
+        }
+    )
+
+
+def run_rows(paths: measure.Paths, s: Settings) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     phases = [
-        ("round", lambda: measure.measure_rounds(mq, direct, s.silos, s.round_repeats)),
-        ("tiny", lambda: measure.measure_tiny(mq, direct, s.tiny_calls, s.tiny_warmup)),
+        ("round", lambda: measure.measure_rounds(paths, s.silos, s.round_repeats)),
+        ("tiny", lambda: measure.measure_tiny(paths, s.tiny_calls, s.tiny_warmup)),
         (
             "model",
-            lambda: measure.measure_model_round_trip(mq, direct, s.model_elements, s.model_repeats),
+            lambda: measure.measure_model_round_trip(paths, s.model_elements, s.model_repeats),
         ),
     ]
     for name, phase in phases:
@@ -165,6 +183,7 @@ def run_rows(mq: MqSilos, direct: DirectSilos, s: Settings) -> dict[str, Any]:
 def print_report(rows: dict[str, Any], s: Settings, verdicts: list[report.Verdict]) -> None:
     print()
     print(report.format_rounds(rows["round"], s.round_repeats))
+    print(f"  {report.client_wait_check(rows['round'])}")
     print()
     print(report.format_tiny(rows["tiny"], s.tiny_calls))
     print()
@@ -177,11 +196,13 @@ def benchmark(s: Settings, broker_url: str) -> dict[str, Any]:
     started = time.monotonic()
     load_before = os.getloadavg()
     log_dir = Path(tempfile.mkdtemp(prefix="flaap-bench-logs-"))
+    cleanup: dict[str, Any] = {}
     with throwaway_broker(broker_url) as (url, description):
         print(f"broker: {description}; worker logs: {log_dir}")
-        with silos(url, max(s.silos), log_dir) as (mq, direct):
+        with silos(url, max(s.silos), log_dir, cleanup) as (mq, direct):
             prefix = mq.prefix
-            rows = run_rows(mq, direct, s)
+            meter = cpu_meter(url, mq, direct)
+            rows = run_rows(measure.Paths(mq, direct, meter), s)
     verdicts = [
         report.round_verdict(rows["round"]),
         report.tiny_verdict(rows["tiny"]),
@@ -196,7 +217,10 @@ def benchmark(s: Settings, broker_url: str) -> dict[str, Any]:
         "broker": redact_url(url),
         "topology_prefix": prefix,
         "worker_logs": str(log_dir),
+        "cpu_groups": meter.group_names,
         "client_wait_s": computations.CLIENT_WAIT_S,
+        "client_wait_check": report.client_wait_check(rows["round"]),
+        "cleanup": cleanup,
         "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "output"},
         "rows": rows,
         "goals": [v.as_dict() for v in verdicts],

@@ -13,7 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from flaap_mq import logs
-from flaap_mq.broker.urls import BROKER_URL_ENV, DEFAULT_BROKER_URL
+from flaap_mq.broker.urls import (
+    BROKER_URL_ENV,
+    CA_FILE_ENV,
+    CERT_FILE_ENV,
+    DEFAULT_BROKER_URL,
+    KEY_FILE_ENV,
+    with_tls_options,
+)
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -29,6 +36,23 @@ def _add_broker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default="flaap", help="prefix of every queue and exchange")
     parser.add_argument(
         "--queue-type", choices=["quorum", "classic"], default="quorum", help="silo queue type"
+    )
+    tls = parser.add_argument_group("TLS (amqps:// URLs; the broker's certificate is verified)")
+    tls.add_argument(
+        "--ca-file",
+        default=os.environ.get(CA_FILE_ENV),
+        help=f"CA certificate(s) to trust for the broker, PEM (default ${CA_FILE_ENV}, "
+        "else the system's CAs; or ?cacertfile= in the URL)",
+    )
+    tls.add_argument(
+        "--cert-file",
+        default=os.environ.get(CERT_FILE_ENV),
+        help=f"client certificate, PEM (default ${CERT_FILE_ENV}; or ?certfile=)",
+    )
+    tls.add_argument(
+        "--key-file",
+        default=os.environ.get(KEY_FILE_ENV),
+        help=f"client certificate's key, PEM (default ${KEY_FILE_ENV}; or ?keyfile=)",
     )
 
 
@@ -59,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker_args(topo)
     topo.add_argument("--silo", action="append", default=[], help="silo id (repeatable)")
 
+    status = sub.add_parser("status", help="each silo's queue, workers and dead letters")
+    _add_broker_args(status)
+    status.add_argument("--silo", action="append", default=[], help="silo id (repeatable)")
+    status.add_argument(
+        "--management-url",
+        default=os.environ.get("FLAAP_MQ_MANAGEMENT_URL"),
+        help="RabbitMQ management API (e.g. http://broker:15672) for active/standby workers, "
+        "task age and reply queues",
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
     demo = sub.add_parser("demo", help="start 3 workers and run two federated computations")
     _add_log_args(demo)
     demo.add_argument(
@@ -67,6 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="broker to use; a throwaway one is started if it does not answer",
     )
     demo.add_argument("--silos", type=int, default=3)
+
+    admin = sub.add_parser("admin", help="broker administration")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    definitions = admin_sub.add_parser(
+        "definitions",
+        help="print a RabbitMQ definitions document: vhost, topology, users, permissions",
+        description="Prints a definitions document (JSON) for `rabbitmqctl import_definitions`: "
+        "the vhost, the whole topology, one user per principal with a fresh random password "
+        "(stored hashed; in clear only in SECRETS_DIR/NAME.password, mode 0600), and "
+        "permissions that let each silo read only its own queue and publish only replies.",
+    )
+    definitions.add_argument("--vhost", required=True, help="the vhost to create")
+    definitions.add_argument("--coordinator", required=True, help="the coordinator's user name")
+    definitions.add_argument(
+        "--silo",
+        action="append",
+        required=True,
+        help="a silo id, also its user name (repeatable)",
+    )
+    definitions.add_argument(
+        "--secrets-dir", required=True, help="where NAME.password files are written (0600)"
+    )
+    definitions.add_argument("--prefix", default="flaap", help="prefix of every queue and exchange")
+    definitions.add_argument(
+        "--queue-type", choices=["quorum", "classic"], default="quorum", help="silo queue type"
+    )
+    definitions.add_argument(
+        "--rotate",
+        action="store_true",
+        help="new passwords even where SECRETS_DIR/NAME.password exists (default: keep them)",
+    )
     return parser
 
 
@@ -78,18 +144,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flaap_mq.broker.link import BrokerError
 
     try:
+        if hasattr(args, "ca_file"):
+            args.broker_url = with_tls_options(
+                args.broker_url,
+                ca_file=args.ca_file,
+                cert_file=args.cert_file,
+                key_file=args.key_file,
+            )
         if args.command == "worker":
             return _worker(args)
         if args.command == "topology":
             from flaap_mq.admin.topology_cli import show_topology
 
             return show_topology(args.broker_url, args.silo, args.prefix, args.queue_type)
+        if args.command == "status":
+            from flaap_mq.admin import status
+
+            report = status.collect_status(
+                args.broker_url, args.silo, prefix=args.prefix, management_url=args.management_url
+            )
+            print(status.render_json(report) if args.json else status.render_text(report))
+            return EXIT_FAILURE if report.offline else 0
         if args.command == "demo":
             from flaap_mq.demo import run_demo
 
             return run_demo(args.broker_url, num_silos=args.silos, log_format=args.log_format)
-    except (BrokerError, ValueError) as e:
-        print(f"flaap-mq {args.command}: {e}", file=sys.stderr)
+        if args.command == "admin":
+            from flaap_mq.admin.definitions import print_definitions
+
+            return print_definitions(
+                vhost=args.vhost,
+                coordinator=args.coordinator,
+                silos=args.silo,
+                secrets_dir=args.secrets_dir,
+                prefix=args.prefix,
+                queue_type=args.queue_type,
+                rotate=args.rotate,
+            )
+    except (BrokerError, ValueError, OSError) as e:
+        command = args.command + (f" {args.admin_command}" if args.command == "admin" else "")
+        print(f"flaap-mq {command}: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

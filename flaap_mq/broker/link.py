@@ -22,6 +22,16 @@ The guarantees the link makes, each in one place:
   topology and consumers are declared again on each new channel. After
   `unavailable_after` seconds without a broker, pending and new publishes
   fail with `BrokerUnavailable` instead of waiting, while reconnecting goes on.
+* **declare** (`declare="auto"`): the topology is declared on each channel;
+  when the broker refuses that with ACCESS_REFUSED (a user without configure
+  permission, on a broker whose administrator loaded the topology), the link
+  logs `topology_declared_passively` once and from then on only checks that
+  the shared exchanges and queues exist (`topology.declare_async(passive=
+  True)`); a missing one stops the link with an error naming it.
+  `declare="passive"` starts that way, `"active"` never falls back.
+* **refusals** retrying cannot fix (a wrong password, an unknown vhost, an
+  untrusted broker certificate, a permission the user lacks) stop the link
+  with one `BrokerRefused` line naming what is wrong.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ import pika.spec
 import structlog
 import tenacity
 
-from flaap_mq.broker.urls import BrokerAddress
+from flaap_mq.broker.urls import BrokerAddress, explain_connect_failure, root_cause
 from flaap_mq.protocol import topology
 
 log = structlog.get_logger("flaap_mq.broker")
@@ -128,9 +138,15 @@ class BrokerLink:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_unavailable: Callable[[BaseException], None] | None = None,
         on_returned: Callable[[pika.spec.BasicProperties, str], None] | None = None,
+        declare: str = "auto",
     ) -> None:
         if not addresses:
             raise ValueError("at least one broker address is needed")
+        if declare not in ("auto", "active", "passive"):
+            raise ValueError(f"declare must be 'auto', 'active' or 'passive', got {declare!r}")
+        self._declare_mode = declare
+        self._passive = declare == "passive"
+        self._address: BrokerAddress | None = None
         self._addresses = list(addresses)
         self._name = name
         self._declarations = declarations
@@ -337,8 +353,14 @@ class BrokerLink:
         if self._closing:
             return
         self._was_open = False
+        self._address = address
+        try:
+            parameters = address.parameters()
+        except ValueError as e:  # e.g. a certificate file removed since start
+            self._fatal = BrokerRefused(str(e))
+            return
         self._connection = pika.SelectConnection(
-            parameters=address.parameters(),
+            parameters=parameters,
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed,
@@ -359,17 +381,12 @@ class BrokerLink:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, _connection: Any, error: BaseException) -> None:
-        self._last_error = _describe(error)
-        if isinstance(
-            error,
-            pika.exceptions.ProbableAuthenticationError
-            | pika.exceptions.ProbableAccessDeniedError
-            | pika.exceptions.AuthenticationError,
-        ):
-            self._fatal = BrokerRefused(
-                f"broker at {self.describe_addresses()} refused the login: {_describe(error)} "
-                "(check the user, password and vhost)"
-            )
+        self._last_error = _describe(root_cause(error))
+        # A wrong password or vhost, or an untrusted certificate: retrying
+        # will not help, so say what is wrong, once, and stop.
+        refusal = explain_connect_failure(self._address, error) if self._address else None
+        if refusal is not None:
+            self._fatal = BrokerRefused(refusal)
         self._ioloop.stop()
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
@@ -391,7 +408,9 @@ class BrokerLink:
     def _on_confirm_ok(self, _frame: Any) -> None:
         channel = self._channel
         try:
-            topology.declare_async(channel, list(self._declarations()), self._on_declared)
+            topology.declare_async(
+                channel, list(self._declarations()), self._on_declared, passive=self._passive
+            )
         except Exception as e:  # a bad declaration list is the caller's bug: stop loudly
             self._fatal = BrokerRefused(f"could not declare the topology: {e}")
             self._begin_close()
@@ -427,7 +446,38 @@ class BrokerLink:
         self._channel_lost()
         if self._closing:
             return
-        if declaring and isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+        refused = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
+        if (
+            declaring
+            and refused
+            and topology.is_access_refused(reason)
+            and self._declare_mode == "auto"
+            and not self._passive
+        ):
+            # No configure permission: the administrator owns the topology.
+            self._passive = True
+            self._log.info(
+                "topology_declared_passively",
+                reason=reason.reply_text,
+                note="this user may not declare the shared topology; checking that it exists",
+            )
+            if self._connection is not None and self._connection.is_open:
+                self._connection.channel(on_open_callback=self._on_channel_open)
+            return
+        if refused and (
+            topology.is_access_refused(reason) or (self._passive and topology.is_not_found(reason))
+        ):
+            # A permission this user lacks, or topology it may not create and
+            # nobody loaded: a new channel would be refused the same way.
+            self._fatal = BrokerRefused(
+                topology.missing_message(reason.reply_text)
+                if topology.is_not_found(reason)
+                else f"broker refused user {self._username()!r}: {reason.reply_text}"
+            )
+            self._log.error("broker_refused", reason=self._last_error)
+            self._begin_close()
+            return
+        if declaring and refused:
             # A refused declaration (e.g. a queue that exists with other
             # arguments) would be refused again: report it, do not loop.
             self._fatal = BrokerRefused(
@@ -443,6 +493,9 @@ class BrokerLink:
         self._log.warning("channel_closed", reason=self._last_error)
         if self._connection is not None and self._connection.is_open:
             self._connection.channel(on_open_callback=self._on_channel_open)
+
+    def _username(self) -> str:
+        return self._address.username if self._address else "?"
 
     def _channel_lost(self) -> None:
         """Queues every unconfirmed message to go out again on the next channel."""

@@ -13,12 +13,21 @@ Names (prefix `flaap` by default):
 | `flaap.tasks`             | direct exchange      | tasks, routing key = silo id |
 | `flaap.silo.<silo>`       | quorum queue         | one silo's tasks; single active consumer |
 | `flaap.replies`           | direct exchange      | results, routing key = job id |
-| `flaap.reply.<job>`       | classic queue        | one coordinator's results; expires when unused |
+| `flaap.reply.<job>`       | classic queue        | one coordinator's results; expires unused |
 | `flaap.dead-letter`       | fanout exchange      | rejected, expired and malformed tasks |
 | `flaap.dead-letter`       | quorum queue         | where they wait for an operator |
 
 Replies go through their own exchange, never the default one: a silo that
 may write to the default exchange could write into any queue.
+
+On a locked-down broker the administrator loads this topology ahead of time
+(`flaap-mq admin definitions`, generated from these same declarations) and
+the clients have no configure permission on it. They then declare it
+passively (`passive=True` below): each shared exchange and queue is only
+checked to exist; bindings, which AMQP cannot check, are left to the
+administrator; what a client owns itself (a coordinator's reply queue) is
+still declared. `BrokerLink` switches to that on the broker's first
+ACCESS_REFUSED.
 """
 
 from __future__ import annotations
@@ -69,11 +78,19 @@ class Names:
         return f"{self.prefix}.reply.{job_id}"
 
 
+# `shared`: part of the topology the administrator owns (and may load ahead of
+# time, with no configure permission for the clients); False for what a client
+# declares for itself. Not part of equality: it says who declares, not what.
+def _shared(default: bool = True) -> Any:
+    return dataclasses.field(default=default, compare=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Exchange:
     name: str
     type: str
     durable: bool = True
+    shared: bool = _shared()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +98,7 @@ class Queue:
     name: str
     arguments: dict[str, Any]
     durable: bool = True
+    shared: bool = _shared()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +106,7 @@ class Binding:
     queue: str
     exchange: str
     routing_key: str
+    shared: bool = _shared()
 
 
 Declaration = Exchange | Queue | Binding
@@ -147,24 +166,59 @@ def reply_declarations(
     return [
         # Classic, not quorum: replies are consumed at once by their only
         # reader, and a quorum queue would triple every result's writes.
-        Queue(queue, {"x-expires": expires_ms, "x-queue-type": "classic"}),
-        Binding(queue, names.replies_exchange, job_id),
+        Queue(queue, {"x-expires": expires_ms, "x-queue-type": "classic"}, shared=False),
+        Binding(queue, names.replies_exchange, job_id, shared=False),
     ]
 
 
-def declare_blocking(channel: Any, declarations: Sequence[Declaration]) -> None:
+def is_access_refused(error: BaseException) -> bool:
+    """True for the broker's ACCESS_REFUSED (403) on a channel: no permission."""
+    return getattr(error, "reply_code", None) == 403
+
+
+def is_not_found(error: BaseException) -> bool:
+    """True for the broker's NOT_FOUND (404), e.g. a passive declare of a missing queue."""
+    return getattr(error, "reply_code", None) == 404
+
+
+def missing_message(reply_text: str) -> str:
+    """What to tell an operator when a passive declare finds nothing."""
+    return (
+        f"the broker has no such topology: {reply_text}; this user may not declare it, so an "
+        "administrator must load it (flaap-mq admin definitions ... with this silo, then "
+        "rabbitmqctl import_definitions; see docs/deploy.md)"
+    )
+
+
+def _plan(declarations: Sequence[Declaration], passive: bool) -> list[tuple[Declaration, bool]]:
+    """(declaration, declare it passively) for each one to send; see the module docstring."""
+    if not passive:
+        return [(d, False) for d in declarations]
+    # AMQP has no passive bind: a shared binding is the administrator's.
+    return [(d, d.shared) for d in declarations if not (isinstance(d, Binding) and d.shared)]
+
+
+def declare_blocking(
+    channel: Any, declarations: Sequence[Declaration], *, passive: bool = False
+) -> None:
     """Declares on a `pika.BlockingChannel` (CLI and tests)."""
-    for decl in declarations:
+    for decl, check_only in _plan(declarations, passive):
         match decl:
             case Exchange():
-                channel.exchange_declare(decl.name, decl.type, durable=decl.durable)
+                channel.exchange_declare(
+                    decl.name, decl.type, durable=decl.durable, passive=check_only
+                )
             case Queue():
-                channel.queue_declare(decl.name, durable=decl.durable, arguments=decl.arguments)
+                channel.queue_declare(
+                    decl.name, durable=decl.durable, arguments=decl.arguments, passive=check_only
+                )
             case Binding():
                 channel.queue_bind(decl.queue, decl.exchange, routing_key=decl.routing_key)
 
 
-def declare_async(channel: Any, declarations: Sequence[Declaration], on_done: Any) -> None:
+def declare_async(
+    channel: Any, declarations: Sequence[Declaration], on_done: Any, *, passive: bool = False
+) -> None:
     """Declares on a pika `Channel` of a `SelectConnection`, one after another.
 
     Declarations are chained through their completion callbacks so that a
@@ -173,21 +227,29 @@ def declare_async(channel: Any, declarations: Sequence[Declaration], on_done: An
     arguments) closes the channel with the broker's reason, which the owner
     of the channel reports.
     """
-    pending = list(declarations)
+    pending = _plan(declarations, passive)
 
     def next_one(_frame: Any = None) -> None:
         if not pending:
             on_done()
             return
-        decl = pending.pop(0)
+        decl, check_only = pending.pop(0)
         match decl:
             case Exchange():
                 channel.exchange_declare(
-                    decl.name, decl.type, durable=decl.durable, callback=next_one
+                    decl.name,
+                    decl.type,
+                    durable=decl.durable,
+                    passive=check_only,
+                    callback=next_one,
                 )
             case Queue():
                 channel.queue_declare(
-                    decl.name, durable=decl.durable, arguments=decl.arguments, callback=next_one
+                    decl.name,
+                    durable=decl.durable,
+                    arguments=decl.arguments,
+                    passive=check_only,
+                    callback=next_one,
                 )
             case Binding():
                 channel.queue_bind(

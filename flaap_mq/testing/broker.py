@@ -289,6 +289,20 @@ class PrivateBrokerNode:
         self.stop()
         self.start()
 
+    def join_cluster(self, other: PrivateBrokerNode) -> None:
+        """Make this (running, empty) node a member of ``other``'s cluster.
+
+        Private nodes can cluster with each other because they all run as the ``rabbitmq`` user
+        and so share its Erlang cookie ($HOME/.erlang.cookie). Never join a node you did not
+        start: leaving a cluster is not undone by deleting our data directory.
+        """
+        self.rabbitmqctl("stop_app", timeout=self._stop_timeout)
+        try:
+            self.rabbitmqctl("join_cluster", other.node_name, timeout=self._start_timeout)
+        finally:
+            self.rabbitmqctl("start_app", timeout=self._start_timeout)
+        self.rabbitmqctl("await_startup", "--timeout", "60", timeout=self._start_timeout)
+
     def close(self) -> None:
         """Stop the node and delete its data directory."""
         try:

@@ -55,6 +55,10 @@ class Outcome(NamedTuple):
 
     result: bytes
     name: str
+    # True when answered from the results cache (or from the run of a
+    # duplicate still in progress) rather than run: the `task` log line says
+    # so, which is how duplicate executions are counted (docs/reliability.md).
+    cached: bool = False
 
 
 class SiloWorker:
@@ -94,6 +98,7 @@ class SiloWorker:
         self._in_flight = 0
         self._in_flight_cv = threading.Condition()
         self._stop = threading.Event()
+        self._active_generation = -1  # channel generation of the first task seen
         self._link: BrokerLink | None = None
         self._log = log.bind(silo=self.silo_id)
         self.tasks_handled = 0
@@ -129,7 +134,15 @@ class SiloWorker:
             broker=self._link.describe_addresses(),
             incarnation=self._incarnation.id,
             prefetch=self._prefetch,
-            note="one worker per silo consumes at a time; others wait as standby",
+        )
+        # The silo queue has a single active consumer: the broker delivers to
+        # one worker of the silo at a time. RabbitMQ 3.10 does not tell a
+        # consumer which it is, so a worker says "standby" until its first
+        # task arrives, and "active" from then on.
+        self._log.info(
+            "worker_standby",
+            detail="consuming; tasks go to this silo's active worker, if another is running; "
+            "this one takes over when it goes away",
         )
 
     def _declarations(self) -> list[topology.Declaration]:
@@ -186,6 +199,9 @@ class SiloWorker:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         """Runs on the I/O thread: hand the task to the pool and return."""
+        if delivery.generation != self._active_generation:
+            self._active_generation = delivery.generation
+            self._log.info("worker_active", detail="this worker now receives the silo's tasks")
         with self._in_flight_cv:
             self._in_flight += 1
         self._pool.submit(self._handle, delivery)
@@ -194,6 +210,7 @@ class SiloWorker:
         started = time.monotonic()
         task: task_pb2.Task | None = None
         outcome = "error"
+        cached = False
         try:
             try:
                 task = envelope.parse_task(delivery.body)
@@ -205,7 +222,7 @@ class SiloWorker:
             if result is None:
                 outcome = "expired"
                 return
-            outcome = result.name
+            outcome, cached = result.name, result.cached
             self._reply(delivery, task, result.result)
         except Exception:
             # A bug here must not kill the worker: the task goes back to the
@@ -221,6 +238,8 @@ class SiloWorker:
                 kind=envelope.kind_name(task.kind) if task else None,
                 attempt=task.attempt if task else None,
                 outcome=outcome,
+                cached=cached,
+                incarnation=self._incarnation.id,
                 redelivered=delivery.redelivered,
                 bytes_in=len(delivery.body),
                 duration_ms=round((time.monotonic() - started) * 1000, 2),
@@ -252,7 +271,7 @@ class SiloWorker:
         with self._results_lock:
             cached = self._results.get(task.task_id)
             if cached is not None:
-                return cached
+                return cached._replace(cached=True)
             running = self._running.get(task.task_id)
             if running is None:
                 running = concurrent.futures.Future()
@@ -261,7 +280,7 @@ class SiloWorker:
             else:
                 owner = False
         if not owner:
-            return running.result()
+            return running.result()._replace(cached=True)
         try:
             result = self._execute(task)
             running.set_result(result)

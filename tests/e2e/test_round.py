@@ -13,7 +13,7 @@ import tensorflow_federated as tff
 
 import flaap_mq
 from flaap_mq.protocol import topology
-from flaap_mq.testing.workers import worker_binaries_of
+from flaap_mq.testing.tff_local import local_cpp_contexts
 
 SILOS = ["a", "b", "c"]
 
@@ -33,14 +33,11 @@ def silos(workers, broker_url, prefix):
 @pytest.fixture
 def local_tff():
     """TFF's own local C++ runtime, for reference answers; its leaked executor is stopped."""
-    context = tff.backends.native.create_sync_local_cpp_execution_context()
-    try:
-        with tff.framework.get_context_stack().install(context):
-            yield
-    finally:
-        for process in worker_binaries_of(__import__("os").getpid()):
-            process.terminate()  # TFF only SIGINTs it from __del__, which it ignores
-            process.wait(10)
+    with (
+        local_cpp_contexts(with_sync=True) as (_, context),
+        tff.framework.get_context_stack().install(context),
+    ):
+        yield
 
 
 READINGS = tff.SequenceType(np.float32)

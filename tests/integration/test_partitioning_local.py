@@ -1,24 +1,22 @@
 """`SiloSplittingContext` over three local TFF C++ runtimes (no broker).
 
 Each silo is TFF's own async local C++ execution context, so these tests
-check flaap-mq's argument splitting end to end against TFF's compiler and
-runtime, and pin TFF 0.87's splitting bug (docs/tff-partitioning-bug.md).
+check flaap-mq's argument splitting and result ordering end to end against
+TFF's compiler and runtime, and pin TFF 0.87's two bugs that
+`SiloSplittingContext` works around (docs/tff-partitioning-bug.md).
 
 Every local C++ context runs a `worker_binary` subprocess that TFF starts on
-first use and never stops at exit; the `runtimes` fixture stops the ones
-these tests started.
+first use and never stops at exit; the `runtimes` fixture gets its contexts
+from `flaap_mq.testing.tff_local.local_cpp_contexts`, which stops them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import dataclasses
-import gc
-import time
 from collections.abc import Iterator
 
 import numpy as np
-import psutil
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -29,6 +27,7 @@ from tensorflow_federated.python.core.impl.execution_contexts import (
 )
 
 from flaap_mq.coordinator.partitioning import SiloSplittingContext
+from flaap_mq.testing.tff_local import local_cpp_contexts
 
 NUM_SILOS = 3
 
@@ -121,6 +120,19 @@ def counts_and_total(readings, limit):
     return counts, tff.federated_sum(counts)
 
 
+# Ends in the CLIENTS value, so that TFF's own class splits it right and only
+# its result ordering is tested.
+@tff.federated_computation(SERVER_FLOAT, CLIENT_READINGS)
+def counts_and_total_limit_first(limit, readings):
+    counts = _count_at_clients(readings, limit)
+    return counts, tff.federated_sum(counts)
+
+
+# Six clients; with limit 10.0 they have these counts of readings above it.
+SIX_CLIENTS = [[float(x) for x in range(n)] for n in (10, 20, 30, 15, 25, 12)]
+SIX_COUNTS = [0, 9, 19, 4, 14, 1]
+
+
 # --------------------------------------------------------------------------
 # Runtimes.
 
@@ -142,85 +154,36 @@ class Runtimes:
         )
 
 
-def _worker_binaries() -> list[psutil.Process]:
-    """`worker_binary` processes descending from this (pytest) process."""
-    found = []
-    for process in psutil.Process().children(recursive=True):
-        try:
-            if process.name() == "worker_binary" or any(
-                "worker_binary" in part for part in process.cmdline()
-            ):
-                found.append(process)
-        except psutil.ZombieProcess:
-            # Dead but not reaped yet: its command line is gone, its name is not.
-            if process.name() == "worker_binary":
-                found.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return found
+class DelayedContext(context_base.AsyncContext):
+    """An async context that starts every invocation `delay_s` late.
+
+    Silos delayed by different amounts finish in a known order, whatever the
+    scheduling of their (tiny) computations.
+    """
+
+    def __init__(self, context: context_base.AsyncContext, delay_s: float) -> None:
+        self._context = context
+        self._delay_s = delay_s
+
+    async def invoke(self, comp, arg):
+        await asyncio.sleep(self._delay_s)
+        return await self._context.invoke(comp, arg)
 
 
-def _is_dead(process: psutil.Process) -> bool:
-    try:
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+def delayed(silos: list[context_base.AsyncContext], delays_s: list[float]):
+    return [DelayedContext(silo, delay) for silo, delay in zip(silos, delays_s, strict=True)]
 
 
-def _wait_until_dead(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Waits for `processes` to exit *without reaping them*; returns the living."""
-    deadline = time.monotonic() + timeout
-    alive = [p for p in processes if not _is_dead(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-        alive = [p for p in alive if not _is_dead(p)]
-    return alive
-
-
-def _stop_worker_binaries(started: list[psutil.Process], runtimes: Runtimes) -> None:
-    # TFF only signals a worker from `ServiceManager.__del__`, i.e. when its
-    # context is garbage-collected, which for live contexts happens at
-    # interpreter shutdown, if at all, and then fails; the worker outlives us.
-    # It sends SIGINT, and then waits: a worker_binary that inherited SIGINT
-    # as ignored (e.g. started under a non-interactive shell's background
-    # job) would never exit.  So: SIGTERM, then SIGKILL if need be.
-    for process in started:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    for process in _wait_until_dead(started, timeout=30):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    assert not _wait_until_dead(started, timeout=10), "worker_binary survived SIGKILL"
-
-    # The workers are dead but not reaped, so their pids cannot be reused yet.
-    # Dropping the contexts now lets TFF's `ServiceManager.__del__` reap them
-    # with its own `Popen.wait()`: its SIGINT to a zombie is harmless, whereas
-    # after a reap by us it would raise ProcessLookupError (or hit a recycled
-    # pid).  Whatever it did not reap (contexts still referenced) we reap here.
-    runtimes.silos.clear()
-    runtimes.reference = None
-    gc.collect()
-    psutil.wait_procs(started, timeout=10)
+# Silo 0 finishes last, silo 2 first.
+FIRST_SILO_LAST = [0.8, 0.4, 0.0]
 
 
 @pytest.fixture(scope="module")
 def runtimes() -> Iterator[Runtimes]:
-    # Workers already running belong to someone else (e.g. another module's
-    # fixture); only the ones started while this module runs are stopped.
-    already_running = {process.pid for process in _worker_binaries()}
-    runtimes = Runtimes(
-        silos=[
-            tff.backends.native.create_async_local_cpp_execution_context() for _ in range(NUM_SILOS)
-        ],
-        reference=tff.backends.native.create_sync_local_cpp_execution_context(),
-    )
-    try:
-        yield runtimes
-    finally:
-        started = [p for p in _worker_binaries() if p.pid not in already_running]
-        _stop_worker_binaries(started, runtimes)
-        left = [p.pid for p in _worker_binaries() if p.pid not in already_running]
-        assert not left, f"worker_binary processes left running: {left}"
+    # `local_cpp_contexts` stops the `worker_binary` each context starts, which
+    # TFF itself never does.
+    with local_cpp_contexts(NUM_SILOS, with_sync=True) as (silos, reference):
+        yield Runtimes(silos=silos, reference=reference)
 
 
 def run_in(context, computation, *args):
@@ -263,18 +226,43 @@ def test_more_silos_than_clients(runtimes):
     assert run_in(runtimes.silo_splitting(), readings_above, two_clients, 10.0) == 9
 
 
-def test_clients_placed_result_has_every_client_once(runtimes):
+def test_clients_placed_result_has_every_client_once_in_order(runtimes):
     counts, total = run_in(runtimes.silo_splitting(), counts_and_total, DATA, 10.0)
     assert total == EXPECTED_COUNT
-    # Sorted on purpose: TFF's `_invoke_after_merge_in_async_pool` concatenates
-    # the silos' CLIENTS-placed results in the order the silos *finish*, not in
-    # client order (seen: [19, 0, 9]).  That is TFF's repackaging, which
-    # SiloSplittingContext keeps; it is not part of argument splitting.
-    assert sorted(counts) == [0, 9, 19]
+    # TFF's `_invoke_after_merge_in_async_pool` would concatenate the silos'
+    # CLIENTS-placed results in the order the silos finish (seen: [19, 9, 0],
+    # [9, 0, 19]); SiloSplittingContext keeps them in client order.
+    assert list(counts) == [0, 9, 19]
+
+
+def test_clients_placed_result_in_client_order_when_first_silo_finishes_last(runtimes):
+    context = SiloSplittingContext(
+        delayed(runtimes.silos, FIRST_SILO_LAST),
+        compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
+    )
+    counts, total = run_in(context, counts_and_total, DATA, 10.0)
+    assert list(counts) == [0, 9, 19]
+    assert total == EXPECTED_COUNT
+
+
+def test_more_parts_than_silos_keeps_client_order(runtimes):
+    # Four parts over two silos: part 0 runs on the slow silo, parts 1, 2 and
+    # 3 one after the other on the fast one, so part 0 finishes last.
+    context = SiloSplittingContext(
+        delayed(runtimes.silos[:2], [0.8, 0.0]),
+        compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
+        num_subrounds=4,
+    )
+    expected = run_in(runtimes.reference, counts_and_total, SIX_CLIENTS, 10.0)
+    assert list(expected[0]) == SIX_COUNTS
+    counts, total = run_in(context, counts_and_total, SIX_CLIENTS, 10.0)
+    assert list(counts) == SIX_COUNTS
+    assert total == expected[1] == sum(SIX_COUNTS)
 
 
 # --------------------------------------------------------------------------
-# TFF 0.87's bug, pinned.  Fails once TFF splits correctly.
+# TFF 0.87's bugs, pinned.  Fail once TFF splits correctly, or keeps clients in
+# order.
 
 
 @pytest.mark.parametrize(
@@ -300,3 +288,17 @@ def test_tff_mergeable_context_bug_miscounts_when_argument_ends_in_server_value(
 def test_tff_mergeable_context_is_right_when_argument_ends_in_clients_value(runtimes):
     """The bug depends on the order of the parameters only."""
     assert run_in(runtimes.tff_context(), readings_above_limit_first, 10.0, DATA) == EXPECTED_COUNT
+
+
+def test_tff_mergeable_context_bug_returns_clients_in_the_order_silos_finish(runtimes):
+    """TFF's `_invoke_after_merge_in_async_pool` concatenates the per-client
+    results in the order the silos finish: reversed here, as silo 2 finishes
+    first and silo 0 last.  If this fails, TFF may have fixed the bug (see
+    docs/tff-partitioning-bug.md)."""
+    context = tff_mergeable.MergeableCompExecutionContext(
+        delayed(runtimes.silos, FIRST_SILO_LAST),
+        compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
+    )
+    counts, total = run_in(context, counts_and_total_limit_first, 10.0, DATA)
+    assert total == EXPECTED_COUNT  # the splitting is right for this argument
+    assert list(counts) == [19, 9, 0]

@@ -1,0 +1,221 @@
+"""What every fault test measures afterwards, the same way each time.
+
+* Duplicate executions and lost tasks are counted from the workers' JSON
+  logs: every task a worker handles ends in one `"event": "task"` line with
+  its task id, outcome, incarnation, whether it was a redelivery and whether
+  it was answered from the results cache (`cached`) rather than run.
+* Queues are checked by draining them with `basic_get` once the workers are
+  stopped (for quorum queues the message counts that `rabbitmqctl` and
+  `queue.declare-ok` report lag behind; a `basic_get` does not).
+* Figures for docs/reliability.md: `record(...)` appends one JSON line per
+  fault run to `$FLAAP_MQ_RELIABILITY_OUT` when that is set.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+import psutil
+
+from flaap_mq.testing.workers import WorkerFleet
+from flaap_mq.worker.executor_service import wait_until_gone
+
+# Outcomes that mean the request really ran on the executor.
+EXECUTED = frozenset({"ok", "executor_error", "deadline_exceeded", "executor_unavailable"})
+
+
+def read_events(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """The JSON events in worker log files (TF's own noise lines are skipped)."""
+    events = []
+    for path in paths:
+        if not Path(path).exists():
+            continue
+        for line in Path(path).read_text(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+    return events
+
+
+def fleet_events(fleet: WorkerFleet) -> list[dict[str, Any]]:
+    return read_events(w.log_path for w in fleet.workers.values() if w.log_path)
+
+
+@dataclasses.dataclass
+class Tally:
+    """What the workers' `task` lines say."""
+
+    task_ids: set[str]
+    executions: collections.Counter[str]
+    outcomes: collections.Counter[str]
+    cached_answers: int
+    redelivered: int
+    incarnations: set[str]
+
+    @property
+    def duplicate_executions(self) -> int:
+        """Extra runs of a task id beyond its first (0 is the guarantee)."""
+        return sum(n - 1 for n in self.executions.values() if n > 1)
+
+    @property
+    def duplicated_ids(self) -> list[str]:
+        return sorted(t for t, n in self.executions.items() if n > 1)
+
+
+def tally(events: Iterable[dict[str, Any]]) -> Tally:
+    task_ids: set[str] = set()
+    executions: collections.Counter[str] = collections.Counter()
+    outcomes: collections.Counter[str] = collections.Counter()
+    cached = redelivered = 0
+    incarnations: set[str] = set()
+    for e in events:
+        if e.get("event") != "task":
+            continue
+        outcome = e.get("outcome")
+        outcomes[outcome] += 1
+        task_id = e.get("task_id")
+        if task_id:
+            task_ids.add(task_id)
+        if e.get("cached"):
+            cached += 1
+        elif outcome in EXECUTED and task_id:
+            executions[task_id] += 1
+        if e.get("redelivered"):
+            redelivered += 1
+        if e.get("incarnation"):
+            incarnations.add(e["incarnation"])
+    return Tally(task_ids, executions, outcomes, cached, redelivered, incarnations)
+
+
+# ------------------------------------------------------------------ queues
+
+
+def _connect(url: str) -> pika.BlockingConnection:
+    params = pika.URLParameters(url.split(",")[0])
+    params.socket_timeout = params.stack_timeout = 10
+    params.blocked_connection_timeout = 10
+    return pika.BlockingConnection(params)
+
+
+def drain(url: str, queue: str, *, settle_s: float = 0.5) -> list[tuple[Any, bytes]]:
+    """Takes every message out of `queue`: [(properties, body)]; [] if it does not exist."""
+    taken: list[tuple[Any, bytes]] = []
+    connection = _connect(url)
+    try:
+        channel = connection.channel()
+        empty_since = None
+        while True:
+            try:
+                method, properties, body = channel.basic_get(queue, auto_ack=True)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                if e.reply_code == 404:
+                    return taken
+                raise
+            if method is not None:
+                taken.append((properties, body))
+                empty_since = None
+                continue
+            # A quorum queue can answer get-empty for a moment after a
+            # requeue; only an answer that stays empty counts.
+            empty_since = empty_since or time.monotonic()
+            if time.monotonic() - empty_since >= settle_s:
+                return taken
+            time.sleep(0.05)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def queue_exists(url: str, queue: str) -> bool:
+    connection = _connect(url)
+    try:
+        connection.channel().queue_declare(queue, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code == 404:
+            return False
+        raise
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def message_count(url: str, queue: str) -> int | None:
+    connection = _connect(url)
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return None
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def dead_letter_reason(properties: Any) -> str | None:
+    """Why a message is in the dead-letter queue: the worker's reason, else the broker's."""
+    headers = properties.headers or {}
+    if headers.get("x-flaap-reason"):
+        return str(headers["x-flaap-reason"])
+    deaths = headers.get("x-death") or []
+    if deaths:
+        reason = deaths[0].get("reason")
+        return reason.decode() if isinstance(reason, bytes) else str(reason)
+    return None
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout_s:g} s: {what}")
+        time.sleep(0.2)
+
+
+def wait_queues_empty(url: str, queues: Sequence[str], timeout_s: float = 60.0) -> None:
+    """Waits until the workers have taken everything (e.g. the final disposals)."""
+
+    def empty() -> bool:
+        return all((message_count(url, q) or 0) == 0 for q in queues)
+
+    wait_until(empty, timeout_s, f"queues {list(queues)} empty")
+    time.sleep(0.5)  # tasks just delivered finish and are acked
+
+
+# --------------------------------------------------------------- processes
+
+
+def rss_bytes(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+def assert_nothing_left(fleet: WorkerFleet, executor_pids: Iterable[int] = ()) -> None:
+    """Every worker process of `fleet` exited, and every executor it ever started."""
+    fleet.close()
+    alive = [s for s, w in fleet.workers.items() if w.process.poll() is None]
+    assert not alive, f"workers still running: {alive}"
+    for pid in executor_pids:
+        assert wait_until_gone(pid, 15), f"worker_binary {pid} outlived its worker"
+
+
+# ----------------------------------------------------------------- figures
+
+
+def record(fault: str, **figures: Any) -> None:
+    """One row of measured figures for docs/reliability.md."""
+    line = json.dumps({"fault": fault, **figures}, sort_keys=True)
+    print(f"\nRELIABILITY {line}")
+    out = os.environ.get("FLAAP_MQ_RELIABILITY_OUT")
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
