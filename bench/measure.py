@@ -56,11 +56,11 @@ class Paths:
 def metered(meter: CpuMeter) -> Iterator[list[Sample]]:
     """Yields a list that receives one `Sample` for the `with` body."""
     out: list[Sample] = []
-    cpu_before = meter.snapshot()
+    cpu_before = meter.snapshot(own_last=True)
     start = time.perf_counter()
     yield out
     elapsed = time.perf_counter() - start
-    out.append(Sample(elapsed, CpuMeter.delta(cpu_before, meter.snapshot())))
+    out.append(Sample(elapsed, CpuMeter.delta(cpu_before, meter.snapshot(own_last=False))))
 
 
 def timed_invocation(

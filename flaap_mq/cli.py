@@ -19,6 +19,8 @@ from flaap_mq.broker.urls import (
     CERT_FILE_ENV,
     DEFAULT_BROKER_URL,
     KEY_FILE_ENV,
+    check_login,
+    parse_broker_urls,
     with_tls_options,
 )
 
@@ -78,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--prefetch", type=int, default=8, help="tasks run at once (default 8)")
     worker.add_argument("--data-dir", default=None, help="working directory of the executor")
+    worker.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=None,
+        help="split results larger than this over several messages (default 8 MiB); "
+        "keep it below the broker's max_message_size",
+    )
 
     topo = sub.add_parser("topology", help="declare the topology and show what exists")
     _add_broker_args(topo)
@@ -191,12 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from flaap_mq.protocol import topology
-    from flaap_mq.worker.worker import SiloWorker
-
     if not args.silo_id:
         print("flaap-mq worker: give --silo-id or set FLAAP_MQ_SILO_ID", file=sys.stderr)
         return EXIT_USAGE
+    # A wrong password, vhost or CA fails here, in a moment and in one line,
+    # before TensorFlow and the executor start.
+    check_login(parse_broker_urls(args.broker_url))
+
+    from flaap_mq.protocol import topology
+    from flaap_mq.worker.worker import SiloWorker
+
     worker = SiloWorker(
         args.broker_url,
         args.silo_id,
@@ -204,6 +217,7 @@ def _worker(args: argparse.Namespace) -> int:
         names=topology.Names(args.prefix),
         queue_type=topology.QueueType(args.queue_type),
         data_dir=args.data_dir,
+        **({"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {}),
     )
     return worker.run_until_stopped()
 

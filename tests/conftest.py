@@ -110,18 +110,42 @@ def list_queues(prefix: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip().startswith(f"{prefix}.")]
 
 
+def _fleet_factory(broker_url: str, prefix: str, log_dir: Path):
+    fleets: list[WorkerFleet] = []
+
+    def start(silo_ids: list[str], **kwargs: object) -> WorkerFleet:
+        fleet = WorkerFleet(broker_url, silo_ids, prefix=prefix, log_dir=log_dir, **kwargs)
+        fleets.append(fleet)
+        return fleet.start()
+
+    return start, fleets
+
+
 @pytest.fixture
 def workers(
     broker_url: str, prefix: str, tmp_path: Path
 ) -> Iterator[Callable[..., WorkerFleet]]:
     """Starts real `flaap-mq worker` processes; all are stopped after the test."""
-    fleets: list[WorkerFleet] = []
+    start, fleets = _fleet_factory(broker_url, prefix, tmp_path)
+    yield start
+    for fleet in fleets:
+        fleet.close()
 
-    def start(silo_ids: list[str], **kwargs: object) -> WorkerFleet:
-        fleet = WorkerFleet(broker_url, silo_ids, prefix=prefix, log_dir=tmp_path, **kwargs)
-        fleets.append(fleet)
-        return fleet.start()
 
+@pytest.fixture(scope="module")
+def module_prefix(broker_url: str) -> Iterator[str]:
+    """Like `prefix`, shared by the tests of one module."""
+    value = f"m{uuid.uuid4().hex[:10]}"
+    yield value
+    delete_topology(broker_url, value)
+
+
+@pytest.fixture(scope="module")
+def module_workers(
+    broker_url: str, module_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., WorkerFleet]]:
+    """Like `workers`, for workers shared by the tests of one module (they start slowly)."""
+    start, fleets = _fleet_factory(broker_url, module_prefix, tmp_path_factory.mktemp("workers"))
     yield start
     for fleet in fleets:
         fleet.close()

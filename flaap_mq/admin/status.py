@@ -122,7 +122,11 @@ def _silo_over_amqp(
     # With a single active consumer, a quorum queue counts only the active
     # one here; the management API lists the standbys too.
     return SiloStatus(
-        silo_id, queue, True, method.message_count, method.consumer_count,
+        silo_id,
+        queue,
+        True,
+        method.message_count,
+        method.consumer_count,
         method.consumer_count > 0,
     )
 
@@ -182,7 +186,9 @@ class ManagementApi:
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 return None
-            raise ValueError(f"management API at {self._base} answered {e.code}: {e.reason}") from None
+            raise ValueError(
+                f"management API at {self._base} answered {e.code}: {e.reason}"
+            ) from None
         except OSError as e:
             raise ValueError(f"management API at {self._base} did not answer: {e}") from None
 
@@ -208,7 +214,11 @@ class ManagementApi:
     def reply_queues(self, prefix: str) -> list[dict[str, Any]]:
         queues = self._get(f"queues/{self._vhost}") or []
         return [
-            {"queue": q["name"], "messages": q.get("messages", 0), "consumers": q.get("consumers", 0)}
+            {
+                "queue": q["name"],
+                "messages": q.get("messages", 0),
+                "consumers": q.get("consumers", 0),
+            }
             for q in queues
             if q.get("name", "").startswith(prefix)
         ]

@@ -1,11 +1,18 @@
-"""`flaap-mq topology`: declare the topology and show what exists on the broker."""
+"""`flaap-mq topology`: declare the topology and show what exists on the broker.
+
+With a user that may not declare (a broker whose administrator loaded the
+topology with `flaap-mq admin definitions`), it checks passively that every
+exchange and queue exists instead, as the workers and the coordinator do.
+"""
 
 from __future__ import annotations
+
+import sys
 
 import pika
 import pika.exceptions
 
-from flaap_mq.broker.urls import parse_broker_urls
+from flaap_mq.broker.urls import explain_connect_failure, parse_broker_urls, root_cause
 from flaap_mq.protocol import topology
 
 
@@ -17,20 +24,31 @@ def show_topology(broker_url: str, silo_ids: list[str], prefix: str, queue_type:
     address = parse_broker_urls(broker_url, connection_name="flaap-mq-topology")[0]
     try:
         connection = pika.BlockingConnection(address.parameters())
-    except pika.exceptions.ProbableAuthenticationError as e:
-        raise ValueError(f"broker at {address.redacted} refused the login: {e}") from None
-    except pika.exceptions.AMQPConnectionError as e:
-        raise ValueError(f"no broker answered at {address.redacted}: {e!r}") from None
+    except (pika.exceptions.AMQPConnectionError, OSError) as e:
+        refusal = explain_connect_failure(address, e)
+        if refusal is not None:
+            raise ValueError(refusal) from None
+        raise ValueError(f"no broker answered at {address.redacted}: {root_cause(e)!r}") from None
     try:
         channel = connection.channel()
+        passive = False
         try:
             topology.declare_blocking(channel, declarations)
         except pika.exceptions.ChannelClosedByBroker as e:
-            raise ValueError(
-                f"broker refused the topology: {e.reply_text} (see docs/topology.md, "
-                "'Changing queue settings')"
-            ) from None
-        print(f"broker {address.redacted}, prefix {prefix!r}")
+            if not topology.is_access_refused(e):
+                raise _refused(e) from None
+            print(
+                f"user {address.username!r} may not declare the topology ({e.reply_text}); "
+                "checking that it exists",
+                file=sys.stderr,
+            )
+            passive = True
+            channel = connection.channel()
+            try:
+                topology.declare_blocking(channel, declarations, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as e2:
+                raise _refused(e2) from None
+        print(f"broker {address.redacted}, prefix {prefix!r}" + (" (checked)" if passive else ""))
         print(f"  exchange {names.tasks_exchange} (direct, routing key = silo id)")
         print(f"  exchange {names.replies_exchange} (direct, routing key = job id)")
         print(f"  exchange {names.dead_letter_exchange} (fanout)")
@@ -39,5 +57,17 @@ def show_topology(broker_url: str, silo_ids: list[str], prefix: str, queue_type:
             ok = channel.queue_declare(queue, passive=True).method
             print(f"  {queue:<40} {ok.message_count:>9} {ok.consumer_count:>10}")
     finally:
-        connection.close()
+        if connection.is_open:
+            connection.close()
     return 0
+
+
+def _refused(e: pika.exceptions.ChannelClosedByBroker) -> ValueError:
+    if topology.is_not_found(e):
+        return ValueError(topology.missing_message(e.reply_text))
+    if e.reply_code == 406:
+        return ValueError(
+            f"broker refused the topology: {e.reply_text} (see docs/topology.md, "
+            "'Changing queue settings')"
+        )
+    return ValueError(f"broker refused: {e.reply_text}")

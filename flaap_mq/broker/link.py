@@ -39,6 +39,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
+import re
 import threading
 import time
 from collections import deque
@@ -62,6 +63,8 @@ log = structlog.get_logger("flaap_mq.broker")
 # before it is sent.
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 _PUBLISH_ID_HEADER = "x-flaap-publish-id"
+# RabbitMQ's reply text when a message is over its max_message_size.
+_SIZE_REFUSED = re.compile(r"larger than configured max size (\d+)")
 
 
 class BrokerError(Exception):
@@ -443,6 +446,7 @@ class BrokerLink:
             return
         self._last_error = _describe(reason)
         declaring = not self._ready
+        self._learn_size_limit(reason)
         self._channel_lost()
         if self._closing:
             return
@@ -506,7 +510,37 @@ class BrokerLink:
         self._by_publish_id.clear()
         for out in pending:
             out.returned = None
+        too_large = [out for out in pending if len(out.body) > self.max_message_bytes]
+        for out in too_large:
+            # Over the limit the broker just told us (`_learn_size_limit`):
+            # sending it again would only close the channel again.
+            out.future.set_exception(
+                MessageTooLarge(
+                    f"message of {len(out.body)} bytes for {out.exchange or 'default'}/"
+                    f"{out.routing_key} was refused by the broker: over its limit of "
+                    f"{self.max_message_bytes} bytes (max_message_size)"
+                )
+            )
+        pending = [out for out in pending if len(out.body) <= self.max_message_bytes]
         self._outbox.extendleft(reversed(pending))
+
+    def _learn_size_limit(self, reason: BaseException) -> None:
+        """Lowers `max_message_bytes` to the broker's own limit when it refused a message.
+
+        A broker configured with a `max_message_size` below what we were told
+        closes the channel on a bigger message. Without this, that message was
+        published again on every new channel and its caller waited for its
+        timeout; now it fails with `MessageTooLarge` and later ones are refused
+        before sending (found by tests/faults/test_message_size.py).
+        """
+        if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            return
+        match = _SIZE_REFUSED.search(reason.reply_text or "")
+        if reason.reply_code == 406 and match:
+            limit = int(match.group(1))
+            if limit < self.max_message_bytes:
+                self._log.warning("broker_message_size_limit", limit_bytes=limit)
+                self.max_message_bytes = limit
 
     def _add_consumer(self, consumer: _Consumer) -> None:
         self._consumers.append(consumer)
@@ -519,8 +553,9 @@ class BrokerLink:
 
         def on_message(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
             consumer.on_delivery(
-                Delivery(body, properties, method.delivery_tag, method.redelivered, queue,
-                         generation)
+                Delivery(
+                    body, properties, method.delivery_tag, method.redelivered, queue, generation
+                )
             )
 
         self._channel.basic_consume(queue, on_message, auto_ack=False)
@@ -539,6 +574,7 @@ class BrokerLink:
                 remaining.discard(tag)
                 if not remaining and not done.done():
                     done.set_result(None)
+
             return callback
 
         for tag in tags:
@@ -584,8 +620,25 @@ class BrokerLink:
             self._channel.basic_publish(
                 out.exchange, out.routing_key, out.body, properties, mandatory=out.mandatory
             )
-        except Exception as e:  # channel closed under us: it goes out again
+        except (
+            pika.exceptions.ChannelWrongStateError,
+            pika.exceptions.ChannelClosed,
+            pika.exceptions.ConnectionClosed,
+            pika.exceptions.ConnectionWrongStateError,
+        ) as e:  # channel closed under us: it goes out again
             self._log.warning("publish_deferred", error=_describe(e))
+        except Exception as e:
+            # pika could not encode the message (e.g. a header value it decodes
+            # but has no encoder for, such as a double another client sent), so
+            # nothing went out and the broker will never confirm this tag. Give
+            # the tag back, or every later confirm on this channel would settle
+            # the wrong message (found by tests/faults/test_poison.py).
+            del self._unconfirmed[tag]
+            self._by_publish_id.pop(publish_id, None)
+            self._next_tag = tag
+            out.future.set_exception(
+                BrokerError(f"message for {out.routing_key!r} could not be encoded: {_describe(e)}")
+            )
 
     def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
         publish_id = (properties.headers or {}).get(_PUBLISH_ID_HEADER)
@@ -631,13 +684,40 @@ class BrokerLink:
         self._closing = True
         self._consumers.clear()
         connection = self._connection
-        if connection is not None and (connection.is_open or connection.is_opening):
+        # pika connections have no `is_opening`: that check raised
+        # AttributeError on the I/O thread when closing during a reconnect.
+        if connection is not None and not (connection.is_closing or connection.is_closed):
             try:
                 connection.close()
             except pika.exceptions.ConnectionWrongStateError:
                 self._ioloop.stop()
         else:
             self._ioloop.stop()
+
+
+def all_confirmed(
+    futures: list[concurrent.futures.Future[None]],
+) -> concurrent.futures.Future[None]:
+    """One future for several publishes: done when all are, failed if any failed."""
+    if len(futures) == 1:
+        return futures[0]
+    combined: concurrent.futures.Future[None] = concurrent.futures.Future()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(future: concurrent.futures.Future[None]) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        error = future.exception()
+        if error is not None and not combined.done():
+            combined.set_exception(error)
+        elif last and not combined.done():
+            combined.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    return combined
 
 
 def _describe(error: BaseException) -> str:
@@ -658,6 +738,7 @@ __all__ = [
     "BrokerUnavailable",
     "Delivery",
     "LinkClosed",
+    "all_confirmed",
     "MessageTooLarge",
     "Unroutable",
     "default_properties",

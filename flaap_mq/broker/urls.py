@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import ssl
 import urllib.parse
 
@@ -290,11 +291,33 @@ def explain_connect_failure(address: BrokerAddress, error: BaseException) -> str
             )
     for e in causes:
         if isinstance(e, pika.exceptions.ProbableAccessDeniedError):
-            text = next((str(c.reply_text) for c in causes if hasattr(c, "reply_text")), str(e))
+            # pika keeps only the text of the broker's close: "...: (530) 'NOT_ALLOWED - ...'".
+            found = re.search(r"\(\d+\) ['\"](.*)['\"]", str(e))
+            text = found.group(1) if found else str(e)
             if "not found" in text:
                 return f"the broker at {where} has no vhost {vhost!r} ({text})"
             return f"the broker at {where} refused user {user!r} on vhost {vhost!r} ({text})"
     return None
+
+
+def check_login(addresses: list[BrokerAddress], timeout_s: float = 10.0) -> None:
+    """Opens and closes one connection, to fail fast on what retrying cannot fix.
+
+    Raises `ValueError` with `explain_connect_failure`'s line when a broker
+    refuses (login, vhost, TLS); returns quietly once one connection opened,
+    or when no broker answers at all (the caller's reconnect loop then waits
+    for one and reports it).
+    """
+    for address in addresses:
+        params = address.parameters()
+        params.socket_timeout = params.stack_timeout = timeout_s
+        try:
+            pika.BlockingConnection(params).close()
+            return
+        except (pika.exceptions.AMQPError, OSError) as e:
+            refusal = explain_connect_failure(address, e)
+            if refusal is not None:
+                raise ValueError(refusal) from None
 
 
 def _context_trusting(ca_file: str) -> ssl.SSLContext:

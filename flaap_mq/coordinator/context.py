@@ -19,6 +19,7 @@ times and then raises the silo's error.
 from __future__ import annotations
 
 import atexit
+import os
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -34,10 +35,12 @@ from tensorflow_federated.python.core.impl.executor_stacks import python_executo
 from tensorflow_federated.python.core.impl.executors import executors_errors
 from tensorflow_federated.python.core.impl.types import placements
 
+from flaap_mq.broker.link import DEFAULT_MAX_MESSAGE_BYTES
+from flaap_mq.broker.urls import BROKER_URL_ENV, DEFAULT_BROKER_URL, with_tls_options
 from flaap_mq.coordinator.partitioning import SiloSplittingContext
 from flaap_mq.coordinator.silo_executor import SiloExecutor
 from flaap_mq.coordinator.task_client import TaskClient
-from flaap_mq.protocol import topology
+from flaap_mq.protocol import chunking, topology
 
 log = structlog.get_logger("flaap_mq.coordinator")
 
@@ -80,9 +83,7 @@ class SiloExecutionContext(async_execution_context.AsyncExecutionContext):
 class FederatedSilosContext(SiloSplittingContext):
     """Runs TFF computations across silo workers; close it (or use `with`) when done."""
 
-    def __init__(
-        self, client: TaskClient, silo_contexts: Sequence[SiloExecutionContext]
-    ) -> None:
+    def __init__(self, client: TaskClient, silo_contexts: Sequence[SiloExecutionContext]) -> None:
         super().__init__(
             silo_contexts,
             compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
@@ -137,6 +138,12 @@ def create_execution_context(
     queue_type: str = "quorum",
     max_attempts: int = 4,
     connect_timeout: float = 30.0,
+    chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    silo_users: Mapping[str, str] | None = None,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
 ) -> FederatedSilosContext:
     """A TFF context that runs computations on the given silos' workers.
 
@@ -156,6 +163,21 @@ def create_execution_context(
       max_attempts: how often an invocation that failed with a retryable
         error (lost worker state, broker unavailable) is run in all.
       connect_timeout: seconds to wait for the broker at start.
+      chunk_bytes: requests larger than this travel as several messages;
+        keep it below the broker's `max_message_size`.
+      max_message_bytes: the broker's `max_message_size`; a message over it
+        is refused before sending with `MessageTooLargeError`.
+      silo_users: silo id -> the broker user that silo's worker logs in as.
+        A reply is then accepted only from the user of the silo the task was
+        sent to (its `user_id`, which the broker checks against the login);
+        any other is logged (`reply_from_wrong_user`) and dropped. With
+        `flaap-mq admin definitions` each silo's user is its silo id:
+        `silo_users={s: s for s in silos}`. Without it (the default, for
+        local development where everyone is `guest`) any user is accepted.
+      ca_file, cert_file, key_file: TLS for an `amqps://` URL: the CA to
+        trust for the broker (default: the system's), and a client
+        certificate and key; the same as the URL's `cacertfile`, `certfile`
+        and `keyfile` query options (see `flaap_mq.broker.urls`).
     """
     if isinstance(clients_per_silo, Mapping):
         missing = [s for s in silos if s not in clients_per_silo]
@@ -170,6 +192,15 @@ def create_execution_context(
         raise ValueError(f"task_timeout must be positive, got {task_timeout}")
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+    if ca_file or cert_file or key_file:
+        broker_url = with_tls_options(
+            broker_url
+            if broker_url is not None
+            else os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL),
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+        )
     client = TaskClient(
         broker_url,
         list(silos),
@@ -178,6 +209,9 @@ def create_execution_context(
         queue_type=topology.QueueType(queue_type),
         task_timeout_s=task_timeout,
         connect_timeout_s=connect_timeout,
+        chunk_bytes=chunk_bytes,
+        max_message_bytes=max_message_bytes,
+        silo_users=silo_users,
     )
     client.start()
     contexts = [_silo_context(client, s, per_silo[s], max_attempts) for s in client.silo_ids]

@@ -15,18 +15,24 @@ The guarantees live here:
 * the caller waits at most `timeout_s` and then gets a `SiloTimeoutError`
   naming the silo and the request;
 * a reply is accepted only from the silo the task was sent to; late and
-  duplicate replies (a task redelivered after its reply) are dropped.
+  duplicate replies (a task redelivered after its reply) are dropped;
+* with `silo_users` (silo id -> broker user), a reply is accepted only if its
+  AMQP `user_id` is the user of the silo the task was sent to. The broker
+  refuses any message whose `user_id` is not its sender's login, so a silo
+  cannot answer for another. Without `silo_users` (local development, one
+  shared `guest` login) any user is accepted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import structlog
 from google.protobuf import message as protobuf_message
@@ -35,7 +41,7 @@ from flaap_mq.broker import link as broker_link
 from flaap_mq.broker.link import BrokerLink, Delivery, default_properties
 from flaap_mq.broker.urls import parse_broker_urls
 from flaap_mq.coordinator import errors
-from flaap_mq.protocol import envelope, topology
+from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 
 log = structlog.get_logger("flaap_mq.coordinator")
@@ -79,9 +85,17 @@ class TaskClient:
         task_timeout_s: float = 600.0,
         connect_timeout_s: float = 30.0,
         max_message_bytes: int = broker_link.DEFAULT_MAX_MESSAGE_BYTES,
+        chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES,
+        silo_users: Mapping[str, str] | None = None,
     ) -> None:
         if not silo_ids:
             raise ValueError("at least one silo id is needed")
+        if silo_users is not None:
+            missing = [s for s in silo_ids if not silo_users.get(s)]
+            if missing:
+                raise ValueError(f"silo_users has no broker user for silos {missing}")
+            silo_users = {s: silo_users[s] for s in silo_ids}
+        self._silo_users = silo_users
         if len(set(silo_ids)) != len(silo_ids):
             raise ValueError(f"silo ids must be distinct, got {list(silo_ids)}")
         self.silo_ids = [topology.validate_id("silo", s) for s in silo_ids]
@@ -90,6 +104,8 @@ class TaskClient:
         self._names = names or topology.Names()
         self._queue_type = queue_type
         self._connect_timeout_s = connect_timeout_s
+        self._chunk_bytes = chunk_bytes
+        self._reassembler = chunking.Reassembler()
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._log = log.bind(job=self.job_id)
@@ -117,6 +133,7 @@ class TaskClient:
             broker=self._link.describe_addresses(),
             silos=self.silo_ids,
             reply_queue=self._names.reply_queue(self.job_id),
+            reply_users=self._silo_users or "any (no silo_users given)",
         )
 
     def close(self) -> None:
@@ -142,8 +159,8 @@ class TaskClient:
         with self._lock:
             self._pending[task_id] = pending
         try:
-            published = self._publish(silo_id, request, task_id, timeout_s)
-            published.add_done_callback(lambda f: self._on_published(task_id, f))
+            for published in self._publish(silo_id, request, task_id, timeout_s):
+                published.add_done_callback(lambda f: self._on_published(task_id, f))
             try:
                 result = await asyncio.wait_for(future, timeout_s)
             except TimeoutError:
@@ -153,6 +170,7 @@ class TaskClient:
         finally:
             with self._lock:
                 self._pending.pop(task_id, None)
+            self._reassembler.discard(task_id)
         if result.WhichOneof("outcome") == "error":
             raise errors.error_from_result(silo_id, spec.name, result.error)
         response = spec.response_type()
@@ -183,7 +201,8 @@ class TaskClient:
         request: protobuf_message.Message,
         task_id: str,
         timeout_s: float,
-    ) -> concurrent.futures.Future[None]:
+    ) -> list[concurrent.futures.Future[None]]:
+        """Publishes the task, split into chunks if its request is large."""
         task = envelope.build_task(
             request=request,
             job_id=self.job_id,
@@ -192,22 +211,27 @@ class TaskClient:
             deadline_unix_ms=envelope.deadline_after(timeout_s),
         )
         self.requests_sent += 1
-        return self._link.publish(
-            self._names.tasks_exchange,
-            silo_id,
-            task.SerializeToString(),
-            default_properties(
-                message_id=task_id,
-                correlation_id=task_id,
-                reply_to=self.job_id,
-                # The broker drops (dead-letters) the task at its deadline, so a
-                # silo that comes back late does not run work nobody awaits.
-                expiration=str(max(1, int(timeout_s * 1000))),
-                content_type=TASK_CONTENT_TYPE,
-                type=envelope.kind_name(task.kind),
-                app_id="flaap-mq",
-            ),
+        properties = dict(
+            message_id=task_id,
+            correlation_id=task_id,
+            reply_to=self.job_id,
+            # The broker drops (dead-letters) the task at its deadline, so a
+            # silo that comes back late does not run work nobody awaits.
+            expiration=str(max(1, int(timeout_s * 1000))),
+            content_type=TASK_CONTENT_TYPE,
+            type=envelope.kind_name(task.kind),
+            app_id="flaap-mq",
+            timestamp=int(time.time()),
         )
+        return [
+            self._link.publish(
+                self._names.tasks_exchange,
+                silo_id,
+                part.SerializeToString(),
+                default_properties(**properties, headers=chunking.headers(part.chunk)),
+            )
+            for part in envelope.split_task(task, self._chunk_bytes)
+        ]
 
     def _on_published(self, task_id: str, published: concurrent.futures.Future[None]) -> None:
         error = published.exception()
@@ -246,6 +270,12 @@ class TaskClient:
         correlation_id = delivery.properties.correlation_id or result.task_id
         with self._lock:
             pending = self._pending.get(correlation_id)
+        if pending is not None and not self._from_silo_user(pending, delivery, correlation_id):
+            return
+        if chunking.is_chunked(result.chunk):
+            result = self._reassemble(result, pending)
+            if result is None:
+                return
         if pending is None:
             # A reply to a disposal, or a second reply to a redelivered task.
             self._log.debug("reply_unclaimed", task_id=correlation_id, silo=result.silo_id)
@@ -260,16 +290,55 @@ class TaskClient:
             return
         self._resolve(pending, result, None)
 
+    def _from_silo_user(self, pending: _Pending, delivery: Delivery, task_id: str) -> bool:
+        """True if the reply's broker-checked `user_id` is the asked silo's user."""
+        if self._silo_users is None:
+            return True
+        expected = self._silo_users[pending.silo_id]
+        user = delivery.properties.user_id
+        if user == expected:
+            return True
+        self._log.warning(
+            "reply_from_wrong_user",
+            task_id=task_id,
+            silo=pending.silo_id,
+            expected_user=expected,
+            user=user,
+            note="dropped: only the silo a task was sent to may answer it",
+        )
+        return False
+
+    def _reassemble(
+        self, part: task_pb2.TaskResult, pending: _Pending | None
+    ) -> task_pb2.TaskResult | None:
+        """Adds one slice of a large result; the whole result once complete."""
+        if pending is None:
+            self._reassembler.discard(part.task_id)
+            return None
+        try:
+            payload = self._reassembler.add(part.task_id, part.chunk, part.response)
+        except chunking.ChunkError as e:
+            self._resolve(
+                pending,
+                None,
+                errors.SiloRetryableError(pending.silo_id, pending.request, str(e)),
+            )
+            return None
+        if payload is None:
+            return None
+        part.response = payload
+        part.ClearField("chunk")
+        return part
+
     def _resolve(
         self,
         pending: _Pending,
         result: task_pb2.TaskResult | None,
         error: BaseException | None,
     ) -> None:
-        try:
+        # RuntimeError: the caller's event loop is closed; nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
             pending.loop.call_soon_threadsafe(_set_outcome, pending.future, result, error)
-        except RuntimeError:
-            pass  # the caller's event loop is closed: nobody is waiting any more
 
     def _fail_all_pending(self, error: BaseException) -> None:
         with self._lock:

@@ -20,6 +20,7 @@ import uuid
 from google.protobuf import message as protobuf_message
 from tensorflow_federated.proto.v0 import executor_pb2
 
+from flaap_mq.protocol import chunking
 from flaap_mq.protocol.v1 import task_pb2
 
 PROTOCOL_VERSION = 1
@@ -206,6 +207,8 @@ class Failure(enum.Enum):
     STATE_LOST = (ErrorCode.STATE_LOST, True)
     DEADLINE_EXCEEDED = (ErrorCode.DEADLINE_EXCEEDED, False)
     WRONG_SILO = (ErrorCode.WRONG_SILO, False)
+    # Resending the whole request can succeed: retryable.
+    CHUNK_INVALID = (ErrorCode.CHUNK_INVALID, True)
 
     @property
     def code(self) -> int:
@@ -248,3 +251,49 @@ def parse_result(body: bytes) -> task_pb2.TaskResult:
     if result.WhichOneof("outcome") is None:
         raise MalformedEnvelope(f"result {result.task_id} has neither response nor error")
     return result
+
+
+def _without_payload(message: task_pb2.Task | task_pb2.TaskResult, field: str):  # noqa: ANN202
+    """A copy of an envelope without its (possibly huge) payload field."""
+    copy = type(message)()
+    for descriptor, value in message.ListFields():
+        if descriptor.name == field:
+            continue
+        if descriptor.message_type is not None:
+            getattr(copy, descriptor.name).CopyFrom(value)
+        else:
+            setattr(copy, descriptor.name, value)
+    return copy
+
+
+def split_task(task: task_pb2.Task, chunk_bytes: int) -> list[task_pb2.Task]:
+    """The task itself, or one task per slice of a request over `chunk_bytes`."""
+    if len(task.request) <= chunk_bytes:
+        return [task]
+    template = _without_payload(task, "request")
+    parts = []
+    for header, part in chunking.slices(task.request, chunk_bytes):
+        piece = task_pb2.Task()
+        piece.CopyFrom(template)
+        piece.request = bytes(part)
+        piece.chunk.CopyFrom(header)
+        parts.append(piece)
+    return parts
+
+
+def split_result(result: bytes, chunk_bytes: int) -> list[bytes]:
+    """A serialized result as is, or one serialized result per slice of its response."""
+    if len(result) <= chunk_bytes:
+        return [result]
+    parsed = task_pb2.TaskResult.FromString(result)
+    if parsed.WhichOneof("outcome") != "response":
+        return [result]
+    template = _without_payload(parsed, "response")
+    parts = []
+    for header, part in chunking.slices(parsed.response, chunk_bytes):
+        piece = task_pb2.TaskResult()
+        piece.CopyFrom(template)
+        piece.response = bytes(part)
+        piece.chunk.CopyFrom(header)
+        parts.append(piece.SerializeToString())
+    return parts

@@ -21,6 +21,7 @@ that waits does not hold up the others, and memory is bounded by the window.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import signal
 import threading
 import time
@@ -30,16 +31,18 @@ from typing import Any, NamedTuple
 import cachetools
 import grpc
 import pika
+import pika.data
 import structlog
 
 from flaap_mq.broker.link import (
     BrokerLink,
     Delivery,
     Unroutable,
+    all_confirmed,
     default_properties,
 )
 from flaap_mq.broker.urls import parse_broker_urls
-from flaap_mq.protocol import envelope, topology
+from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.worker.executor_service import ExecutorCallError, ExecutorService
 from flaap_mq.worker.incarnation import Incarnation, StateLost
@@ -48,6 +51,8 @@ log = structlog.get_logger("flaap_mq.worker")
 
 RESULT_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.TaskResult"
 REASON_HEADER = "x-flaap-reason"
+# Outcomes of a task no worker can run as it was sent; see `_refuse`.
+_REFUSED = frozenset({"unsupported_protocol", "wrong_silo", "malformed_task"})
 
 
 class Outcome(NamedTuple):
@@ -76,6 +81,7 @@ class SiloWorker:
         result_cache_bytes: int = 256 * 1024 * 1024,
         drain_timeout_s: float = 60.0,
         connect_timeout_s: float = 30.0,
+        chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES,
     ) -> None:
         self.silo_id = topology.validate_id("silo", silo_id)
         self._names = names or topology.Names()
@@ -85,6 +91,8 @@ class SiloWorker:
         self._connect_timeout_s = connect_timeout_s
         self._addresses = parse_broker_urls(broker_url, connection_name=f"flaap-worker-{silo_id}")
         self._service = ExecutorService(working_dir=data_dir)
+        self._chunk_bytes = chunk_bytes
+        self._reassembler = chunking.Reassembler()
         self._incarnation = Incarnation()
         self._service_lock = threading.Lock()
         self._results: cachetools.LRUCache[str, Outcome] = cachetools.LRUCache(
@@ -202,9 +210,45 @@ class SiloWorker:
         if delivery.generation != self._active_generation:
             self._active_generation = delivery.generation
             self._log.info("worker_active", detail="this worker now receives the silo's tasks")
+        if chunking.has_chunk_header(delivery.properties.headers):
+            # Slices are collected here, on the I/O thread, in delivery order;
+            # only the whole task goes on to the pool.
+            delivery = self._collect_slice(delivery)
+            if delivery is None:
+                return
         with self._in_flight_cv:
             self._in_flight += 1
         self._pool.submit(self._handle, delivery)
+
+    def _collect_slice(self, delivery: Delivery) -> Delivery | None:
+        """Stores one slice of a large task; returns the whole task once complete.
+
+        Slices before the last are acked once stored: holding them unacked
+        would stall the silo on its prefetch window. If this process dies
+        before the last slice, the last one reaches the next worker without
+        its predecessors, which answers CHUNK_INVALID (retryable) rather than
+        running half a request.
+        """
+        try:
+            task = envelope.parse_task(delivery.body)
+        except envelope.MalformedEnvelope:
+            return delivery  # _handle dead-letters it with the reason
+        try:
+            payload = self._reassembler.add(task.task_id, task.chunk, task.request)
+        except chunking.ChunkError as e:
+            self._pool.submit(self._answer_chunk_error, delivery, task, str(e))
+            return None
+        if payload is None:
+            self._link.ack(delivery)
+            return None
+        task.request = payload
+        task.ClearField("chunk")
+        return dataclasses.replace(delivery, body=task.SerializeToString())
+
+    def _answer_chunk_error(self, delivery: Delivery, task: task_pb2.Task, reason: str) -> None:
+        self._log.warning("task_chunks_invalid", task_id=task.task_id, reason=reason)
+        outcome = self._error(task, envelope.Failure.CHUNK_INVALID, reason)
+        self._reply(delivery, task, outcome.result)
 
     def _handle(self, delivery: Delivery) -> None:
         started = time.monotonic()
@@ -223,6 +267,9 @@ class SiloWorker:
                 outcome = "expired"
                 return
             outcome, cached = result.name, result.cached
+            if result.name in _REFUSED:
+                self._refuse(delivery, task, result)
+                return
             self._reply(delivery, task, result.result)
         except Exception:
             # A bug here must not kill the worker: the task goes back to the
@@ -292,7 +339,13 @@ class SiloWorker:
             with self._results_lock:
                 self._running.pop(task.task_id, None)
                 if running.done() and not running.exception():
-                    self._results[task.task_id] = running.result()
+                    outcome = running.result()
+                    # A result larger than the whole cache is not kept: a
+                    # redelivery of that task runs it again (Compute and
+                    # CreateValue are safe to repeat; a duplicate value is
+                    # only memory until its executor is disposed).
+                    if len(outcome.result) <= self._results.maxsize:
+                        self._results[task.task_id] = outcome
 
     def _execute(self, task: task_pb2.Task) -> Outcome:
         started = time.monotonic()
@@ -370,20 +423,27 @@ class SiloWorker:
         if not props.reply_to:
             self._dead_letter(delivery, "malformed: task has no reply_to property")
             return
-        future = self._link.publish(
-            self._names.replies_exchange,
-            props.reply_to,
-            result,
-            default_properties(
-                correlation_id=props.correlation_id or task.task_id,
-                message_id=task.task_id,
-                content_type=RESULT_CONTENT_TYPE,
-                # Checked by the broker against our login, so the coordinator
-                # can trust which silo a result came from.
-                user_id=self._addresses[0].username,
-            ),
-        )
-        self._ack_when_confirmed(delivery, future, what="reply")
+        parts = envelope.split_result(result, self._chunk_bytes)
+        futures = [
+            self._link.publish(
+                self._names.replies_exchange,
+                props.reply_to,
+                part,
+                default_properties(
+                    correlation_id=props.correlation_id or task.task_id,
+                    message_id=task.task_id,
+                    content_type=RESULT_CONTENT_TYPE,
+                    # Checked by the broker against our login, so the coordinator
+                    # can trust which silo a result came from.
+                    user_id=self._addresses[0].username,
+                    headers={chunking.CHUNK_HEADER: f"{i + 1}/{len(parts)}"}
+                    if len(parts) > 1
+                    else None,
+                ),
+            )
+            for i, part in enumerate(parts)
+        ]
+        self._ack_when_confirmed(delivery, all_confirmed(futures), what="reply")
 
     def _reject_malformed(self, delivery: Delivery, reason: str) -> None:
         props = delivery.properties
@@ -409,10 +469,42 @@ class SiloWorker:
             )
         self._dead_letter(delivery, f"malformed: {reason}")
 
+    def _refuse(self, delivery: Delivery, task: task_pb2.Task, result: Outcome) -> None:
+        """Answers a task no worker can run as sent, and dead-letters it with the reason.
+
+        A wrong protocol version, another silo's task or an unreadable request
+        is poison like an unreadable envelope: the sender is told at once, and
+        the task goes to the dead-letter queue for an operator instead of
+        vanishing with the ack (found by tests/faults/test_poison.py).
+        """
+        props = delivery.properties
+        if props.reply_to:
+            self._link.publish(
+                self._names.replies_exchange,
+                props.reply_to,
+                result.result,
+                default_properties(
+                    correlation_id=props.correlation_id or task.task_id,
+                    message_id=task.task_id or None,
+                    content_type=RESULT_CONTENT_TYPE,
+                    user_id=self._addresses[0].username,
+                ),
+            )
+        error = task_pb2.TaskResult.FromString(result.result).error
+        self._dead_letter(delivery, f"{result.name}: {error.message}")
+
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Moves a task to the dead-letter queue with `reason`, then acks it."""
         props = delivery.properties
         headers: dict[str, Any] = dict(props.headers or {})
+        try:
+            pika.data.encode_table([], headers)
+        except Exception:
+            # Headers pika decodes but cannot encode again (doubles, which other
+            # clients send): keep them as text, or the dead letter could never
+            # be published and the task would hold a prefetch slot forever
+            # (found by tests/faults/test_poison.py).
+            headers = {"x-flaap-original-headers": repr(props.headers)[:16384]}
         headers.update(
             {
                 REASON_HEADER: reason,

@@ -18,26 +18,26 @@ from flaap_mq.testing.tff_local import local_cpp_contexts
 SILOS = ["a", "b", "c"]
 
 
+@pytest.fixture(scope="module")
+def fleet(module_workers):
+    """Three silo workers, shared by this module's tests (they start slowly)."""
+    return module_workers(SILOS)
+
+
 @pytest.fixture
-def silos(workers, broker_url, prefix):
-    """Three silo workers and a coordinator context installed as TFF's default."""
-    fleet = workers(SILOS)
-    context = flaap_mq.create_execution_context(
-        broker_url, SILOS, topology_prefix=prefix, task_timeout=120
-    )
-    with tff.framework.get_context_stack().install(context):
+def silos(fleet, broker_url, module_prefix):
+    """The three workers, and a coordinator context installed as TFF's default."""
+    with flaap_mq.create_execution_context(
+        broker_url, SILOS, topology_prefix=module_prefix, task_timeout=120
+    ) as context, tff.framework.get_context_stack().install(context):
         yield fleet
-    context.close()
 
 
 @pytest.fixture
 def local_tff():
-    """TFF's own local C++ runtime, for reference answers; its leaked executor is stopped."""
-    with (
-        local_cpp_contexts(with_sync=True) as (_, context),
-        tff.framework.get_context_stack().install(context),
-    ):
-        yield
+    """Installs TFF's own local C++ runtime on demand; its leaked executor is stopped."""
+    with local_cpp_contexts(with_sync=True) as (_, context):
+        yield lambda: tff.framework.get_context_stack().install(context)
 
 
 READINGS = tff.SequenceType(np.float32)
@@ -62,7 +62,7 @@ def test_temperature_average_over_three_silos(silos):
     assert temperature_average(data) == pytest.approx(expected)
 
 
-def test_every_silo_does_work(silos, broker_url, prefix):
+def test_every_silo_does_work(silos):
     """The clients are really spread: each silo's worker ran tasks."""
     temperature_average([[1.0], [2.0], [3.0]])
     for silo_id, worker in silos.workers.items():
@@ -144,9 +144,9 @@ def test_tff_error_on_a_silo_names_the_silo_and_request(silos):
 
 
 def test_malformed_message_is_dead_lettered_and_worker_keeps_serving(
-    silos, broker_url, prefix
+    silos, broker_url, module_prefix
 ):
-    names = topology.Names(prefix)
+    names = topology.Names(module_prefix)
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     channel = connection.channel()
     channel.confirm_delivery()
@@ -175,10 +175,9 @@ def test_malformed_message_is_dead_lettered_and_worker_keeps_serving(
     assert temperature_average([[1.0], [3.0], [5.0]]) == pytest.approx(3.0)
 
 
-def test_silo_that_never_answers_times_out_with_its_name(workers, broker_url, prefix):
-    workers(["a"])
+def test_silo_that_never_answers_times_out_with_its_name(fleet, broker_url, module_prefix):
     context = flaap_mq.create_execution_context(
-        broker_url, ["a", "ghost"], topology_prefix=prefix, task_timeout=3, max_attempts=1
+        broker_url, ["a", "ghost"], topology_prefix=module_prefix, task_timeout=3, max_attempts=1
     )
     try:
         with tff.framework.get_context_stack().install(context):
@@ -229,23 +228,16 @@ def _client_data(num_clients):
     return datasets
 
 
-def test_fedavg_round_matches_tff_local_runtime(workers, broker_url, prefix, local_tff):
+def test_fedavg_round_matches_tff_local_runtime(silos, local_tff):
     process = tff.learning.algorithms.build_weighted_fed_avg(
         _keras_model_fn(),
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.1),
     )
     data = _client_data(6)
-    state = process.initialize()
-    local = process.next(state, data)  # TFF's own runtime (installed by local_tff)
-    workers(SILOS)
-    context = flaap_mq.create_execution_context(
-        broker_url, SILOS, topology_prefix=prefix, task_timeout=120
-    )
-    try:
-        with tff.framework.get_context_stack().install(context):
-            remote = process.next(state, data)
-    finally:
-        context.close()
+    with local_tff():  # TFF's own runtime, for the reference answer
+        state = process.initialize()
+        local = process.next(state, data)
+    remote = process.next(state, data)  # on the three silo workers
     local_weights = process.get_model_weights(local.state).trainable
     remote_weights = process.get_model_weights(remote.state).trainable
     assert len(local_weights) == len(remote_weights) == 2

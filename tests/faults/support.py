@@ -4,9 +4,9 @@
   logs: every task a worker handles ends in one `"event": "task"` line with
   its task id, outcome, incarnation, whether it was a redelivery and whether
   it was answered from the results cache (`cached`) rather than run.
-* Queues are checked by draining them with `basic_get` once the workers are
+* Queues are checked by draining them with a consumer once the workers are
   stopped (for quorum queues the message counts that `rabbitmqctl` and
-  `queue.declare-ok` report lag behind; a `basic_get` does not).
+  `queue.declare-ok` report can lag behind; what a consumer gets does not).
 * Figures for docs/reliability.md: `record(...)` appends one JSON line per
   fault run to `$FLAAP_MQ_RELIABILITY_OUT` when that is set.
 """
@@ -108,30 +108,27 @@ def _connect(url: str) -> pika.BlockingConnection:
     return pika.BlockingConnection(params)
 
 
-def drain(url: str, queue: str, *, settle_s: float = 0.5) -> list[tuple[Any, bytes]]:
+def drain(url: str, queue: str, *, settle_s: float = 1.0) -> list[tuple[Any, bytes]]:
     """Takes every message out of `queue`: [(properties, body)]; [] if it does not exist."""
     taken: list[tuple[Any, bytes]] = []
     connection = _connect(url)
     try:
         channel = connection.channel()
-        empty_since = None
-        while True:
-            try:
-                method, properties, body = channel.basic_get(queue, auto_ack=True)
-            except pika.exceptions.ChannelClosedByBroker as e:
-                if e.reply_code == 404:
-                    return taken
-                raise
-            if method is not None:
+        try:
+            # A consumer, not basic.get: quorum queues with a single active
+            # consumer refuse basic.get. The workers are stopped by now, so
+            # this consumer is the active one.
+            for method, properties, body in channel.consume(
+                queue, auto_ack=True, inactivity_timeout=settle_s
+            ):
+                if method is None:
+                    break
                 taken.append((properties, body))
-                empty_since = None
-                continue
-            # A quorum queue can answer get-empty for a moment after a
-            # requeue; only an answer that stays empty counts.
-            empty_since = empty_since or time.monotonic()
-            if time.monotonic() - empty_since >= settle_s:
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code == 404:
                 return taken
-            time.sleep(0.05)
+            raise
+        return taken
     finally:
         if connection.is_open:
             connection.close()
@@ -219,3 +216,25 @@ def record(fault: str, **figures: Any) -> None:
     if out:
         with open(out, "a") as f:
             f.write(line + "\n")
+
+
+# ----------------------------------------------------------- broker faults
+
+
+def close_connections_of(node: Any, pid: int, reason: str = "fault injected by test") -> int:
+    """Closes, in the broker, every AMQP connection process `pid` has to `node`; returns how many.
+
+    The connection is found by its client-side port, so only that process is hit.
+    """
+    ports = {
+        c.laddr.port
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == node.port
+    }
+    closed = 0
+    for line in node.rabbitmqctl("list_connections", "-q", "pid", "peer_port").splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].isdigit() and int(fields[1]) in ports:
+            node.rabbitmqctl("close_connection", fields[0], reason)
+            closed += 1
+    return closed

@@ -54,9 +54,7 @@ def _check_afterwards(fleet, broker_url, prefix, context, executor_pids) -> supp
     return counted
 
 
-def test_worker_killed_mid_call_is_restarted_and_the_round_completes(
-    workers, broker_url, prefix
-):
+def test_worker_killed_mid_call_is_restarted_and_the_round_completes(workers, broker_url, prefix):
     fleet = workers(SILOS)
     executor_pids = {p for w in fleet.workers.values() for p in w.executor_pids()}
     context = flaap_mq.create_execution_context(

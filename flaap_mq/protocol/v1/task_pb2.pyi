@@ -27,6 +27,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATE_LOST: _ClassVar[ErrorCode]
     DEADLINE_EXCEEDED: _ClassVar[ErrorCode]
     WRONG_SILO: _ClassVar[ErrorCode]
+    CHUNK_INVALID: _ClassVar[ErrorCode]
 REQUEST_KIND_UNSPECIFIED: RequestKind
 GET_EXECUTOR: RequestKind
 CREATE_VALUE: RequestKind
@@ -44,6 +45,7 @@ EXECUTOR_UNAVAILABLE: ErrorCode
 STATE_LOST: ErrorCode
 DEADLINE_EXCEEDED: ErrorCode
 WRONG_SILO: ErrorCode
+CHUNK_INVALID: ErrorCode
 
 class Chunk(_message.Message):
     __slots__ = ("index", "count", "sha256", "total_size")
