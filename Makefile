@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BROKER_URL ?= $(FLAAP_MQ_BROKER_URL)
 
-.PHONY: install demo test test-faults lint protos bench topology clean
+.PHONY: install demo test test-faults test-slow lint protos bench topology clean
 
 install: $(STAMP)
 
@@ -24,10 +24,13 @@ demo: install
 	$(VENV)/bin/flaap-mq demo
 
 test: install
-	$(PY) -m pytest tests -m "not faults"
+	$(PY) -m pytest tests -m "not faults and not slow"
 
 test-faults: install
 	$(PY) -m pytest tests -m faults
+
+test-slow: install
+	$(PY) -m pytest tests -m slow
 
 lint: install
 	$(VENV)/bin/ruff check flaap_mq tests bench

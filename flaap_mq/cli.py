@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="new passwords even where SECRETS_DIR/NAME.password exists (default: keep them)",
     )
+
+    from flaap_mq.training import cli as training_cli
+
+    training_cli.add_data_parser(sub)
+    training_cli.add_train_parser(sub, _add_broker_args, _add_log_args)
     return parser
 
 
@@ -178,6 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from flaap_mq.demo import run_demo
 
             return run_demo(args.broker_url, num_silos=args.silos, log_format=args.log_format)
+        if args.command == "data":
+            from flaap_mq.training.cli import run_split_digits
+
+            return run_split_digits(args)
+        if args.command == "train":
+            from flaap_mq.training.cli import run_train
+
+            return run_train(args)
         if args.command == "admin":
             from flaap_mq.admin.definitions import print_definitions
 
@@ -191,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rotate=args.rotate,
             )
     except (BrokerError, ValueError, OSError) as e:
-        command = args.command + (f" {args.admin_command}" if args.command == "admin" else "")
+        sub_command = getattr(args, "admin_command", None) or getattr(args, "data_command", None)
+        command = args.command + (f" {sub_command}" if sub_command else "")
         print(f"flaap-mq {command}: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -738,8 +738,8 @@ __all__ = [
     "BrokerUnavailable",
     "Delivery",
     "LinkClosed",
-    "all_confirmed",
     "MessageTooLarge",
     "Unroutable",
+    "all_confirmed",
     "default_properties",
 ]

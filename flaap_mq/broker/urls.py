@@ -52,15 +52,19 @@ _OPTION_FLAGS = {
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by `***`."""
+    """The URL with its password replaced by `***` (one URL, or a comma-separated list).
+
+    The URL is split the way pika splits it (`urllib.parse`), so what gets
+    hidden is exactly what a client would send as the password.
+    """
+    if "," in url:
+        return ",".join(redact_url(part) for part in url.split(","))
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    username = userinfo.partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{username}:***@{hostinfo}"))
 
 
 def with_tls_options(

@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from flaap_mq.data.layout import DEFAULT_NAME, MANIFEST_FILE, TEST_FILE
 from flaap_mq.data.silo import save_silo_dataset
+
+__all__ = ["DEFAULT_NAME", "ELEMENT_SPEC", "MANIFEST_FILE", "TEST_FILE", "split_digits"]
 
 NUM_CLASSES = 10
 NUM_FEATURES = 64
-DEFAULT_NAME = "digits"
-TEST_FILE = "test.npz"
-MANIFEST_FILE = "manifest.json"
 
 # What every silo's saved digits look like, one example per element.
 ELEMENT_SPEC = collections.OrderedDict(

@@ -122,7 +122,9 @@ def silo_dataset(
     return load_silo_dataset
 
 
-def save_silo_dataset(dataset: tf.data.Dataset, data_dir: str | os.PathLike[str], name: str) -> Path:
+def save_silo_dataset(
+    dataset: tf.data.Dataset, data_dir: str | os.PathLike[str], name: str
+) -> Path:
     """Saves `dataset` as `data_dir/name`, in one shard so that it reads back in order."""
     path = Path(data_dir) / validate_name(name)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -253,32 +253,34 @@ def parse_result(body: bytes) -> task_pb2.TaskResult:
     return result
 
 
-def _without_payload(message: task_pb2.Task | task_pb2.TaskResult, field: str):  # noqa: ANN202
-    """A copy of an envelope without its (possibly huge) payload field."""
-    copy = type(message)()
+Envelope = task_pb2.Task | task_pb2.TaskResult
+
+
+def _split_payload(message: Envelope, field: str, chunk_bytes: int) -> list[Envelope]:
+    """One copy of `message` per slice of its payload `field`, each with its `Chunk`."""
+    template = type(message)()
     for descriptor, value in message.ListFields():
         if descriptor.name == field:
-            continue
+            continue  # copying a huge payload only to replace it would double memory
         if descriptor.message_type is not None:
-            getattr(copy, descriptor.name).CopyFrom(value)
+            getattr(template, descriptor.name).CopyFrom(value)
         else:
-            setattr(copy, descriptor.name, value)
-    return copy
+            setattr(template, descriptor.name, value)
+    parts = []
+    for header, part in chunking.slices(getattr(message, field), chunk_bytes):
+        piece = type(message)()
+        piece.CopyFrom(template)
+        setattr(piece, field, bytes(part))
+        piece.chunk.CopyFrom(header)
+        parts.append(piece)
+    return parts
 
 
 def split_task(task: task_pb2.Task, chunk_bytes: int) -> list[task_pb2.Task]:
     """The task itself, or one task per slice of a request over `chunk_bytes`."""
     if len(task.request) <= chunk_bytes:
         return [task]
-    template = _without_payload(task, "request")
-    parts = []
-    for header, part in chunking.slices(task.request, chunk_bytes):
-        piece = task_pb2.Task()
-        piece.CopyFrom(template)
-        piece.request = bytes(part)
-        piece.chunk.CopyFrom(header)
-        parts.append(piece)
-    return parts
+    return _split_payload(task, "request", chunk_bytes)
 
 
 def split_result(result: bytes, chunk_bytes: int) -> list[bytes]:
@@ -288,12 +290,4 @@ def split_result(result: bytes, chunk_bytes: int) -> list[bytes]:
     parsed = task_pb2.TaskResult.FromString(result)
     if parsed.WhichOneof("outcome") != "response":
         return [result]
-    template = _without_payload(parsed, "response")
-    parts = []
-    for header, part in chunking.slices(parsed.response, chunk_bytes):
-        piece = task_pb2.TaskResult()
-        piece.CopyFrom(template)
-        piece.response = bytes(part)
-        piece.chunk.CopyFrom(header)
-        parts.append(piece.SerializeToString())
-    return parts
+    return [p.SerializeToString() for p in _split_payload(parsed, "response", chunk_bytes)]

@@ -38,6 +38,8 @@ import pika.exceptions
 import portpicker
 import psutil
 
+from flaap_mq.broker.urls import redact_url
+
 logger = logging.getLogger(__name__)
 
 RABBITMQ_USER = "rabbitmq"
@@ -49,20 +51,6 @@ DEFAULT_CONTAINER_IMAGE = "rabbitmq:3.10"  # same minor version as the OS packag
 _RUN_MARKER = "FLAAP_MQ_RUN_ID"
 _LOG_TAIL_LINES = 40
 _PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***``.
-
-    The URL is split the way pika splits it (``urllib.parse``), so what gets hidden is exactly
-    what a client would send as the password. URLs without a password come back unchanged.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    username = userinfo.partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{username}:***@{hostinfo}"))
 
 
 def broker_answers(url: str, timeout: float = 2.0) -> bool:

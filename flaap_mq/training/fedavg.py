@@ -28,7 +28,7 @@ import tensorflow_federated as tff
 from flaap_mq.data import digits
 from flaap_mq.data.silo import silo_dataset
 from flaap_mq.training import model as model_lib
-from flaap_mq.training.model import TrainingConfig
+from flaap_mq.training.config import TrainingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +76,7 @@ class SiloFedAvg:
         load_client_data = self.load_client_data
 
         @tff.federated_computation(process.next.type_signature.parameter[0])
-        def round_on_silo_data(state):  # noqa: ANN001, ANN202 (a TFF computation)
+        def round_on_silo_data(state):
             output = process.next(state, tff.federated_eval(load_client_data, tff.CLIENTS))
             return output.state, output.metrics
 

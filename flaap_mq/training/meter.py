@@ -65,7 +65,9 @@ class PayloadMeter:
         client.call = counted_call
         client.send_and_forget = counted_send_and_forget
 
-    def _count(self, silo_id: str, *, sent: int = 0, received: int = 0, request: bool = True) -> None:
+    def _count(
+        self, silo_id: str, *, sent: int = 0, received: int = 0, request: bool = True
+    ) -> None:
         with self._lock:
             self._requests += int(request)
             self._sent[silo_id] += sent

@@ -9,38 +9,13 @@ split), so the same seed gives the same weights on any runtime.
 from __future__ import annotations
 
 import collections
-import dataclasses
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from flaap_mq.data import digits
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingConfig:
-    """What one training run does; the defaults reach 0.9 on 3 skewed silos (docs/training.md)."""
-
-    data_name: str = digits.DEFAULT_NAME
-    rounds: int = 30
-    seed: int = 0
-    local_epochs: int = 5
-    batch_size: int = 16
-    client_learning_rate: float = 0.1
-    server_learning_rate: float = 1.0
-    server_momentum: float = 0.0
-    hidden_units: int = 32
-
-    def __post_init__(self) -> None:
-        if self.rounds < 0:
-            raise ValueError(f"rounds must not be negative, got {self.rounds}")
-        for name in ("local_epochs", "batch_size", "hidden_units"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.client_learning_rate <= 0 or self.server_learning_rate <= 0:
-            raise ValueError("learning rates must be positive")
-
+from flaap_mq.training.config import TrainingConfig
 
 # What the clients train on: batches of `digits.ELEMENT_SPEC`.
 BATCH_SPEC = collections.OrderedDict(
@@ -83,7 +58,7 @@ def model_bytes(config: TrainingConfig) -> int:
     return sum(int(np.asarray(w).nbytes) for w in initial_weights(config).trainable)
 
 
-def model_fn_for(config: TrainingConfig):  # noqa: ANN201 (a TFF model_fn)
+def model_fn_for(config: TrainingConfig):
     def model_fn() -> tff.learning.models.VariableModel:
         return tff.learning.models.from_keras_model(
             build_keras_model(config),
@@ -95,7 +70,7 @@ def model_fn_for(config: TrainingConfig):  # noqa: ANN201 (a TFF model_fn)
     return model_fn
 
 
-def preprocess_for(config: TrainingConfig):  # noqa: ANN201 (a dataset transform)
+def preprocess_for(config: TrainingConfig):
     """Runs on the silo: its examples, `local_epochs` times over, in batches."""
 
     def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:

@@ -181,10 +181,18 @@ def train(
         test_loss, test_accuracy = algorithm.evaluate(state, x_test, y_test)
         record(
             RoundRecord(
-                0, None, None, 0, test_loss, test_accuracy,
-                time.monotonic() - started, setup.bytes_sent, setup.bytes_received, setup.requests,
+                round=0,
+                train_loss=None,
+                train_accuracy=None,
+                num_examples=0,
+                test_loss=test_loss,
+                test_accuracy=test_accuracy,
+                round_seconds=time.monotonic() - started,
+                bytes_sent=setup.bytes_sent,
+                bytes_received=setup.bytes_received,
+                requests=setup.requests,
             )
-        )  # fmt: skip
+        )
         log.info(
             "training_started",
             rounds=rounds,
@@ -261,6 +269,7 @@ def plot_accuracy(result: TrainingResult, path: Path, *, title: str | None = Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r.round for r in result.records]
     figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -279,10 +288,12 @@ def plot_accuracy(result: TrainingResult, path: Path, *, title: str | None = Non
         axis.set_ylabel("accuracy")
         axis.set_ylim(0, 1.0)
         axis.set_xlim(0, max(rounds) if rounds else 1)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(loc="lower right")
         axis.set_title(
-            title or f"FedAvg on silo-resident digits: {result.final_accuracy:.3f} after "
+            title
+            or f"FedAvg on silo-resident digits: {result.final_accuracy:.3f} after "
             f"{rounds[-1]} rounds"
         )
         figure.tight_layout()

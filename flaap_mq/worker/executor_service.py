@@ -119,7 +119,14 @@ class ExecutorService:
             kind: self._channel.unary_unary(_SERVICE + spec.name)
             for kind, spec in envelope.KINDS.items()
         }
-        log.info("executor_service_started", pid=self._process.pid, port=self.port)
+        # worker_binary has no flag to bind loopback only; we connect on
+        # 127.0.0.1, and the port must be firewalled (docs/deploy.md).
+        log.info(
+            "executor_service_started",
+            pid=self._process.pid,
+            port=self.port,
+            listens_on="all interfaces (TFF's worker_binary); firewall this port",
+        )
 
     def call(self, kind: int, request: bytes, timeout_s: float | None = None) -> bytes:
         """Sends one serialized request; returns the serialized response."""

@@ -127,6 +127,41 @@ def test_round_over_tls_with_generated_credentials(secure_broker, silo_workers):
         assert '"event": "task"' in log, f"silo {silo} ran nothing"
 
 
+def test_worker_dead_letters_a_malformed_task_with_its_permissions(secure_broker, silo_workers):
+    """The silo's write permission on the dead-letter exchange is what this needs."""
+    message_id = f"garbage-{uuid.uuid4().hex[:8]}"
+    coordinator = secure_broker.connect(secure_broker.url(COORDINATOR))
+    try:
+        channel = coordinator.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            NAMES.tasks_exchange,
+            "b",
+            b"\xff not a task",
+            pika.BasicProperties(delivery_mode=2, message_id=message_id),
+            mandatory=True,
+        )
+    finally:
+        coordinator.close()
+    admin = secure_broker.connect(secure_broker.admin_url())
+    try:
+        channel = admin.channel()
+        deadline = time.monotonic() + 30
+        found = None
+        while found is None and time.monotonic() < deadline:
+            method, props, _ = channel.basic_get(NAMES.dead_letter_queue, auto_ack=True)
+            if method is not None and props.message_id == message_id:
+                found = props
+            elif method is None:
+                time.sleep(0.2)
+    finally:
+        admin.close()
+    assert found is not None, "the malformed task never reached the dead-letter queue"
+    assert found.headers["x-flaap-reason"].startswith("malformed")
+    assert found.headers["x-flaap-silo"] == "b"
+    assert silo_workers["b"].process.poll() is None
+
+
 def test_silo_cannot_consume_another_silos_queue(secure_broker):
     refused = _refused(
         secure_broker,

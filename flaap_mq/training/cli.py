@@ -1,0 +1,146 @@
+"""`flaap-mq train` and `flaap-mq data split-digits`: arguments and what they run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from flaap_mq.data.layout import DEFAULT_NAME, TEST_FILE
+from flaap_mq.training.config import TrainingConfig
+
+DEFAULT_DATA_DIR = "digits-data"
+DEFAULT_OUT_DIR = "training-out"
+
+
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="prepare silo-resident data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    split = data_sub.add_parser(
+        "split-digits",
+        help="label-skewed silo partitions of scikit-learn's digits, and a test set",
+        description="Writes OUT/<silo-id>/NAME (tf.data.Dataset.save; give OUT/<silo-id> to "
+        "that silo's worker as --data-dir), OUT/test.npz (held out, for the coordinator) and "
+        "OUT/manifest.json. The digits ship with scikit-learn: nothing is downloaded.",
+    )
+    split.add_argument("--silos", type=int, required=True, help="number of silos")
+    split.add_argument("--out", default=DEFAULT_DATA_DIR, help=f"default {DEFAULT_DATA_DIR}")
+    split.add_argument(
+        "--skew",
+        type=float,
+        default=0.5,
+        help="Dirichlet concentration of each label over the silos: smaller is more "
+        "skewed (default 0.5; 100 is nearly even)",
+    )
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--test-fraction", type=float, default=0.2, help="held out (default 0.2)")
+    split.add_argument(
+        "--name", default=DEFAULT_NAME, help=f"dataset name (default {DEFAULT_NAME})"
+    )
+
+
+def add_train_parser(sub: argparse._SubParsersAction, add_broker_args, add_log_args) -> None:
+    defaults = TrainingConfig()
+    train = sub.add_parser(
+        "train",
+        help="FedAvg on the silos' own data (tff.learning), evaluated on a held-out set",
+        description="Runs weighted FedAvg (tff.learning) with a small Keras model; each silo "
+        "trains on the dataset NAME in its worker's --data-dir, which never leaves it. After "
+        "each round the model is evaluated on the held-out set here. Writes OUT/metrics.csv, "
+        "OUT/accuracy.png and OUT/weights.npz and prints the final accuracy.",
+    )
+    add_broker_args(train)
+    add_log_args(train)
+    train.add_argument(
+        "--silo", action="append", required=True, help="silo id (repeatable), in order"
+    )
+    train.add_argument("--rounds", type=int, default=defaults.rounds)
+    train.add_argument("--data-name", default=defaults.data_name, help="the silos' dataset name")
+    train.add_argument("--seed", type=int, default=defaults.seed, help="initial weights")
+    train.add_argument("--out", default=DEFAULT_OUT_DIR, help=f"default {DEFAULT_OUT_DIR}")
+    train.add_argument(
+        "--test-set",
+        default=os.path.join(DEFAULT_DATA_DIR, TEST_FILE),
+        help="held-out .npz with x and y, as written by `data split-digits` "
+        f"(default {DEFAULT_DATA_DIR}/{TEST_FILE})",
+    )
+    train.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--client-learning-rate", type=float, default=defaults.client_learning_rate)
+    train.add_argument("--server-learning-rate", type=float, default=defaults.server_learning_rate)
+    train.add_argument("--server-momentum", type=float, default=defaults.server_momentum)
+    train.add_argument("--hidden-units", type=int, default=defaults.hidden_units)
+    train.add_argument(
+        "--task-timeout", type=float, default=600.0, help="seconds a silo may take per request"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_split_digits(args: argparse.Namespace) -> int:
+    from flaap_mq.data.digits import split_digits
+
+    split = split_digits(
+        args.silos,
+        args.out,
+        skew=args.skew,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        name=args.name,
+    )
+    print(split.table())
+    print(f"\nwrote {split.out_dir}/: one directory per silo (its worker's --data-dir), ")
+    print(f"{TEST_FILE} for the coordinator, manifest.json. Start each silo's worker with")
+    first = next(iter(split.silos))
+    print(f"  flaap-mq worker --silo-id {first} --data-dir {split.silos[first]}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from flaap_mq.training import run as run_lib
+
+    if not args.no_progress:
+        run_lib.route_logs_above_progress_bars()
+    config = TrainingConfig(
+        data_name=args.data_name,
+        rounds=args.rounds,
+        seed=args.seed,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        client_learning_rate=args.client_learning_rate,
+        server_learning_rate=args.server_learning_rate,
+        server_momentum=args.server_momentum,
+        hidden_units=args.hidden_units,
+    )
+    if not os.path.isfile(args.test_set):
+        raise ValueError(
+            f"no held-out test set at {args.test_set} (give --test-set; "
+            "`flaap-mq data split-digits` writes one)"
+        )
+    import flaap_mq
+    from flaap_mq.data.digits import load_test_set
+    from flaap_mq.training.fedavg import SiloFedAvg
+
+    test_set = load_test_set(args.test_set)
+    algorithm = SiloFedAvg(config)
+    with flaap_mq.create_execution_context(
+        args.broker_url,
+        args.silo,
+        task_timeout=args.task_timeout,
+        clients_per_silo=1,
+        topology_prefix=args.prefix,
+        queue_type=args.queue_type,
+    ) as context:
+        result = run_lib.train(
+            algorithm, test_set, context=context, out_dir=args.out, progress=not args.no_progress
+        )
+    reached = result.first_round_reaching(run_lib.TARGET_ACCURACY)
+    last = result.records[-1]
+    print(
+        f"final test accuracy: {result.final_accuracy:.4f} after {last.round} rounds "
+        f"on {len(args.silo)} silos"
+        + (f" (>= {run_lib.TARGET_ACCURACY:.2f} from round {reached})" if reached else "")
+    )
+    files = (run_lib.METRICS_FILE, run_lib.PLOT_FILE, run_lib.WEIGHTS_FILE)
+    print(f"wrote {', '.join(str(result.out_dir / f) for f in files)}")
+    sys.stdout.flush()
+    return 0
