@@ -40,8 +40,10 @@ def run_demo(broker_url: str, *, num_silos: int = 3, log_format: str = "console"
         stack.callback(_delete_topology, url, prefix, silos, job_id)
         started = time.monotonic()
         stack.enter_context(WorkerFleet(url, silos, prefix=prefix, log_dir=log_dir))
-        print(f"workers: {', '.join(silos)} consuming after {time.monotonic() - started:.1f} s "
-              f"(logs in {log_dir})")
+        print(
+            f"workers: {', '.join(silos)} consuming after {time.monotonic() - started:.1f} s "
+            f"(logs in {log_dir})"
+        )
         context = stack.enter_context(
             flaap_mq.create_execution_context(
                 url, silos, topology_prefix=prefix, task_timeout=300, job_id=job_id
@@ -72,12 +74,14 @@ def run_demo(broker_url: str, *, num_silos: int = 3, log_format: str = "console"
             f"{int(train['num_examples'])} examples on {num_silos} silos "
             f"in {time.monotonic() - started:.2f} s"
         )
-        print(f"done; stopping the workers{'' if url == broker_url else ' and the broker'} "
-              f"({redact_url(url)})")
+        print(
+            f"done; stopping the workers{'' if url == broker_url else ' and the broker'} "
+            f"({redact_url(url)})"
+        )
     return 0
 
 
-def _temperature_average(tff):  # noqa: ANN001, ANN202 - TFF is imported lazily
+def _temperature_average(tff):
     readings_type = tff.SequenceType(np.float32)
 
     @tff.tensorflow.computation(readings_type)
@@ -94,7 +98,7 @@ def _temperature_average(tff):  # noqa: ANN001, ANN202 - TFF is imported lazily
     return temperature_average
 
 
-def _fed_avg(tf, tff):  # noqa: ANN001, ANN202
+def _fed_avg(tf, tff):
     spec = collections.OrderedDict(
         x=tf.TensorSpec([None, 4], tf.float32), y=tf.TensorSpec([None, 1], tf.int32)
     )
@@ -119,13 +123,15 @@ def _fed_avg(tf, tff):  # noqa: ANN001, ANN202
     )
 
 
-def _client_datasets(tf, num_clients: int):  # noqa: ANN001, ANN202
+def _client_datasets(tf, num_clients: int):
     rng = np.random.default_rng(0)
     datasets = []
     for _ in range(num_clients):
         x = rng.normal(size=(64, 4)).astype(np.float32)
         y = (x[:, :1] + x[:, 1:2] > 0).astype(np.int32)
-        datasets.append(tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(16))
+        datasets.append(
+            tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(16)
+        )
     return datasets
 
 
@@ -139,10 +145,12 @@ def _delete_topology(url: str, prefix: str, silos: list[str], job_id: str) -> No
     with contextlib.suppress(Exception):
         connection = pika.BlockingConnection(pika.URLParameters(url.split(",")[0]))
         channel = connection.channel()
-        for queue in [*map(names.silo_queue, silos), names.reply_queue(job_id),
-                      names.dead_letter_queue]:
+        for queue in [
+            *map(names.silo_queue, silos),
+            names.reply_queue(job_id),
+            names.dead_letter_queue,
+        ]:
             channel.queue_delete(queue)
-        for exchange in (names.tasks_exchange, names.replies_exchange,
-                         names.dead_letter_exchange):
+        for exchange in (names.tasks_exchange, names.replies_exchange, names.dead_letter_exchange):
             channel.exchange_delete(exchange)
         connection.close()

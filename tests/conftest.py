@@ -122,9 +122,7 @@ def _fleet_factory(broker_url: str, prefix: str, log_dir: Path):
 
 
 @pytest.fixture
-def workers(
-    broker_url: str, prefix: str, tmp_path: Path
-) -> Iterator[Callable[..., WorkerFleet]]:
+def workers(broker_url: str, prefix: str, tmp_path: Path) -> Iterator[Callable[..., WorkerFleet]]:
     """Starts real `flaap-mq worker` processes; all are stopped after the test."""
     start, fleets = _fleet_factory(broker_url, prefix, tmp_path)
     yield start

@@ -85,7 +85,7 @@ class SiloExecutor(executor_base.Executor):
     def silo_id(self) -> str:
         return self._silo_id
 
-    async def _call(self, request):  # noqa: ANN001, ANN202 - any executor_pb2 request
+    async def _call(self, request):
         return await self._client.call(self._silo_id, request)
 
     async def _executor(self) -> executor_pb2.ExecutorId:
@@ -147,7 +147,9 @@ class SiloExecutor(executor_base.Executor):
         type_elements = []
         for name, value in structure.iter_elements(elements):
             proto_elements.append(
-                executor_pb2.CreateStructRequest.Element(name=name or None, value_ref=value.reference)
+                executor_pb2.CreateStructRequest.Element(
+                    name=name or None, value_ref=value.reference
+                )
             )
             type_elements.append((name, value.type_signature) if name else value.type_signature)
         response = await self._call(

@@ -173,8 +173,10 @@ class TaskClient:
             self._reassembler.discard(task_id)
         if result.WhichOneof("outcome") == "error":
             raise errors.error_from_result(silo_id, spec.name, result.error)
+        # Reading a bytes field copies it: read the (possibly huge) payload once.
+        payload = result.response
         response = spec.response_type()
-        response.ParseFromString(result.response)
+        response.ParseFromString(payload)
         self._log.debug(
             "task_done",
             silo=silo_id,
@@ -183,7 +185,7 @@ class TaskClient:
             duration_ms=round((time.monotonic() - pending.started) * 1000, 2),
             silo_duration_ms=round(result.duration_us / 1000, 2),
             bytes_out=request.ByteSize(),
-            bytes_in=len(result.response),
+            bytes_in=len(payload),
         )
         return response
 

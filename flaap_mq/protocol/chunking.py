@@ -44,9 +44,7 @@ def slices(payload: bytes, chunk_bytes: int) -> Iterator[tuple[task_pb2.Chunk, m
     digest = hashlib.sha256(payload).digest()
     view = memoryview(payload)
     for index in range(count):
-        header = task_pb2.Chunk(
-            index=index, count=count, sha256=digest, total_size=len(payload)
-        )
+        header = task_pb2.Chunk(index=index, count=count, sha256=digest, total_size=len(payload))
         yield header, view[index * chunk_bytes : (index + 1) * chunk_bytes]
 
 
@@ -105,10 +103,14 @@ class Reassembler:
                             "the earlier ones (sent to an earlier worker process?)"
                         )
                     return None  # a stray middle slice of a task we will not complete
-                partial = _Partial(chunk.count, chunk.sha256, chunk.total_size, [], time.monotonic())
+                partial = _Partial(
+                    chunk.count, chunk.sha256, chunk.total_size, [], time.monotonic()
+                )
                 self._partials[task_id] = partial
             if (chunk.count, chunk.sha256, chunk.total_size) != (
-                partial.count, partial.sha256, partial.total_size
+                partial.count,
+                partial.sha256,
+                partial.total_size,
             ):
                 self._drop(task_id)
                 raise ChunkError(f"task {task_id}: chunks disagree about the whole payload")

@@ -267,7 +267,8 @@ def _split_payload(message: Envelope, field: str, chunk_bytes: int) -> list[Enve
         else:
             setattr(template, descriptor.name, value)
     parts = []
-    for header, part in chunking.slices(getattr(message, field), chunk_bytes):
+    payload = getattr(message, field)  # read once: each read copies the bytes
+    for header, part in chunking.slices(payload, chunk_bytes):
         piece = type(message)()
         piece.CopyFrom(template)
         setattr(piece, field, bytes(part))

@@ -88,10 +88,15 @@ def run_split_digits(args: argparse.Namespace) -> int:
         name=args.name,
     )
     print(split.table())
-    print(f"\nwrote {split.out_dir}/: one directory per silo (its worker's --data-dir), ")
-    print(f"{TEST_FILE} for the coordinator, manifest.json. Start each silo's worker with")
-    first = next(iter(split.silos))
-    print(f"  flaap-mq worker --silo-id {first} --data-dir {split.silos[first]}")
+    print(
+        f"\nwrote {split.out_dir}/: one directory per silo (its worker's --data-dir), "
+        f"{TEST_FILE} (held out, for the coordinator) and manifest.json. On each silo:"
+    )
+    for silo, directory in split.silos.items():
+        print(f"  flaap-mq worker --silo-id {silo} --data-dir {directory}")
+    silos = " ".join(f"--silo {s}" for s in split.silos)
+    test_set = split.out_dir / TEST_FILE
+    print(f"then, on the coordinator: flaap-mq train {silos} --test-set {test_set} --rounds 30")
     return 0
 
 

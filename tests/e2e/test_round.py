@@ -27,9 +27,12 @@ def fleet(module_workers):
 @pytest.fixture
 def silos(fleet, broker_url, module_prefix):
     """The three workers, and a coordinator context installed as TFF's default."""
-    with flaap_mq.create_execution_context(
-        broker_url, SILOS, topology_prefix=module_prefix, task_timeout=120
-    ) as context, tff.framework.get_context_stack().install(context):
+    with (
+        flaap_mq.create_execution_context(
+            broker_url, SILOS, topology_prefix=module_prefix, task_timeout=120
+        ) as context,
+        tff.framework.get_context_stack().install(context),
+    ):
         yield fleet
 
 

@@ -77,16 +77,19 @@ def pair(broker_url, prefix, tmp_path):
 
 
 def test_only_one_of_two_workers_receives_tasks(pair, broker_url, prefix):
-    with flaap_mq.create_execution_context(
-        broker_url, ["s"], topology_prefix=prefix, task_timeout=60
-    ) as context, tff.framework.get_context_stack().install(context):
+    with (
+        flaap_mq.create_execution_context(
+            broker_url, ["s"], topology_prefix=prefix, task_timeout=60
+        ) as context,
+        tff.framework.get_context_stack().install(context),
+    ):
         for i in range(3):
             assert slow_total([[1.0], [float(i)]]) == pytest.approx(1.0 + i)
     handled = sorted(_tasks_handled(w) for w in pair)
     assert handled[0] == 0, f"both workers ran tasks of one silo: {handled}"
     assert handled[1] > 0
-    active = [w for w in pair if _tasks_handled(w) > 0][0]
-    standby = [w for w in pair if w is not active][0]
+    active = next(w for w in pair if _tasks_handled(w) > 0)
+    standby = next(w for w in pair if w is not active)
     assert _events(active, "worker_active")
     assert not _events(standby, "worker_active")
     assert _events(standby, "worker_standby")

@@ -32,9 +32,12 @@ def node():
 
 def test_dropped_connections_are_reestablished_and_the_round_completes(node, tmp_path):
     with WorkerFleet(node.url, ["a", "b"], prefix="drop", log_dir=tmp_path) as fleet:
-        with flaap_mq.create_execution_context(
-            node.url, ["a", "b"], topology_prefix="drop", task_timeout=60
-        ) as context, tff.framework.get_context_stack().install(context):
+        with (
+            flaap_mq.create_execution_context(
+                node.url, ["a", "b"], topology_prefix="drop", task_timeout=60
+            ) as context,
+            tff.framework.get_context_stack().install(context),
+        ):
             assert mean([1.0, 2.0, 3.0, 4.0]) == pytest.approx(2.5)
             node.rabbitmqctl("close_all_connections", "fault injected by test")
             # Both sides reconnect with backoff; the next round just works.
@@ -47,9 +50,13 @@ def test_dropped_connections_are_reestablished_and_the_round_completes(node, tmp
 
 
 def test_stopped_broker_fails_calls_clearly_then_recovers(node, tmp_path):
-    with WorkerFleet(node.url, ["a"], prefix="stop", log_dir=tmp_path), flaap_mq.create_execution_context(
-        node.url, ["a"], topology_prefix="stop", task_timeout=8, max_attempts=1
-    ) as context, tff.framework.get_context_stack().install(context):
+    with (
+        WorkerFleet(node.url, ["a"], prefix="stop", log_dir=tmp_path),
+        flaap_mq.create_execution_context(
+            node.url, ["a"], topology_prefix="stop", task_timeout=8, max_attempts=1
+        ) as context,
+        tff.framework.get_context_stack().install(context),
+    ):
         assert mean([1.0, 3.0]) == pytest.approx(2.0)
         node.stop()
         try:

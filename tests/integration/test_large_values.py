@@ -38,14 +38,18 @@ def small_broker():
 
 def test_300_mb_value_to_a_silo_and_back_through_a_16_mib_broker(small_broker, tmp_path):
     value = np.arange(ELEMENTS, dtype=np.float32) % 1000
-    with WorkerFleet(small_broker.url, ["a"], prefix="big", log_dir=tmp_path), flaap_mq.create_execution_context(
-        small_broker.url,
-        ["a"],
-        topology_prefix="big",
-        task_timeout=600,
-        max_attempts=1,
-        chunk_bytes=8 * 1024 * 1024,
-    ) as context, tff.framework.get_context_stack().install(context):
+    with (
+        WorkerFleet(small_broker.url, ["a"], prefix="big", log_dir=tmp_path),
+        flaap_mq.create_execution_context(
+            small_broker.url,
+            ["a"],
+            topology_prefix="big",
+            task_timeout=600,
+            max_attempts=1,
+            chunk_bytes=8 * 1024 * 1024,
+        ) as context,
+        tff.framework.get_context_stack().install(context),
+    ):
         result = round_trip(value)
     assert result.shape == (ELEMENTS,)
     np.testing.assert_array_equal(result, value * 2.0)
@@ -55,15 +59,19 @@ def test_a_message_over_the_limit_is_refused_before_sending(small_broker, tmp_pa
     # Chunking switched off (one chunk as large as the value): the client
     # refuses it with an error naming the limit, instead of the broker closing
     # the channel under every other message in flight.
-    with WorkerFleet(small_broker.url, ["a"], prefix="nochunk", log_dir=tmp_path), flaap_mq.create_execution_context(
-        small_broker.url,
-        ["a"],
-        topology_prefix="nochunk",
-        task_timeout=60,
-        max_attempts=1,
-        chunk_bytes=1024**3,
-        max_message_bytes=LIMIT,
-    ) as context, tff.framework.get_context_stack().install(context):
+    with (
+        WorkerFleet(small_broker.url, ["a"], prefix="nochunk", log_dir=tmp_path),
+        flaap_mq.create_execution_context(
+            small_broker.url,
+            ["a"],
+            topology_prefix="nochunk",
+            task_timeout=60,
+            max_attempts=1,
+            chunk_bytes=1024**3,
+            max_message_bytes=LIMIT,
+        ) as context,
+        tff.framework.get_context_stack().install(context),
+    ):
         with pytest.raises(flaap_mq.MessageTooLargeError, match="over the broker's limit"):
             round_trip(np.zeros(ELEMENTS, dtype=np.float32))
         # The connection is still good for ordinary work.

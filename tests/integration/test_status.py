@@ -31,8 +31,18 @@ def node():
 
 
 def _status(node, *silos: str, json_output: bool = True) -> tuple[int, str]:
-    args = [sys.executable, "-m", "flaap_mq.cli", "status", "--broker-url", node.url,
-            "--prefix", "st", "--management-url", node.management_url]
+    args = [
+        sys.executable,
+        "-m",
+        "flaap_mq.cli",
+        "status",
+        "--broker-url",
+        node.url,
+        "--prefix",
+        "st",
+        "--management-url",
+        node.management_url,
+    ]
     for silo in silos:
         args += ["--silo", silo]
     if json_output:

@@ -78,15 +78,25 @@ def test_memory_is_bounded():
 
 def test_split_task_keeps_every_envelope_field():
     task = task_pb2.Task(
-        protocol_version=1, task_id="t", job_id="j", silo_id="s", attempt=2,
-        deadline_unix_ms=5, kind=envelope.RequestKind.CREATE_VALUE, request=os.urandom(1000),
+        protocol_version=1,
+        task_id="t",
+        job_id="j",
+        silo_id="s",
+        attempt=2,
+        deadline_unix_ms=5,
+        kind=envelope.RequestKind.CREATE_VALUE,
+        request=os.urandom(1000),
     )
     parts = envelope.split_task(task, 300)
     assert len(parts) == 4
     reassembler = chunking.Reassembler()
     for part in parts:
         assert (part.task_id, part.job_id, part.silo_id, part.attempt, part.kind) == (
-            "t", "j", "s", 2, envelope.RequestKind.CREATE_VALUE,
+            "t",
+            "j",
+            "s",
+            2,
+            envelope.RequestKind.CREATE_VALUE,
         )
         assert chunking.headers(part.chunk)[chunking.CHUNK_HEADER].endswith("/4")
         whole = reassembler.add(part.task_id, part.chunk, part.request)

@@ -53,7 +53,7 @@ def test_build_task_refuses_what_is_not_an_executor_request():
 
 
 def test_garbage_is_malformed_with_a_reason():
-    with pytest.raises(envelope.MalformedEnvelope, match="not a flaap_mq.v1.Task"):
+    with pytest.raises(envelope.MalformedEnvelope, match=r"not a flaap_mq\.v1\.Task"):
         envelope.parse_task(b"\xff\xff\xff garbage")
 
 
