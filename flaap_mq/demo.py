@@ -26,6 +26,7 @@ def run_demo(broker_url: str, *, num_silos: int = 3, log_format: str = "console"
 
     import flaap_mq
     from flaap_mq.broker.urls import redact_url
+    from flaap_mq.examples import temperature_average
     from flaap_mq.testing.broker import throwaway_broker
     from flaap_mq.testing.workers import WorkerFleet
 
@@ -56,7 +57,7 @@ def run_demo(broker_url: str, *, num_silos: int = 3, log_format: str = "console"
             for i in range(num_silos)
         ]
         started = time.monotonic()
-        average = _temperature_average(tff)(readings)
+        average = temperature_average(readings)
         print(
             f"federated temperature average: {float(average):.3f} "
             f"(local check {np.mean([np.mean(r) for r in readings]):.3f}) "
@@ -79,23 +80,6 @@ def run_demo(broker_url: str, *, num_silos: int = 3, log_format: str = "console"
             f"({redact_url(url)})"
         )
     return 0
-
-
-def _temperature_average(tff):
-    readings_type = tff.SequenceType(np.float32)
-
-    @tff.tensorflow.computation(readings_type)
-    def local_average(readings):
-        total, count = readings.reduce(
-            (np.float32(0.0), np.float32(0.0)), lambda acc, x: (acc[0] + x, acc[1] + 1.0)
-        )
-        return total / count
-
-    @tff.federated_computation(tff.FederatedType(readings_type, tff.CLIENTS))
-    def temperature_average(readings):
-        return tff.federated_mean(tff.federated_map(local_average, readings))
-
-    return temperature_average
 
 
 def _fed_avg(tf, tff):

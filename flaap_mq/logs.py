@@ -16,7 +16,7 @@ import structlog
 
 def quiet_tensorflow() -> None:
     """TF and absl print start-up noise that hides our own events."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF errors still raise
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 

@@ -63,6 +63,9 @@ log = structlog.get_logger("flaap_mq.broker")
 # before it is sent.
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 _PUBLISH_ID_HEADER = "x-flaap-publish-id"
+# RabbitMQ's reply texts (404) for a durable classic queue whose node is down,
+# or still stopping.
+_HOME_NODE_DOWN = re.compile(r"is down or inaccessible|process is stopped by supervisor")
 # RabbitMQ's reply text when a message is over its max_message_size.
 _SIZE_REFUSED = re.compile(r"larger than configured max size (\d+)")
 
@@ -172,6 +175,7 @@ class BrokerLink:
         self._last_error = ""
         self._down_since: float | None = None
         self._was_open = False
+        self._home_node_down_reported = False  # see `_on_channel_closed`
         self._started = threading.Event()
         self._stopped = threading.Event()
 
@@ -393,7 +397,10 @@ class BrokerLink:
         self._ioloop.stop()
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
-        self._last_error = _describe(reason)
+        if not isinstance(reason, pika.exceptions.ConnectionClosedByClient):
+            # When we closed it (see `_on_channel_closed`), the reason worth
+            # reporting is the one that made us close it.
+            self._last_error = _describe(reason)
         if not self._closing:
             self._log.warning("broker_connection_lost", reason=self._last_error)
         self._channel_lost()
@@ -432,6 +439,7 @@ class BrokerLink:
             self._log.info("broker_reconnected", url=self._connection_url())
         self._unavailable = None
         self._down_since = None
+        self._home_node_down_reported = False
         # Everything not confirmed on the lost channel goes out again first.
         while self._outbox:
             self._send(self._outbox.popleft())
@@ -451,6 +459,26 @@ class BrokerLink:
         if self._closing:
             return
         refused = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
+        if declaring and refused and _HOME_NODE_DOWN.search(reason.reply_text or ""):
+            # A durable classic queue (a coordinator's reply queue) whose cluster
+            # node is down: it comes back with its node, so this is an outage,
+            # not a refusal. Retry with backoff as for a failed connection
+            # attempt; after `unavailable_after` callers get BrokerUnavailable.
+            # It used to stop the link for good, and every call then waited
+            # out its task timeout (found by tests/faults/test_cluster_node_loss.py).
+            self._log.warning("topology_unavailable", reason=reason.reply_text)
+            self._was_open = False  # a failed attempt: the outage clock keeps running
+            if self._on_unavailable is not None and not self._home_node_down_reported:
+                # The broker confirms, then drops, what is routed to a queue on a
+                # node that is down: replies owed to pending calls may be gone.
+                # Fail those now (retryable); new calls wait for the queue.
+                self._home_node_down_reported = True
+                self._on_unavailable(
+                    BrokerUnavailable(f"{reason.reply_text}; replies sent meanwhile are lost")
+                )
+            if self._connection is not None and self._connection.is_open:
+                self._connection.close()
+            return
         if (
             declaring
             and refused

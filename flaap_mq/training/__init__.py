@@ -1,0 +1,10 @@
+"""Federated training on silo-resident data: `flaap-mq train`.
+
+* `config.TrainingConfig`: what a run does (rounds, seed, local epochs, ...).
+* `fedavg.SiloFedAvg`: `tff.learning` weighted FedAvg whose client data is
+  loaded on the silos (`flaap_mq.data.silo_dataset` + `tff.federated_eval`).
+* `run.train`: the loop: rounds, Keras evaluation on the coordinator,
+  progress bar, one `training_round` event per round, metrics.csv and
+  accuracy.png.
+* `meter.PayloadMeter`: executor payload bytes per round and per silo.
+"""

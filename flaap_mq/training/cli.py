@@ -127,6 +127,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     test_set = load_test_set(args.test_set)
     algorithm = SiloFedAvg(config)
+    from flaap_mq.coordinator.errors import SiloError
+
     with flaap_mq.create_execution_context(
         args.broker_url,
         args.silo,
@@ -135,9 +137,23 @@ def run_train(args: argparse.Namespace) -> int:
         topology_prefix=args.prefix,
         queue_type=args.queue_type,
     ) as context:
-        result = run_lib.train(
-            algorithm, test_set, context=context, out_dir=args.out, progress=not args.no_progress
-        )
+        try:
+            result = run_lib.train(
+                algorithm,
+                test_set,
+                context=context,
+                out_dir=args.out,
+                progress=not args.no_progress,
+            )
+        except SiloError as e:
+            message = str(e).splitlines()[0]
+            if "metadata file" in str(e):
+                message += (
+                    f"\n(no dataset {config.data_name!r} in that silo's --data-dir; "
+                    "`flaap-mq data split-digits` writes one per silo)"
+                )
+            print(f"flaap-mq train: {message}", file=sys.stderr)
+            return 1
     reached = result.first_round_reaching(run_lib.TARGET_ACCURACY)
     last = result.records[-1]
     print(

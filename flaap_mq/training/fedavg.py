@@ -16,7 +16,6 @@ TFF's local runtime.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -111,14 +110,3 @@ class SiloFedAvg:
 
 def flat_weights(weights: tff.learning.models.ModelWeights) -> list[np.ndarray]:
     return [np.asarray(w) for w in weights.trainable]
-
-
-def describe_metrics(metrics: Any) -> dict[str, Any]:
-    """TFF's nested metrics as plain Python values (for logs)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, collections.abc.Mapping):
-            return {k: plain(v) for k, v in value.items()}
-        return np.asarray(value).tolist()
-
-    return plain(metrics)

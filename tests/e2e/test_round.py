@@ -12,6 +12,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import flaap_mq
+from flaap_mq.examples import temperature_average
 from flaap_mq.protocol import topology
 from flaap_mq.testing.tff_local import local_cpp_contexts
 
@@ -43,20 +44,6 @@ def local_tff():
         yield lambda: tff.framework.get_context_stack().install(context)
 
 
-READINGS = tff.SequenceType(np.float32)
-
-
-@tff.tensorflow.computation(READINGS)
-def local_average(readings):
-    total, count = readings.reduce(
-        (np.float32(0.0), np.float32(0.0)), lambda acc, x: (acc[0] + x, acc[1] + 1.0)
-    )
-    return total / count
-
-
-@tff.federated_computation(tff.FederatedType(READINGS, tff.CLIENTS))
-def temperature_average(readings):
-    return tff.federated_mean(tff.federated_map(local_average, readings))
 
 
 def test_temperature_average_over_three_silos(silos):

@@ -106,3 +106,65 @@ def test_stopping_the_node_leading_a_silo_queue_does_not_lose_the_round(node_pre
         redelivered=counted.redelivered,
         answered_from_cache=counted.cached_answers,
     )
+
+
+def test_losing_the_coordinators_own_node_is_an_outage_not_a_refusal(node_prefix, tmp_path):
+    """The node hosting the coordinator's reply queue (a classic queue) goes away.
+
+    Back within the link's outage window (30 s): the round completes. Gone for
+    good: the round fails with a retryable error naming the cause, well before
+    its task timeout, and never hangs.
+    """
+    names = topology.Names(node_prefix)
+    with contextlib.ExitStack() as stack:
+        nodes = [stack.enter_context(PrivateBrokerNode()) for _ in range(3)]
+        for node in nodes[1:]:
+            node.join_cluster(nodes[0])
+        home = nodes[0]  # the coordinator connects here first, so its reply queue lives here
+        fleet = WorkerFleet(_urls(nodes[1:]), SILOS, prefix=node_prefix, log_dir=tmp_path).start()
+        executors = {p for w in fleet.workers.values() for p in w.executor_pids()}
+        try:
+            context = flaap_mq.create_execution_context(
+                _urls(nodes), SILOS, topology_prefix=node_prefix, task_timeout=300, max_attempts=4
+            )
+            assert BackgroundRound(context, comps.slow_total, DATA).wait(120) == pytest.approx(
+                EXPECTED
+            )
+            # Down for a few seconds, mid-round: the round completes.
+            round_ = BackgroundRound(context, comps.slow_total, DATA)
+            wait_for_pending(context, "a", "CreateCall")
+            home.stop()
+            time.sleep(3)
+            home.start()
+            assert round_.wait(300) == pytest.approx(EXPECTED)
+            # Down for good, mid-round: a clear error, long before the 300 s task timeout.
+            round_ = BackgroundRound(context, comps.slow_total, DATA)
+            wait_for_pending(context, "a", "CreateCall")
+            began = time.monotonic()
+            home.stop()
+            with pytest.raises(flaap_mq.SiloError) as raised:
+                round_.wait(200)
+            failed_after = time.monotonic() - began
+            assert failed_after < 120, failed_after
+            message = str(raised.value)
+            assert "is down or inaccessible" in message or "no broker reachable" in message, message
+            context.close()
+            assert all(w.process.poll() is None for w in fleet.workers.values())
+        finally:
+            support.assert_nothing_left(fleet, executors)
+        for silo in SILOS:
+            # Nothing clogs the silo queues: whatever the last round left there
+            # was taken by the workers.
+            assert support.drain(nodes[1].url, names.silo_queue(silo)) == [], silo
+    assert not any(n.os_processes() for n in nodes), "a cluster node was left running"
+    counted = support.tally(support.fleet_events(fleet))
+    assert counted.duplicate_executions == 0, counted.duplicated_ids
+    support.record(
+        "cluster_coordinator_node_loss",
+        nodes=3,
+        rounds=3,
+        survived=2,
+        failed_clearly_after_s=round(failed_after, 1),
+        error=str(raised.value)[:240],
+        duplicate_executions=counted.duplicate_executions,
+    )

@@ -26,6 +26,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 import flaap_mq
 from flaap_mq.broker.link import BrokerRefused
 from flaap_mq.coordinator.task_client import TaskClient
+from flaap_mq.examples import temperature_average
 from flaap_mq.protocol import envelope, topology
 from flaap_mq.testing.workers import WorkerProcess
 from tests.security.conftest import COORDINATOR, IDLE_SILO, PREFIX, SILOS, SecureBroker
@@ -89,20 +90,6 @@ def silo_workers(secure_broker: SecureBroker, tmp_path_factory) -> Iterator[dict
             worker.stop()
 
 
-READINGS = tff.SequenceType(np.float32)
-
-
-@tff.tensorflow.computation(READINGS)
-def _local_average(readings):
-    total, count = readings.reduce(
-        (np.float32(0.0), np.float32(0.0)), lambda acc, x: (acc[0] + x, acc[1] + 1.0)
-    )
-    return total / count
-
-
-@tff.federated_computation(tff.FederatedType(READINGS, tff.CLIENTS))
-def temperature_average(readings):
-    return tff.federated_mean(tff.federated_map(_local_average, readings))
 
 
 def test_round_over_tls_with_generated_credentials(secure_broker, silo_workers):
