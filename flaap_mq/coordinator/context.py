@@ -6,8 +6,10 @@
 * one asynchronous TFF context per silo, backed by a `SiloExecutor`;
 * a mergeable-computation context on top, which compiles each computation
   to TFF's mergeable form, runs `up_to_merge` on every silo side by side with
-  its share of the clients, merges the partial results, and runs
-  `after_merge`. The clients are split by `partitioning`, not by TFF 0.87's
+  its share of the clients, merges the partial results on the coordinator
+  (in a `LocalMergeContext` over a `worker_binary` it owns, so that no silo
+  sees another silo's partial aggregate), and runs `after_merge` on the silos
+  with the merged result. The clients are split by `partitioning`, not by TFF 0.87's
   own splitter, which silently gives wrong answers for some argument shapes.
 
 Retries: TFF's `AsyncExecutionContext` retries an invocation that raises
@@ -37,6 +39,7 @@ from tensorflow_federated.python.core.impl.types import placements
 
 from flaap_mq.broker.link import DEFAULT_MAX_MESSAGE_BYTES
 from flaap_mq.broker.urls import BROKER_URL_ENV, DEFAULT_BROKER_URL, with_tls_options
+from flaap_mq.coordinator.local_merge import LocalMergeContext, create_local_merge_context
 from flaap_mq.coordinator.partitioning import SiloSplittingContext
 from flaap_mq.coordinator.silo_executor import SiloExecutor
 from flaap_mq.coordinator.task_client import TaskClient
@@ -80,18 +83,40 @@ class SiloExecutionContext(async_execution_context.AsyncExecutionContext):
         )
 
 
+def _close_all(client: TaskClient, merge_context: LocalMergeContext) -> None:
+    try:
+        merge_context.close()
+    finally:
+        client.close()
+
+
 class FederatedSilosContext(SiloSplittingContext):
-    """Runs TFF computations across silo workers; close it (or use `with`) when done."""
+    """Runs TFF computations across silo workers; close it (or use `with`) when done.
+
+    Creating it starts the coordinator's own `worker_binary`, where `merge`
+    runs (see `flaap_mq.coordinator.local_merge`); `close()` stops it.  Create
+    it from a long-lived thread: the binary dies with the thread that started it.
+    """
 
     def __init__(self, client: TaskClient, silo_contexts: Sequence[SiloExecutionContext]) -> None:
-        super().__init__(
-            silo_contexts,
-            compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
-            transform_result=tensorflow_computation.transform_result,
-        )
+        try:
+            merge_context = create_local_merge_context()
+        except BaseException:
+            client.close()
+            raise
+        try:
+            super().__init__(
+                silo_contexts,
+                compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
+                transform_result=tensorflow_computation.transform_result,
+                merge_context=merge_context,
+            )
+        except BaseException:
+            _close_all(client, merge_context)
+            raise
         self.client = client
         self.silo_ids = list(client.silo_ids)
-        self._finalizer = weakref.finalize(self, client.close)
+        self._finalizer = weakref.finalize(self, _close_all, client, merge_context)
         atexit.register(self._finalizer)
 
     @property

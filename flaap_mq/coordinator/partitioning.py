@@ -36,8 +36,13 @@ This module provides:
 * :func:`_invoke_mergeable_comp_form_in_order`, TFF's
   ``_invoke_mergeable_comp_form`` with ``after_merge`` results kept in part
   (hence client) order.
+* :func:`_invoke_merge_on_coordinator`, TFF's ``_invoke_merge_in_async_pool``
+  with every ``merge`` run in a coordinator-local context (see
+  ``flaap_mq.coordinator.local_merge``) instead of on a silo, so that no silo
+  receives another silo's partial aggregate.
 * :class:`SiloSplittingContext`, TFF's ``MergeableCompExecutionContext`` with
-  only the argument splitting and the result ordering replaced.
+  only the argument splitting, the result ordering and (given a
+  ``merge_context``) where ``merge`` runs replaced.
 
 ``tests/unit/test_partitioning.py`` contains a test that asserts TFF's bug is
 still present, and ``tests/integration/test_partitioning_local.py`` tests
@@ -73,6 +78,10 @@ from tensorflow_federated.python.core.impl.types import (
 # `_invoke_after_merge_in_order`) is not used.  Re-check them when upgrading TFF
 # (pinned to 0.87.0 in pyproject.toml).
 _compute_after_merged = mergeable_comp_execution_context._compute_after_merged
+_invoke_up_to_merge_and_return_context = (
+    mergeable_comp_execution_context._invoke_up_to_merge_and_return_context
+)
+_merge_results = mergeable_comp_execution_context._merge_results
 _invoke_merge_in_async_pool = mergeable_comp_execution_context._invoke_merge_in_async_pool
 _repackage_partitioned_values = mergeable_comp_execution_context._repackage_partitioned_values
 _run_in_async_context_pool = mergeable_comp_execution_context._run_in_async_context_pool
@@ -317,10 +326,48 @@ async def _invoke_after_merge_in_order(
     return [result for _, result in indexed_results]
 
 
+_NO_RESULT_YET = object()
+
+
+async def _invoke_merge_on_coordinator(
+    comp: mergeable_comp_execution_context.MergeableCompForm,
+    arg_list: Sequence[object],
+    execution_contexts: Sequence[context_base.AsyncContext],
+    merge_context: context_base.AsyncContext,
+) -> tuple[object, context_base.AsyncContext | None]:
+    """Runs `up_to_merge` on the silos and every `merge` in `merge_context`.
+
+    Replaces TFF 0.87's `_invoke_merge_in_async_pool`, which runs each `merge`
+    on the silo context that has just finished, sending it another silo's
+    partial aggregate.  Everything else is TFF's: `up_to_merge` is scheduled by
+    `_run_in_async_context_pool` (part `i` on context `i`, extra parts on
+    whichever context finishes first), and each partial result is folded into
+    the running merge as its part finishes.  Returns the merged result and, as
+    TFF does, the silo context that finished last (where an all-equal
+    `after_merge` then runs, on the merged result only).
+    """
+
+    def task_fn(part: object, context: context_base.AsyncContext) -> asyncio.Task:
+        return asyncio.create_task(_invoke_up_to_merge_and_return_context(comp, part, context))
+
+    async def postprocessing(
+        result: object, partial_result: object, context: context_base.AsyncContext
+    ) -> object:
+        del context  # the silo that computed `partial_result`: it must not merge
+        if result is _NO_RESULT_YET:
+            return partial_result
+        return await _merge_results(comp, result, partial_result, merge_context)
+
+    return await _run_in_async_context_pool(
+        task_fn, arg_list, execution_contexts, _NO_RESULT_YET, postprocessing
+    )
+
+
 async def _invoke_mergeable_comp_form_in_order(
     comp: mergeable_comp_execution_context.MergeableCompForm,
     arg: PartitionedArgument | None,
     execution_contexts: Sequence[context_base.AsyncContext],
+    merge_context: context_base.AsyncContext | None = None,
 ) -> object:
     """Invokes `comp` on `arg` over the silos; a single value, clients in order.
 
@@ -331,14 +378,22 @@ async def _invoke_mergeable_comp_form_in_order(
     per-client result `[0, 9, 19]` could come back as `[19, 0, 9]`.  `merge`
     still sees the partial results in finishing order, as in TFF: merging is
     order-insensitive by contract.
+
+    With a `merge_context`, every `merge` runs there (on the coordinator)
+    instead of on a silo, by way of `_invoke_merge_on_coordinator`.
     """
     # No argument: every context runs the computation once, over its default
     # clients.
     arg_list = arg.value() if arg is not None else [None] * len(execution_contexts)
 
-    merge_result, merge_context = await _invoke_merge_in_async_pool(
-        comp, arg_list, execution_contexts
-    )
+    if merge_context is None:
+        merge_result, last_context = await _invoke_merge_in_async_pool(
+            comp, arg_list, execution_contexts
+        )
+    else:
+        merge_result, last_context = await _invoke_merge_on_coordinator(
+            comp, arg_list, execution_contexts, merge_context
+        )
 
     def _predicate(type_spec: computation_types.Type) -> bool:
         return not isinstance(type_spec, computation_types.FederatedType) or type_spec.all_equal
@@ -346,7 +401,7 @@ async def _invoke_mergeable_comp_form_in_order(
     if type_analysis.contains_only(comp.after_merge.type_signature.result, _predicate):
         # No per-client part in the result: every part's after_merge would give
         # the same value, so, as TFF does, it runs once, on the first part.
-        return await _compute_after_merged(comp, arg_list[0], merge_result, merge_context)
+        return await _compute_after_merged(comp, arg_list[0], merge_result, last_context)
 
     # The one deliberate difference from TFF: results are kept in part order,
     # which `split_over_silos` makes client order.
@@ -371,7 +426,29 @@ class SiloSplittingContext(mergeable_comp_execution_context.MergeableCompExecuti
     helpers.  The number of parts is TFF's `num_subrounds` (by default the
     number of silo contexts; extra parts are run sequentially, as in TFF: a
     context that finishes a part runs the next one).
+
+    Given a `merge_context` (an async TFF context the coordinator owns, see
+    `flaap_mq.coordinator.local_merge`), every `merge` runs there, so no silo
+    receives another silo's partial result; without one, `merge` runs on the
+    silos, as in TFF.
     """
+
+    def __init__(
+        self,
+        async_contexts: Sequence[context_base.AsyncContext],
+        *args: Any,
+        merge_context: context_base.AsyncContext | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(async_contexts, *args, **kwargs)
+        if merge_context is not None:
+            py_typecheck.check_type(merge_context, context_base.AsyncContext)
+        self._merge_context = merge_context
+
+    @property
+    def merge_context(self) -> context_base.AsyncContext | None:
+        """Where `merge` runs; `None`: on the silos, as in TFF."""
+        return self._merge_context
 
     def invoke(
         self,
@@ -421,7 +498,9 @@ class SiloSplittingContext(mergeable_comp_execution_context.MergeableCompExecuti
                 # The second deliberate difference: TFF's
                 # `_invoke_mergeable_comp_form` returns CLIENTS-placed results in
                 # the order the silos finish; this keeps them in client order.
-                _invoke_mergeable_comp_form_in_order(comp, arg, self._async_execution_contexts)
+                _invoke_mergeable_comp_form_in_order(
+                    comp, arg, self._async_execution_contexts, self._merge_context
+                )
             ),
             comp.after_merge.type_signature.result,
         )

@@ -44,8 +44,6 @@ def local_tff():
         yield lambda: tff.framework.get_context_stack().install(context)
 
 
-
-
 def test_temperature_average_over_three_silos(silos):
     data = [[float(x) for x in range(n)] for n in (2, 4, 6, 8, 10, 12)]
     expected = np.mean([np.mean(d) for d in data])
@@ -238,3 +236,39 @@ def test_fedavg_round_matches_tff_local_runtime(silos, local_tff):
     assert remote.metrics["client_work"]["train"]["num_examples"] == sum(
         4 + 2 * i for i in range(6)
     )
+
+
+@tff.tensorflow.computation(np.float32, np.float32)
+def _minus(value, mean):
+    return value - mean
+
+
+@tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+def deviations_from_mean(values):
+    """Per-client results, so `after_merge` runs on every silo."""
+    mean = tff.federated_broadcast(tff.federated_mean(values))
+    return tff.federated_map(_minus, (values, mean))
+
+
+def test_merge_runs_on_the_coordinator_not_on_a_silo(silos):
+    """No silo receives another silo's partial aggregate: `merge` runs locally."""
+    merge_context = tff.framework.get_context_stack().current.merge_context
+    assert merge_context is not None and merge_context.service.alive()
+
+    merges_before = merge_context.merges_run
+    data = [[1.0, 2.0], [3.0], [4.0, 5.0, 6.0]]
+    assert temperature_average(data) == pytest.approx(np.mean([np.mean(d) for d in data]))
+    # Three partial results, folded pairwise: two merges, on the coordinator.
+    assert merge_context.merges_run - merges_before >= 2
+
+    # One client per silo, so a silo's partial aggregate is its client's value.
+    # Every silo runs exactly its own up_to_merge and after_merge; a silo that
+    # also merged would have handled more requests than the others.
+    merges_before = merge_context.merges_run
+    tasks_before = {s: w.log_text().count('"event": "task"') for s, w in silos.workers.items()}
+    assert deviations_from_mean([1.0, 2.0, 6.0]) == pytest.approx([-2.0, -1.0, 3.0])
+    assert merge_context.merges_run - merges_before >= 2
+    tasks = {
+        s: w.log_text().count('"event": "task"') - tasks_before[s] for s, w in silos.workers.items()
+    }
+    assert len(set(tasks.values())) == 1 and tasks["a"] > 0, tasks

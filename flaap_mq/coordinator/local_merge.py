@@ -1,0 +1,103 @@
+"""Runs `merge` on the coordinator, never on a silo.
+
+Why this module exists
+----------------------
+flaap-mq runs a computation in TFF's mergeable form: `up_to_merge` on every
+silo, `merge` of the silos' partial results, then `after_merge` on the silos.
+TFF 0.87's `_invoke_merge_in_async_pool` runs each `merge` on whichever *silo*
+context finished last, so that silo receives another silo's partial aggregate
+(with one client per silo: that client's whole model update).  In cross-silo
+FL only the coordinator may see per-silo partial aggregates.
+
+:class:`LocalMergeContext` is the TFF execution context in which
+`SiloSplittingContext` runs every `merge` instead: an asynchronous TFF context
+over a `worker_binary` that this process starts and owns (an
+`ExecutorService`: killed by the kernel if the coordinator dies, stopped by
+`close()`), reached over a loopback gRPC channel.  It mirrors TFF's
+`local_cpp_executor_factory`, which cannot be used because it leaks its
+process.  `after_merge` still runs on the silos, which hold the
+CLIENTS-placed values, and receives only the merged (global) result.
+
+Like the silo workers' executors, `worker_binary` listens on all interfaces
+(it has no flag to bind loopback only): firewall the coordinator's ports too
+(docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import grpc
+from tensorflow_federated.python.core.backends.native import compiler
+from tensorflow_federated.python.core.environments.tensorflow_frontend import (
+    tensorflow_computation,
+)
+from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
+from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
+from tensorflow_federated.python.core.impl.executors import (
+    remote_executor,
+    remote_executor_grpc_stub,
+)
+from tensorflow_federated.python.core.impl.types import placements
+
+from flaap_mq.worker.executor_service import _CHANNEL_OPTIONS, ExecutorService
+
+__all__ = ["LocalMergeContext", "create_local_merge_context"]
+
+# TFF's invoke without its retry decorator, which retries a `RetryableError`
+# (e.g. the local executor is gone) forever: a failed merge must fail the call.
+_tff_invoke_once = async_execution_context.AsyncExecutionContext.invoke.__wrapped__
+
+
+class LocalMergeContext(async_execution_context.AsyncExecutionContext):
+    """An async TFF context on a coordinator-owned `worker_binary`.
+
+    `merges_run` counts the invocations it ran (each `merge` is one).  Call
+    `close()` when done: it stops the executor service.
+    """
+
+    def __init__(self, service: ExecutorService) -> None:
+        if service.port is None:
+            raise ValueError("the executor service must be started first")
+        self.service = service
+        self.merges_run = 0
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{service.port}", _CHANNEL_OPTIONS)
+        stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(self._channel)
+
+        def executor_for(
+            cardinalities: dict[placements.PlacementLiteral, int],
+        ) -> remote_executor.RemoteExecutor:
+            # As TFF's local_cpp_executor_factory; `merge` is unplaced anyway.
+            if cardinalities.get(placements.CLIENTS) is None:
+                cardinalities[placements.CLIENTS] = 0
+            executor = remote_executor.RemoteExecutor(stub)
+            executor.set_cardinalities(cardinalities)
+            return executor
+
+        super().__init__(
+            executor_fn=python_executor_stacks.ResourceManagingExecutorFactory(executor_for),
+            compiler_fn=compiler.desugar_and_transform_to_native,
+            transform_args=tensorflow_computation.transform_args,
+            transform_result=tensorflow_computation.transform_result,
+        )
+
+    async def invoke(self, comp: object, arg: object) -> object:
+        self.merges_run += 1
+        return await _tff_invoke_once(self, comp, arg)
+
+    def close(self) -> None:
+        self._channel.close()
+        self.service.close()
+
+
+def create_local_merge_context() -> LocalMergeContext:
+    """Starts a `worker_binary` owned by this process and a context over it.
+
+    Call it from a long-lived thread (normally the main one): the kernel kills
+    the binary when the thread that started it exits (`PR_SET_PDEATHSIG`).
+    """
+    service = ExecutorService()
+    service.start()
+    try:
+        return LocalMergeContext(service)
+    except BaseException:
+        service.close()
+        raise
