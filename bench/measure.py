@@ -244,7 +244,9 @@ async def _create_values(
 # ------------------------------------------------------------------ row 3
 
 
-def measure_model_round_trip(paths: Paths, num_elements: int, repeats: int) -> dict:
+def measure_model_round_trip(
+    paths: Paths, num_elements: int, repeats: int, warmup: int = 1
+) -> dict:
     """A float32 model of `num_elements` sent to one silo and back (server-side identity)."""
     model = np.random.default_rng(0).random(num_elements, dtype=np.float32)
 
@@ -261,7 +263,7 @@ def measure_model_round_trip(paths: Paths, num_elements: int, repeats: int) -> d
             model,
             check,
             repeats=repeats,
-            warmup=1,
+            warmup=warmup,
         )
     for row in result.values():
         row["round_trip_mb_per_s"] = 2 * model.nbytes / MB / row["median"]

@@ -62,6 +62,7 @@ class Settings:
     tiny_warmup: int
     model_elements: int
     model_repeats: int
+    large_model_elements: int  # 0: no 512 MB row (quick mode)
     output: Path
 
 
@@ -92,6 +93,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         tiny_warmup=3 if args.quick else 5,
         model_elements=MODEL_ELEMENTS,
         model_repeats=1 if args.quick else 5,
+        # Over RabbitMQ's default 128 MiB message limit: travels in chunks.
+        large_model_elements=0 if args.quick else 512 * 1024 * 1024 // 4,
         output=args.output or BENCH_DIR / name,
     )
 
@@ -173,6 +176,15 @@ def run_rows(paths: measure.Paths, s: Settings) -> dict[str, Any]:
             lambda: measure.measure_model_round_trip(paths, s.model_elements, s.model_repeats),
         ),
     ]
+    if s.large_model_elements:
+        phases.append(
+            (
+                "model_512",
+                lambda: measure.measure_model_round_trip(
+                    paths, s.large_model_elements, repeats=1, warmup=0
+                ),
+            )
+        )
     for name, phase in phases:
         start = time.monotonic()
         rows[name] = phase()
@@ -189,6 +201,9 @@ def print_report(rows: dict[str, Any], s: Settings, verdicts: list[report.Verdic
     print()
     print(report.format_model(rows["model"], s.model_repeats))
     print()
+    if "model_512" in rows:
+        print(report.format_model(rows["model_512"], 1))
+        print()
     print(report.format_verdicts(verdicts))
 
 
