@@ -550,4 +550,3 @@ class SiloWorker:
     def _settle(self, delivery: Delivery, action: Callable[[], None]) -> None:
         if self._link is not None:
             action()
-
