@@ -90,8 +90,6 @@ def silo_workers(secure_broker: SecureBroker, tmp_path_factory) -> Iterator[dict
             worker.stop()
 
 
-
-
 def test_round_over_tls_with_generated_credentials(secure_broker, silo_workers):
     # The coordinator gets the CA from the URL's query, the workers from --ca-file.
     with (
