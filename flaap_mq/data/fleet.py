@@ -1,8 +1,7 @@
 """Silo workers that each serve their own data directory, for the demo and tests.
 
-`WorkerFleet` gives every worker the same arguments; silos with data need one
-`--data-dir` each. This is the same fleet, started exactly as an operator
-would start `flaap-mq worker --silo-id S --data-dir DIR/S` on each silo.
+Each worker is started exactly as an operator would start
+`flaap-mq worker --silo-id S --data-dir DIR/S` on each silo.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from flaap_mq.testing.workers import WorkerFleet, WorkerProcess
+from flaap_mq.testing.workers import WorkerFleet
 
 
 class SiloDataFleet(WorkerFleet):
@@ -23,22 +22,14 @@ class SiloDataFleet(WorkerFleet):
         data_dirs: Mapping[str, str | os.PathLike[str]],
         **kwargs: object,
     ) -> None:
-        super().__init__(broker_url, list(data_dirs), **kwargs)  # type: ignore[arg-type]
-        self.data_dirs = {silo: Path(d).resolve() for silo, d in data_dirs.items()}
-        for silo, d in self.data_dirs.items():
+        resolved = {silo: Path(d).resolve() for silo, d in data_dirs.items()}
+        for silo, d in resolved.items():
             if not d.is_dir():
                 raise FileNotFoundError(f"data directory of silo {silo!r} does not exist: {d}")
-
-    def start_worker(self, silo_id: str, *, wait: bool = True) -> WorkerProcess:
-        log_path = self._log_dir / f"worker-{silo_id}.log" if self._log_dir else None
-        worker = WorkerProcess(
-            self.broker_url,
-            silo_id,
-            prefix=self.prefix,
-            extra_args=[*self._extra_args, "--data-dir", str(self.data_dirs[silo_id])],
-            log_path=log_path,
+        super().__init__(
+            broker_url,
+            list(resolved),
+            per_silo_args={silo: ["--data-dir", str(d)] for silo, d in resolved.items()},
+            **kwargs,  # type: ignore[arg-type]
         )
-        self.workers[silo_id] = worker
-        if wait:
-            self.wait_consuming([silo_id])
-        return worker
+        self.data_dirs = resolved

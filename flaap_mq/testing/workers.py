@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pika
@@ -139,6 +139,7 @@ class WorkerFleet:
         prefix: str = "flaap",
         log_dir: Path | None = None,
         extra_args: Sequence[str] = (),
+        per_silo_args: Mapping[str, Sequence[str]] | None = None,
         start_timeout_s: float = 120.0,
     ) -> None:
         self.broker_url = broker_url
@@ -146,6 +147,7 @@ class WorkerFleet:
         self.silo_ids = list(silo_ids)
         self._log_dir = log_dir
         self._extra_args = list(extra_args)
+        self._per_silo_args = {silo: list(args) for silo, args in (per_silo_args or {}).items()}
         self._start_timeout_s = start_timeout_s
         self.workers: dict[str, WorkerProcess] = {}
         self.exit_codes: dict[str, int] = {}
@@ -166,7 +168,7 @@ class WorkerFleet:
             self.broker_url,
             silo_id,
             prefix=self.prefix,
-            extra_args=self._extra_args,
+            extra_args=[*self._extra_args, *self._per_silo_args.get(silo_id, [])],
             log_path=log_path,
         )
         self.workers[silo_id] = worker
