@@ -21,36 +21,21 @@ from tensorflow.python.data.experimental.ops.testing import sleep
 
 import flaap_mq
 from flaap_mq.testing.tff_local import local_cpp_contexts
+from tests.partitioning_computations import (
+    CLIENT_READINGS,
+    DATA,
+    EXPECTED_COUNT,
+    READINGS,
+    SERVER_FLOAT,
+    SIX_CLIENTS,
+    SIX_COUNTS,
+    nested_readings_above,
+    readings_above,
+    readings_above_limit_first,
+    weighted_clipped_mean,
+)
 
 SILOS = ["a", "b", "c"]
-
-READINGS = tff.SequenceType(np.float32)
-CLIENT_READINGS = tff.FederatedType(READINGS, tff.CLIENTS)
-SERVER_FLOAT = tff.FederatedType(np.float32, tff.SERVER)
-
-# Three clients, one per silo; with limit 10.0 they have 0, 9 and 19 readings
-# above it.
-DATA = [[float(x) for x in range(n)] for n in (10, 20, 30)]
-EXPECTED_COUNT = 28
-
-
-@tff.tensorflow.computation(READINGS, np.float32)
-def count_above(readings, limit):
-    return readings.reduce(np.int32(0), lambda n, x: n + tf.cast(x > limit, tf.int32))
-
-
-@tff.tensorflow.computation(READINGS, np.float32)
-def clipped_mean(readings, limit):
-    total, count = readings.reduce(
-        (np.float32(0.0), np.float32(0.0)),
-        lambda acc, x: (acc[0] + tf.minimum(x, limit), acc[1] + 1.0),
-    )
-    return total / count
-
-
-@tff.tensorflow.computation(np.int32, np.float32)
-def scale(count, factor):
-    return tf.cast(count, tf.float32) * factor
 
 
 @tff.tensorflow.computation(READINGS, np.int64, np.float32)
@@ -59,55 +44,6 @@ def slow_count_above(readings, sleep_us, limit):
     # takes as long as the test wants, on the silo's executor.
     slowed = readings.apply(sleep(sleep_us))
     return slowed.reduce(np.int32(0), lambda n, x: n + tf.cast(x > limit, tf.int32))
-
-
-def _count_at_clients(readings, limit):
-    return tff.federated_map(
-        count_above, tff.federated_zip([readings, tff.federated_broadcast(limit)])
-    )
-
-
-@tff.federated_computation(CLIENT_READINGS, SERVER_FLOAT)
-def readings_above(readings, limit):
-    return tff.federated_sum(_count_at_clients(readings, limit))
-
-
-@tff.federated_computation(SERVER_FLOAT, CLIENT_READINGS)
-def readings_above_limit_first(limit, readings):
-    return tff.federated_sum(_count_at_clients(readings, limit))
-
-
-@tff.federated_computation(
-    CLIENT_READINGS, tff.FederatedType(np.float32, tff.CLIENTS), SERVER_FLOAT
-)
-def weighted_clipped_mean(readings, weights, limit):
-    means = tff.federated_map(
-        clipped_mean, tff.federated_zip([readings, tff.federated_broadcast(limit)])
-    )
-    return tff.federated_mean(means, weights)
-
-
-NESTED_ARGUMENT = tff.StructType(
-    [
-        ("limit", SERVER_FLOAT),
-        (
-            "batch",
-            tff.StructType(
-                [
-                    ("readings", CLIENT_READINGS),
-                    ("tag", tff.FederatedType(np.int32, tff.SERVER)),
-                ]
-            ),
-        ),
-        ("factor", SERVER_FLOAT),
-    ]
-)
-
-
-@tff.federated_computation(NESTED_ARGUMENT)
-def nested_readings_above(arg):
-    total = tff.federated_sum(_count_at_clients(arg.batch.readings, arg.limit))
-    return tff.federated_map(scale, tff.federated_zip([total, arg.factor]))
 
 
 @tff.federated_computation(CLIENT_READINGS, tff.FederatedType(np.int64, tff.CLIENTS), SERVER_FLOAT)
@@ -182,9 +118,7 @@ def test_every_client_is_counted_once_whatever_the_argument_shape(silos, referen
 # --------------------------------------------------------------------------
 # Per-client results come back in client order, whichever silo finishes last.
 
-# Six clients, two per silo (a: 0-1, b: 2-3, c: 4-5).
-SIX_CLIENTS = [[float(x) for x in range(n)] for n in (10, 20, 30, 15, 25, 12)]
-SIX_COUNTS = [0, 9, 19, 4, 14, 1]  # readings above 10.0
+# Six clients (SIX_CLIENTS), two per silo (a: 0-1, b: 2-3, c: 4-5).
 SLOW_CLIENT_S = 0.3  # how long each client of the slow silo takes, at least
 
 
