@@ -25,7 +25,6 @@ import dataclasses
 import signal
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import cachetools
@@ -275,7 +274,8 @@ class SiloWorker:
             # A bug here must not kill the worker: the task goes back to the
             # queue (and to the dead-letter queue after the delivery limit).
             self._log.exception("task_handler_failed")
-            self._settle(delivery, lambda: self._link.reject(delivery, requeue=True))
+            if self._link is not None:
+                self._link.reject(delivery, requeue=True)
         finally:
             self.tasks_handled += 1
             self._log.info(
@@ -546,7 +546,3 @@ class SiloWorker:
                 self._log.warning(f"{what}_not_confirmed", error=str(error))
 
         future.add_done_callback(settle)
-
-    def _settle(self, delivery: Delivery, action: Callable[[], None]) -> None:
-        if self._link is not None:
-            action()
