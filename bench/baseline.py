@@ -27,7 +27,7 @@ from tensorflow_federated.python.core.environments.tensorflow_frontend import (
     tensorflow_computation,
 )
 
-from bench.wire import GRPC_CHANNEL_OPTIONS, CountingStub, WireCount
+from bench.wire import GRPC_CHANNEL_OPTIONS, CountingChannel, WireCount
 from flaap_mq.worker.executor_service import ExecutorService
 
 
@@ -54,12 +54,12 @@ class DirectSilos:
     def pids(self) -> list[int]:
         return [s.pid for s in self.services if s.pid is not None]
 
-    def stub(self, silo: int) -> CountingStub:
+    def stub(self, silo: int) -> tff.framework.RemoteExecutorGrpcStub:
         channel = grpc.insecure_channel(
             f"127.0.0.1:{self.services[silo].port}", GRPC_CHANNEL_OPTIONS
         )
         self._stack.callback(channel.close)
-        return CountingStub(channel, self.count)
+        return tff.framework.RemoteExecutorGrpcStub(CountingChannel(channel, self.count))
 
     def context(self, num_silos: int) -> tff.framework.MergeableCompExecutionContext:
         """TFF's mergeable context over the first `num_silos` silos."""

@@ -4,8 +4,9 @@
   without using CPU (tf.data's test-only `sleep` transformation), so that
   silos running side by side show as a round time close to 1 s.
 * `tiny_fn`: a `federated_mean` of one float, to expose per-request cost.
-* `model_fn(n)`: a server-side identity on a float32 tensor of `n` elements:
-  the value goes to the silo and comes back.
+* `clients_identity_fn(n)`: a CLIENTS-placed float32 model of `n` elements
+  mapped through an identity: in TFF's mergeable form the model goes to the
+  silo and comes back as the per-client result.
 """
 
 from __future__ import annotations
@@ -44,17 +45,15 @@ def tiny_fn(values: object) -> object:
 
 
 @functools.cache
-def model_fn(num_elements: int) -> tff.Computation:
-    """Server-side identity on a float32[num_elements] model, run on a silo."""
+def clients_identity_fn(num_elements: int) -> tff.Computation:
+    model_type = tff.TensorType(np.float32, [num_elements])
 
-    @tff.tensorflow.computation(tff.TensorType(np.float32, [num_elements]))
+    @tff.tensorflow.computation(model_type)
     def identity(model: tf.Tensor) -> tf.Tensor:
         return tf.identity(model)
 
-    @tff.federated_computation(
-        tff.FederatedType(tff.TensorType(np.float32, [num_elements]), tff.SERVER)
-    )
-    def round_trip(model: object) -> object:
-        return tff.federated_map(identity, model)
+    @tff.federated_computation(tff.FederatedType(model_type, tff.CLIENTS))
+    def round_trip(models: object) -> object:
+        return tff.federated_map(identity, models)
 
     return round_trip

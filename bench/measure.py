@@ -215,30 +215,55 @@ def measure_tiny(paths: Paths, calls: int, warmup: int) -> dict:
 
 
 def measure_single_requests(paths: Paths, mq_context: Any, calls: int) -> dict[str, list[Sample]]:
-    """Round trips of one `CreateValue` of a float, through each path's executor."""
+    """Round trips of one float, through each path's executor (`value_round_trips`)."""
+    value = np.float32(1.0)
+    samples, _ = value_round_trips(paths, mq_context, value, calls, warmup=5)
+    return samples
+
+
+def value_round_trips(
+    paths: Paths, mq_context: Any, value: np.ndarray | np.generic, calls: int, warmup: int
+) -> tuple[dict[str, list[Sample]], Counted]:
+    """`create_value(value)` then `compute()`, straight through each path's executor.
+
+    A value sent to a silo and back: on flaap-mq a one-way CreateValue task
+    and an awaited Compute; on TFF's direct path a CreateValue and a Compute
+    gRPC call. Every result is checked; requests and bytes are counted.
+    """
     executors = {MQ: paths.mq.executor(mq_context), DIRECT: paths.direct.executor(0)}
+    type_spec = tff.TensorType(value.dtype, value.shape)
     try:
-        return asyncio.run(_create_values(executors, paths.meter, calls, warmup=5))
+        return asyncio.run(_round_trips(paths, executors, value, type_spec, calls, warmup))
     finally:
         for executor in executors.values():
             executor.close()
 
 
-async def _create_values(
-    executors: Mapping[str, Any], meter: CpuMeter, calls: int, warmup: int
-) -> dict[str, list[Sample]]:
+async def _round_trips(
+    paths: Paths,
+    executors: Mapping[str, Any],
+    value: np.ndarray | np.generic,
+    type_spec: tff.TensorType,
+    calls: int,
+    warmup: int,
+) -> tuple[dict[str, list[Sample]], Counted]:
     samples: dict[str, list[Sample]] = {name: [] for name in executors}
     names = list(executors)
+    counted = Counted(paths.counts)
     for i in range(warmup + calls):
+        if i == warmup:
+            counted.__enter__()
         for name in names if i % 2 == 0 else reversed(names):
-            with metered(meter) as sample:
-                value = await executors[name].create_value(
-                    np.float32(1.0), tff.TensorType(np.float32)
-                )
-            del value  # disposed, batched, as in real use
+            with metered(paths.meter) as sample:
+                made = await executors[name].create_value(value, type_spec)
+                back = await made.compute()
+            if not np.array_equal(np.asarray(back), value):
+                raise AssertionError(f"{name}: the value came back changed")
+            del made, back  # disposed, batched, as in real use
             if i >= warmup:
                 samples[name].extend(sample)
-    return samples
+    counted.__exit__()
+    return samples, counted
 
 
 # ------------------------------------------------------------------ row 3
@@ -247,11 +272,31 @@ async def _create_values(
 def measure_model_round_trip(
     paths: Paths, num_elements: int, repeats: int, warmup: int = 1
 ) -> dict:
-    """A float32 model of `num_elements` sent to one silo and back (server-side identity)."""
+    """A float32 model of `num_elements` sent to one silo and back.
+
+    Through each path's executor, as a CreateValue and a Compute: the value
+    really travels both ways on both paths. (A TFF computation would not do:
+    flaap-mq runs a SERVER-only computation's `after_merge` on the
+    coordinator, so such a model would never come back from a silo.)
+    """
     model = np.random.default_rng(0).random(num_elements, dtype=np.float32)
+    with contextlib.closing(paths.mq.context(1)) as mq_context:
+        samples, counted = value_round_trips(paths, mq_context, model, repeats, warmup)
+    result = {
+        name: {**summary(samples[name]), **counted.per_call(name, repeats)} for name in samples
+    }
+    for row in result.values():
+        row["round_trip_mb_per_s"] = 2 * model.nbytes / MB / row["median"]
+        row["wire_mb_per_s"] = (row["bytes_out"] + row["bytes_in"]) / MB / row["median"]
+    return {"model_bytes": model.nbytes, **result}
+
+
+def measure_model_in_computation(paths: Paths, num_elements: int, repeats: int) -> dict:
+    """The same model through a TFF computation (`clients_identity_fn`), one client."""
+    model = np.random.default_rng(1).random(num_elements, dtype=np.float32)
 
     def check(result: object) -> None:
-        if not np.array_equal(np.asarray(result), model):
+        if not np.array_equal(np.asarray(result[0]), model):  # type: ignore[index]
             raise AssertionError("the model came back changed")
 
     with contextlib.closing(paths.mq.context(1)) as mq_context:
@@ -259,11 +304,11 @@ def measure_model_round_trip(
             paths,
             mq_context,
             paths.direct.context(1),
-            computations.model_fn(num_elements),
-            model,
+            computations.clients_identity_fn(num_elements),
+            [model],
             check,
             repeats=repeats,
-            warmup=warmup,
+            warmup=1,
         )
     for row in result.values():
         row["round_trip_mb_per_s"] = 2 * model.nbytes / MB / row["median"]

@@ -175,6 +175,10 @@ def run_rows(paths: measure.Paths, s: Settings) -> dict[str, Any]:
             "model",
             lambda: measure.measure_model_round_trip(paths, s.model_elements, s.model_repeats),
         ),
+        (
+            "model_in_tff",
+            lambda: measure.measure_model_in_computation(paths, s.model_elements, s.model_repeats),
+        ),
     ]
     if s.large_model_elements:
         phases.append(
@@ -200,6 +204,8 @@ def print_report(rows: dict[str, Any], s: Settings, verdicts: list[report.Verdic
     print(report.format_tiny(rows["tiny"], s.tiny_calls))
     print()
     print(report.format_model(rows["model"], s.model_repeats))
+    print()
+    print(report.format_model(rows["model_in_tff"], s.model_repeats, in_computation=True))
     print()
     if "model_512" in rows:
         print(report.format_model(rows["model_512"], 1))

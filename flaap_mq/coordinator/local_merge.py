@@ -15,8 +15,10 @@ over a `worker_binary` that this process starts and owns (an
 `ExecutorService`: killed by the kernel if the coordinator dies, stopped by
 `close()`), reached over a loopback gRPC channel.  It mirrors TFF's
 `local_cpp_executor_factory`, which cannot be used because it leaks its
-process.  `after_merge` still runs on the silos, which hold the
-CLIENTS-placed values, and receives only the merged (global) result.
+process.  An `after_merge` whose result has no per-client part runs here
+too (TFF runs it on a silo, which then sees the final aggregate); one with
+per-client results runs on the silos, which hold the CLIENTS-placed values,
+and receives only the merged (global) result.
 
 Like the silo workers' executors, `worker_binary` listens on all interfaces
 (it has no flag to bind loopback only): firewall the coordinator's ports too
@@ -38,6 +40,7 @@ from tensorflow_federated.python.core.impl.executors import (
 )
 from tensorflow_federated.python.core.impl.types import placements
 
+from flaap_mq.coordinator.computation_cache import ComputationCache
 from flaap_mq.worker.executor_service import _CHANNEL_OPTIONS, ExecutorService
 
 __all__ = ["LocalMergeContext", "create_local_merge_context"]
@@ -45,6 +48,23 @@ __all__ = ["LocalMergeContext", "create_local_merge_context"]
 # TFF's invoke without its retry decorator, which retries a `RetryableError`
 # (e.g. the local executor is gone) forever: a failed merge must fail the call.
 _tff_invoke_once = async_execution_context.AsyncExecutionContext.invoke.__wrapped__
+
+
+class _CachingRemoteExecutor(remote_executor.RemoteExecutor):
+    """TFF's `RemoteExecutor`, sending each computation once (`computation_cache`)."""
+
+    def __init__(self, stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub) -> None:
+        super().__init__(stub)
+        self._computations = ComputationCache()
+
+    async def create_value(self, value: object, type_spec: object = None) -> object:
+        return await self._computations.value_for(
+            value, lambda: super(_CachingRemoteExecutor, self).create_value(value, type_spec)
+        )
+
+    def close(self) -> None:
+        self._computations.clear()
+        super().close()
 
 
 class LocalMergeContext(async_execution_context.AsyncExecutionContext):
@@ -61,6 +81,7 @@ class LocalMergeContext(async_execution_context.AsyncExecutionContext):
         self.merges_run = 0
         self._channel = grpc.insecure_channel(f"127.0.0.1:{service.port}", _CHANNEL_OPTIONS)
         stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(self._channel)
+        self._executors: list[_CachingRemoteExecutor] = []
 
         def executor_for(
             cardinalities: dict[placements.PlacementLiteral, int],
@@ -68,8 +89,9 @@ class LocalMergeContext(async_execution_context.AsyncExecutionContext):
             # As TFF's local_cpp_executor_factory; `merge` is unplaced anyway.
             if cardinalities.get(placements.CLIENTS) is None:
                 cardinalities[placements.CLIENTS] = 0
-            executor = remote_executor.RemoteExecutor(stub)
+            executor = _CachingRemoteExecutor(stub)
             executor.set_cardinalities(cardinalities)
+            self._executors.append(executor)
             return executor
 
         super().__init__(
@@ -84,6 +106,10 @@ class LocalMergeContext(async_execution_context.AsyncExecutionContext):
         return await _tff_invoke_once(self, comp, arg)
 
     def close(self) -> None:
+        # Executors first: their cached values are disposed of over the channel.
+        for executor in self._executors:
+            executor.close()
+        self._executors.clear()
         self._channel.close()
         self.service.close()
 

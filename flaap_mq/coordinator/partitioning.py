@@ -380,7 +380,8 @@ async def _invoke_mergeable_comp_form_in_order(
     order-insensitive by contract.
 
     With a `merge_context`, every `merge` runs there (on the coordinator)
-    instead of on a silo, by way of `_invoke_merge_on_coordinator`.
+    instead of on a silo, by way of `_invoke_merge_on_coordinator`, and so does
+    an `after_merge` whose result has no per-client part.
     """
     # No argument: every context runs the computation once, over its default
     # clients.
@@ -400,8 +401,13 @@ async def _invoke_mergeable_comp_form_in_order(
 
     if type_analysis.contains_only(comp.after_merge.type_signature.result, _predicate):
         # No per-client part in the result: every part's after_merge would give
-        # the same value, so, as TFF does, it runs once, on the first part.
-        return await _compute_after_merged(comp, arg_list[0], merge_result, last_context)
+        # the same value, so, as TFF does, it runs once, on the first part. TFF
+        # runs it on the silo that finished last, which thereby sees the final
+        # aggregate (the global mean, the new model); with a `merge_context`
+        # it runs on the coordinator, which already holds every input it
+        # needs, and the round saves a broker round trip.
+        context = merge_context if merge_context is not None else last_context
+        return await _compute_after_merged(comp, arg_list[0], merge_result, context)
 
     # The one deliberate difference from TFF: results are kept in part order,
     # which `split_over_silos` makes client order.

@@ -1,26 +1,42 @@
 """A TFF executor whose executor service is a silo worker behind RabbitMQ.
 
 This is TFF's `RemoteExecutor` protocol (GetExecutor, CreateValue, ...,
-Dispose), with two differences that matter:
+Dispose), with four differences that matter:
 
-* every request is awaited, never called synchronously: TFF 0.87's
+* values are pipelined. TFF's protocol is chatty: a one-float mean takes
+  about ten requests, and each Create* waits for the value ref that the
+  executor service hands out. Over a broker, that is ten persistent,
+  confirmed round trips. Here the coordinator names each value itself (the
+  task id of the Create* task that makes it) and sends Create* requests
+  one-way, so a whole chain CreateValue -> CreateCall -> Compute costs one
+  round trip: only GetExecutor and Compute, which return data, are awaited.
+  The worker maps the names to its executor service's refs
+  (`flaap_mq.worker.values`). A Create* that fails on the silo (a TFF error
+  in a CreateCall, say) fails the Compute that needs it, with that error,
+  naming the silo and the request that failed; a Create* that the broker
+  did not take (too large, no silo queue) fails that Compute with the reason;
+* every awaited request is awaited, never called synchronously: TFF 0.87's
   `RemoteExecutor` blocks the event loop on each gRPC call, so the silos of a
-  round run one after another (4 silos of 1 s each: 4.9 s); here they run side
-  by side;
-* disposal is fire-and-forget and batched: TFF's value finalizers run on
-  whatever thread the garbage collector picks, where waiting for a reply
-  could deadlock.
+  round run one after another (4 silos of 1 s each: 4.9 s); here they run
+  side by side;
+* each computation is sent once per executor, not once per invocation
+  (`computation_cache`);
+* disposal is one-way and batched: TFF's value finalizers run on whatever
+  thread the garbage collector picks, where waiting for a reply could
+  deadlock.
 
-Executor creation (GetExecutor) is deferred to the first awaited request,
-because TFF's executor factory calls its stack function synchronously.
+Executor creation (GetExecutor) is deferred to the first request, because
+TFF's executor factory calls its stack function synchronously.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.common_libs import structure
@@ -31,25 +47,47 @@ from tensorflow_federated.python.core.impl.executors import (
 )
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
+from flaap_mq.coordinator.computation_cache import ComputationCache
 from flaap_mq.coordinator.task_client import TaskClient
+from flaap_mq.protocol import envelope
 
 _DISPOSE_BATCH_SIZE = 20
 
 
+@dataclasses.dataclass(frozen=True)
+class ExecutorHandle:
+    """An executor in a silo's executor service, and the worker process holding it."""
+
+    executor_id: executor_pb2.ExecutorId
+    incarnation: str
+
+
 class SiloValue(executor_value_base.ExecutorValue):
-    """A value held in a silo's executor service, disposed when unreferenced."""
+    """A value named by the coordinator, held in a silo's executor service.
+
+    Disposed of when unreferenced. Until the broker has confirmed the task
+    that makes it, it keeps the values it was made from (`parents`), so that
+    a Compute can report a value lost on the way to the broker, however far
+    back in the chain.
+    """
 
     def __init__(
         self,
-        value_ref: executor_pb2.ValueRef,
+        value_id: str,
         type_spec: computation_types.Type,
         executor: SiloExecutor,
-        executor_id: executor_pb2.ExecutorId,
+        remote: ExecutorHandle,
+        sent: concurrent.futures.Future[None],
+        parents: Sequence[SiloValue] = (),
     ) -> None:
-        self._value_ref = value_ref
+        self._value_ref = executor_pb2.ValueRef(id=value_id)
         self._type_signature = type_spec
         self._executor = executor
-        weakref.finalize(self, executor._dispose, value_ref, executor_id)
+        self.remote = remote
+        self._sent = sent
+        self._parents: Sequence[SiloValue] = tuple(parents)
+        self._settled = False  # this value's task and its parents' are all at the broker
+        weakref.finalize(self, executor._dispose, value_id, remote)
 
     @property
     def type_signature(self) -> computation_types.Type:
@@ -60,7 +98,30 @@ class SiloValue(executor_value_base.ExecutorValue):
         return self._value_ref
 
     async def compute(self) -> object:
-        return await self._executor._compute(self._value_ref, self._type_signature)
+        return await self._executor._compute(self)
+
+    async def wait_sent(self) -> None:
+        """Returns once the broker holds the tasks making this value and its parents.
+
+        Raises the `SiloError` of the first that it did not take.
+        """
+        unsettled: list[SiloValue] = []
+        stack, seen = [self], set()
+        while stack:
+            value = stack.pop()
+            if value._settled or id(value) in seen:
+                continue
+            seen.add(id(value))
+            unsettled.append(value)
+            stack.extend(value._parents)
+        outcomes = await asyncio.gather(
+            *(asyncio.wrap_future(v._sent) for v in unsettled), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        for value in unsettled:
+            value._settled, value._parents = True, ()  # lets the chain be collected
 
 
 class SiloExecutor(executor_base.Executor):
@@ -75,76 +136,82 @@ class SiloExecutor(executor_base.Executor):
         self._client = client
         self._silo_id = silo_id
         self._cardinalities = dict(cardinalities)
-        self._executor_id: executor_pb2.ExecutorId | None = None
-        self._creating: asyncio.Future[executor_pb2.ExecutorId] | None = None
+        self._remote: ExecutorHandle | None = None
+        self._creating: asyncio.Future[ExecutorHandle] | None = None
         self._dispose_lock = threading.Lock()
-        self._dispose_refs: list[executor_pb2.ValueRef] = []
+        self._dispose_ids: list[str] = []
+        self._computations = ComputationCache()
         self._closed = False
 
     @property
     def silo_id(self) -> str:
         return self._silo_id
 
-    async def _call(self, request):
-        return await self._client.call(self._silo_id, request)
-
-    async def _executor(self) -> executor_pb2.ExecutorId:
+    async def _executor(self) -> ExecutorHandle:
         """The silo-side executor for our cardinalities, created on first use."""
-        if self._executor_id is not None:
-            return self._executor_id
+        if self._remote is not None:
+            return self._remote
         if self._closed:
             raise RuntimeError(f"executor for silo {self._silo_id!r} is closed")
         # Concurrent first requests share one GetExecutor.
         if self._creating is None:
             self._creating = asyncio.ensure_future(self._get_executor())
         try:
-            self._executor_id = await asyncio.shield(self._creating)
+            self._remote = await asyncio.shield(self._creating)
         except BaseException:
             self._creating = None
             raise
-        return self._executor_id
+        return self._remote
 
-    async def _get_executor(self) -> executor_pb2.ExecutorId:
+    async def _get_executor(self) -> ExecutorHandle:
         request = executor_pb2.GetExecutorRequest(
             cardinalities=value_serialization.serialize_cardinalities(self._cardinalities)
         )
-        response = await self._call(request)
-        return response.executor
+        answer = await self._client.ask(self._silo_id, request)
+        return ExecutorHandle(answer.response.executor, answer.incarnation)
 
-    def _wrap(
+    def _make(
         self,
-        response: executor_pb2.CreateValueResponse,
+        remote: ExecutorHandle,
+        request: envelope.Request,
         type_spec: computation_types.Type,
-        executor_id: executor_pb2.ExecutorId,
+        parents: Sequence[SiloValue] = (),
     ) -> SiloValue:
-        return SiloValue(response.value_ref, type_spec, self, executor_id)
+        """Sends a Create* request one-way; the value is named by its task id."""
+        value_id = envelope.new_task_id()
+        sent = self._client.send(
+            self._silo_id, request, incarnation=remote.incarnation, task_id=value_id
+        )
+        return SiloValue(value_id, type_spec, self, remote, sent, parents)
 
     async def create_value(self, value: object, type_spec: object = None) -> SiloValue:
-        executor_id = await self._executor()
-        value_proto, type_spec = value_serialization.serialize_value(value, type_spec)
-        response = await self._call(
-            executor_pb2.CreateValueRequest(executor=executor_id, value=value_proto)
-        )
-        return self._wrap(response, type_spec, executor_id)
+        remote = await self._executor()
+
+        async def create() -> SiloValue:
+            value_proto, value_type = value_serialization.serialize_value(value, type_spec)
+            request = envelope.create_value_request(remote.executor_id, value_proto)
+            return self._make(remote, request, value_type)
+
+        return await self._computations.value_for(value, create)  # type: ignore[return-value]
 
     async def create_call(self, comp: SiloValue, arg: SiloValue | None = None) -> SiloValue:
-        executor_id = await self._executor()
+        remote = await self._executor()
         if not isinstance(comp.type_signature, computation_types.FunctionType):
             raise TypeError(f"expected a function to call, got {comp.type_signature}")
-        response = await self._call(
-            executor_pb2.CreateCallRequest(
-                executor=executor_id,
-                function_ref=comp.reference,
-                argument_ref=arg.reference if arg is not None else None,
-            )
+        request = executor_pb2.CreateCallRequest(
+            executor=remote.executor_id,
+            function_ref=comp.reference,
+            argument_ref=arg.reference if arg is not None else None,
         )
-        return self._wrap(response, comp.type_signature.result, executor_id)
+        parents = (comp,) if arg is None else (comp, arg)
+        return self._make(remote, request, comp.type_signature.result, parents)
 
     async def create_struct(self, elements: object) -> SiloValue:
-        executor_id = await self._executor()
+        remote = await self._executor()
         elements = structure.from_container(elements)
         proto_elements = []
         type_elements = []
+        parents = []
         for name, value in structure.iter_elements(elements):
             proto_elements.append(
                 executor_pb2.CreateStructRequest.Element(
@@ -152,54 +219,68 @@ class SiloExecutor(executor_base.Executor):
                 )
             )
             type_elements.append((name, value.type_signature) if name else value.type_signature)
-        response = await self._call(
-            executor_pb2.CreateStructRequest(executor=executor_id, element=proto_elements)
+            parents.append(value)
+        request = executor_pb2.CreateStructRequest(
+            executor=remote.executor_id, element=proto_elements
         )
-        return self._wrap(response, computation_types.StructType(type_elements), executor_id)
+        return self._make(remote, request, computation_types.StructType(type_elements), parents)
 
     async def create_selection(self, source: SiloValue, index: int) -> SiloValue:
-        executor_id = await self._executor()
+        remote = await self._executor()
         if not isinstance(source.type_signature, computation_types.StructType):
             raise TypeError(f"can only select from a struct, got {source.type_signature}")
-        response = await self._call(
-            executor_pb2.CreateSelectionRequest(
-                executor=executor_id, source_ref=source.reference, index=index
-            )
+        request = executor_pb2.CreateSelectionRequest(
+            executor=remote.executor_id, source_ref=source.reference, index=index
         )
-        return self._wrap(response, source.type_signature[index], executor_id)
+        return self._make(remote, request, source.type_signature[index], (source,))
 
-    async def _compute(
-        self, value_ref: executor_pb2.ValueRef, type_spec: computation_types.Type
-    ) -> object:
-        executor_id = await self._executor()
-        response = await self._call(
-            executor_pb2.ComputeRequest(executor=executor_id, value_ref=value_ref)
+    async def _compute(self, value: SiloValue) -> object:
+        request = executor_pb2.ComputeRequest(
+            executor=value.remote.executor_id, value_ref=value.reference
         )
-        value, _ = value_serialization.deserialize_value(response.value, type_spec)
-        return value
+        answer = asyncio.ensure_future(
+            self._client.ask(self._silo_id, request, incarnation=value.remote.incarnation)
+        )
+        try:
+            # Usually long settled; waited for alongside the answer, so that a
+            # value the broker refused is reported as such.
+            await value.wait_sent()
+        except BaseException:
+            answer.cancel()
+            answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
+        response = (await answer).response
+        result, _ = value_serialization.deserialize_value(response.value, value.type_signature)
+        return result
 
-    def _dispose(
-        self, value_ref: executor_pb2.ValueRef, executor_id: executor_pb2.ExecutorId
-    ) -> None:
+    def _dispose(self, value_id: str, remote: ExecutorHandle) -> None:
         """Called by value finalizers, from any thread; never waits."""
         with self._dispose_lock:
-            if executor_id != self._executor_id:
+            if remote != self._remote:
                 return  # that executor is already gone, and its values with it
-            self._dispose_refs.append(value_ref)
-            if len(self._dispose_refs) < _DISPOSE_BATCH_SIZE:
+            self._dispose_ids.append(value_id)
+            if len(self._dispose_ids) < _DISPOSE_BATCH_SIZE:
                 return
-            refs, self._dispose_refs = self._dispose_refs, []
-        self._client.send_and_forget(
-            self._silo_id, executor_pb2.DisposeRequest(executor=executor_id, value_ref=refs)
+            ids, self._dispose_ids = self._dispose_ids, []
+        self._client.send(
+            self._silo_id,
+            executor_pb2.DisposeRequest(
+                executor=remote.executor_id,
+                value_ref=[executor_pb2.ValueRef(id=i) for i in ids],
+            ),
+            incarnation=remote.incarnation,
         )
 
     def close(self) -> None:
-        """Releases the silo-side executor (fire-and-forget; TFF calls this synchronously)."""
+        """Releases the silo-side executor (one-way; TFF calls this synchronously)."""
         self._closed = True
         with self._dispose_lock:
-            executor_id, self._executor_id = self._executor_id, None
-            self._dispose_refs = []
-        if executor_id is not None:
-            self._client.send_and_forget(
-                self._silo_id, executor_pb2.DisposeExecutorRequest(executor=executor_id)
+            remote, self._remote = self._remote, None
+            self._dispose_ids = []
+        self._computations.clear()
+        if remote is not None:
+            self._client.send(
+                self._silo_id,
+                executor_pb2.DisposeExecutorRequest(executor=remote.executor_id),
+                incarnation=remote.incarnation,
             )

@@ -1,11 +1,13 @@
 """The coordinator's side of the wire: publish Tasks, await their TaskResults.
 
 This is RabbitMQ's RPC pattern: each coordinator (job) has its own reply
-queue, bound to the replies exchange under its job id; each Task carries
-`reply_to` (the job id) and a `correlation_id` (the task id). A reply
-resolves the asyncio future registered for its correlation id, on the event
-loop that is waiting for it, so many requests to many silos are in flight at
-once and nothing on any event loop blocks on the network.
+queue, bound to the replies exchange under its job id; each Task awaited
+with `ask` carries `reply_to` (the job id) and a `correlation_id` (the task
+id). A reply resolves the asyncio future registered for its correlation id,
+on the event loop that is waiting for it, so many requests to many silos are
+in flight at once and nothing on any event loop blocks on the network.
+A task sent with `send` is one-way: no `reply_to`, nothing awaited but the
+broker's confirm (see `silo_executor` for why most requests go that way).
 
 The guarantees live here:
 
@@ -32,7 +34,7 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 from google.protobuf import message as protobuf_message
@@ -52,15 +54,40 @@ TASK_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.Task"
 @dataclasses.dataclass
 class _Pending:
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[task_pb2.TaskResult]
+    future: asyncio.Future[_Reply]
     silo_id: str
     request: str
     started: float
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """A silo's response to an awaited request."""
+
+    response: protobuf_message.Message
+    incarnation: str  # the worker incarnation that answered (see worker.incarnation)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+    """One request sent, as an observer sees it (sizes of the TFF payloads)."""
+
+    silo_id: str
+    request: str  # the request's kind, e.g. "CreateValue"
+    bytes_sent: int
+    bytes_received: int  # 0 for a one-way request, and for one that failed
+
+
+Observer = Callable[[Exchange], None]
+
+# What a reply resolves a call with: the result, and its response payload
+# (a view of the message, or the slices of a chunked one, joined by the caller).
+_Reply = tuple[task_pb2.TaskResult, memoryview | chunking.Parts]
+
+
 def _set_outcome(
-    future: asyncio.Future[task_pb2.TaskResult],
-    result: task_pb2.TaskResult | None,
+    future: asyncio.Future[_Reply],
+    result: _Reply | None,
     error: BaseException | None,
 ) -> None:
     if future.done():
@@ -116,6 +143,7 @@ class TaskClient:
             max_message_bytes=max_message_bytes,
             on_unavailable=self._fail_all_pending,
         )
+        self._observers: list[Observer] = []
         self.requests_sent = 0
 
     def _declarations(self) -> list[topology.Declaration]:
@@ -142,41 +170,67 @@ class TaskClient:
 
     # ------------------------------------------------------------------ calls
 
+    def observe(self, observer: Observer) -> None:
+        """Calls `observer` for every request sent from now on (for meters)."""
+        self._observers.append(observer)
+
+    def _observed(self, exchange: Exchange) -> None:
+        for observer in self._observers:
+            observer(exchange)
+
     async def call(
         self,
         silo_id: str,
-        request: protobuf_message.Message,
+        request: envelope.Request,
         *,
+        incarnation: str = "",
         timeout_s: float | None = None,
     ) -> protobuf_message.Message:
         """Runs one executor request on `silo_id` and returns its response."""
-        spec = envelope.spec_for_request(request)
+        answer = await self.ask(silo_id, request, incarnation=incarnation, timeout_s=timeout_s)
+        return answer.response
+
+    async def ask(
+        self,
+        silo_id: str,
+        request: envelope.Request,
+        *,
+        incarnation: str = "",
+        timeout_s: float | None = None,
+    ) -> Answer:
+        """Runs one executor request on `silo_id`; its response, and who answered.
+
+        `incarnation` is the worker incarnation whose executor `request`
+        names (empty for GetExecutor).
+        """
+        spec = envelope.spec_of(request)
         timeout_s = self.task_timeout_s if timeout_s is None else timeout_s
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[task_pb2.TaskResult] = loop.create_future()
+        future: asyncio.Future[_Reply] = loop.create_future()
         task_id = envelope.new_task_id()
         pending = _Pending(loop, future, silo_id, spec.name, time.monotonic())
         with self._lock:
             self._pending[task_id] = pending
+        sent = received = 0
         try:
-            for published in self._publish(silo_id, request, task_id, timeout_s):
-                published.add_done_callback(lambda f: self._on_published(task_id, f))
-            try:
-                result = await asyncio.wait_for(future, timeout_s)
-            except TimeoutError:
-                raise errors.SiloTimeoutError(
-                    silo_id, spec.name, f"no answer within the task timeout of {timeout_s:g} s"
-                ) from None
+            published, sent = self._publish(
+                silo_id, request, task_id, timeout_s, incarnation=incarnation, reply=True
+            )
+            for part in published:
+                part.add_done_callback(lambda f: self._on_published(task_id, f))
+            result, payload = await self._wait(pending, task_id, timeout_s)
+            if result.WhichOneof("outcome") == "error":
+                raise errors.error_from_result(silo_id, spec.name, result.error)
+            if isinstance(payload, chunking.Parts):
+                try:
+                    payload = payload.join()  # here, not on the I/O thread every silo shares
+                except chunking.ChunkError as e:
+                    raise errors.SiloRetryableError(silo_id, spec.name, str(e)) from None
+            received = len(payload)
+            response = spec.response_type()
+            response.ParseFromString(payload)
         finally:
-            with self._lock:
-                self._pending.pop(task_id, None)
-            self._reassembler.discard(task_id)
-        if result.WhichOneof("outcome") == "error":
-            raise errors.error_from_result(silo_id, spec.name, result.error)
-        # Reading a bytes field copies it: read the (possibly huge) payload once.
-        payload = result.response
-        response = spec.response_type()
-        response.ParseFromString(payload)
+            self._observed(Exchange(silo_id, spec.name, sent, received))
         self._log.debug(
             "task_done",
             silo=silo_id,
@@ -184,39 +238,91 @@ class TaskClient:
             task_id=task_id,
             duration_ms=round((time.monotonic() - pending.started) * 1000, 2),
             silo_duration_ms=round(result.duration_us / 1000, 2),
-            bytes_out=request.ByteSize(),
-            bytes_in=len(payload),
+            bytes_out=sent,
+            bytes_in=received,
         )
-        return response
+        return Answer(response, result.worker_incarnation)
 
-    def send_and_forget(self, silo_id: str, request: protobuf_message.Message) -> None:
-        """Publishes a request whose reply nobody waits for (disposal).
+    async def _wait(self, pending: _Pending, task_id: str, timeout_s: float) -> _Reply:
+        try:
+            return await asyncio.wait_for(pending.future, timeout_s)
+        except TimeoutError:
+            raise errors.SiloTimeoutError(
+                pending.silo_id,
+                pending.request,
+                f"no answer within the task timeout of {timeout_s:g} s",
+            ) from None
+        finally:
+            with self._lock:
+                self._pending.pop(task_id, None)
+            self._reassembler.discard(task_id)
 
-        Safe from any thread, the garbage collector's included: waiting for a
-        reply there could deadlock the thread that delivers it.
+    def send(
+        self,
+        silo_id: str,
+        request: envelope.Request,
+        *,
+        incarnation: str = "",
+        task_id: str | None = None,
+    ) -> concurrent.futures.Future[None]:
+        """Publishes a one-way request: no reply, nothing waits for one.
+
+        Returns a future that resolves once the broker holds every part of
+        the task, or fails with a `SiloError` saying why it could not be
+        sent. Safe from any thread, the garbage collector's included (value
+        finalizers dispose of values through here). A Create* request's
+        `task_id` names the value it makes.
         """
-        self._publish(silo_id, request, envelope.new_task_id(), self.task_timeout_s)
+        task_id = task_id or envelope.new_task_id()
+        name = envelope.spec_of(request).name
+        parts, size = self._publish(
+            silo_id, request, task_id, self.task_timeout_s, incarnation=incarnation, reply=False
+        )
+        self._observed(Exchange(silo_id, name, size, 0))
+        sent: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def settle(done: concurrent.futures.Future[None]) -> None:
+            error = done.exception()
+            if error is None:
+                sent.set_result(None)
+            else:
+                sent.set_exception(self._publish_error(silo_id, name, error))
+
+        broker_link.all_confirmed(parts).add_done_callback(settle)
+        return sent
 
     def _publish(
         self,
         silo_id: str,
-        request: protobuf_message.Message,
+        request: envelope.Request,
         task_id: str,
         timeout_s: float,
-    ) -> list[concurrent.futures.Future[None]]:
-        """Publishes the task, split into chunks if its request is large."""
-        task = envelope.build_task(
-            request=request,
+        *,
+        incarnation: str,
+        reply: bool,
+    ) -> tuple[list[concurrent.futures.Future[None]], int]:
+        """Publishes the task, split into chunks if its request is large.
+
+        Returns the publish futures of its messages, and the request's size.
+        """
+        if isinstance(request, envelope.SerializedRequest):
+            kind, payload = request.spec.kind, request.payload
+        else:
+            kind, payload = envelope.spec_for_request(request).kind, request.SerializeToString()
+        task = envelope.task_envelope(
+            kind=kind,
             job_id=self.job_id,
             silo_id=silo_id,
             task_id=task_id,
             deadline_unix_ms=envelope.deadline_after(timeout_s),
+            incarnation=incarnation,
         )
         self.requests_sent += 1
         properties = dict(
+            # The worker announces the value a Create* task makes by this id.
             message_id=task_id,
             correlation_id=task_id,
-            reply_to=self.job_id,
+            reply_to=self.job_id if reply else None,
             # The broker drops (dead-letters) the task at its deadline, so a
             # silo that comes back late does not run work nobody awaits.
             expiration=str(max(1, int(timeout_s * 1000))),
@@ -225,15 +331,17 @@ class TaskClient:
             app_id="flaap-mq",
             timestamp=int(time.time()),
         )
-        return [
+        messages = envelope.encode_task(task, payload, self._chunk_bytes)
+        futures = [
             self._link.publish(
                 self._names.tasks_exchange,
                 silo_id,
-                part.SerializeToString(),
-                default_properties(**properties, headers=chunking.headers(part.chunk)),
+                message,
+                default_properties(**properties, headers=chunking.headers(i, len(messages))),
             )
-            for part in envelope.split_task(task, self._chunk_bytes)
+            for i, message in enumerate(messages)
         ]
+        return futures, len(payload)
 
     def _on_published(self, task_id: str, published: concurrent.futures.Future[None]) -> None:
         error = published.exception()
@@ -243,21 +351,21 @@ class TaskClient:
             pending = self._pending.get(task_id)
         if pending is None:
             return
+        self._resolve(pending, None, self._publish_error(pending.silo_id, pending.request, error))
+
+    @staticmethod
+    def _publish_error(silo_id: str, request: str, error: BaseException) -> errors.SiloError:
         if isinstance(error, broker_link.MessageTooLarge):
-            mapped: BaseException = errors.MessageTooLargeError(
-                pending.silo_id, pending.request, str(error)
-            )
-        elif isinstance(error, broker_link.Unroutable):
-            mapped = errors.SiloProtocolError(
-                pending.silo_id,
-                pending.request,
+            return errors.MessageTooLargeError(silo_id, request, str(error))
+        if isinstance(error, broker_link.Unroutable):
+            return errors.SiloProtocolError(
+                silo_id,
+                request,
                 f"the broker has no queue for this silo ({error}); was it deleted?",
             )
-        else:
-            mapped = errors.SiloRetryableError(
-                pending.silo_id, pending.request, f"task not delivered to the broker: {error}"
-            )
-        self._resolve(pending, None, mapped)
+        return errors.SiloRetryableError(
+            silo_id, request, f"task not delivered to the broker: {error}"
+        )
 
     # ---------------------------------------------------------------- replies
 
@@ -265,7 +373,7 @@ class TaskClient:
         """Runs on the I/O thread for every message in our reply queue."""
         self._link.ack(delivery)
         try:
-            result = envelope.parse_result(delivery.body)
+            result, payload = envelope.read_result(delivery.body)
         except envelope.MalformedEnvelope as e:
             self._log.warning("reply_malformed", error=str(e))
             return
@@ -274,9 +382,10 @@ class TaskClient:
             pending = self._pending.get(correlation_id)
         if pending is not None and not self._from_silo_user(pending, delivery, correlation_id):
             return
+        reply: _Reply | None = (result, payload)
         if chunking.is_chunked(result.chunk):
-            result = self._reassemble(result, pending)
-            if result is None:
+            reply = self._collect_slice(result, payload, pending)
+            if reply is None:
                 return
         if pending is None:
             # A reply to a disposal, or a second reply to a redelivered task.
@@ -290,7 +399,7 @@ class TaskClient:
                 got=result.silo_id,
             )
             return
-        self._resolve(pending, result, None)
+        self._resolve(pending, reply, None)
 
     def _from_silo_user(self, pending: _Pending, delivery: Delivery, task_id: str) -> bool:
         """True if the reply's broker-checked `user_id` is the asked silo's user."""
@@ -310,15 +419,18 @@ class TaskClient:
         )
         return False
 
-    def _reassemble(
-        self, part: task_pb2.TaskResult, pending: _Pending | None
-    ) -> task_pb2.TaskResult | None:
-        """Adds one slice of a large result; the whole result once complete."""
+    def _collect_slice(
+        self, part: task_pb2.TaskResult, payload: memoryview, pending: _Pending | None
+    ) -> _Reply | None:
+        """Stores one slice of a large result; all of them once the last is in.
+
+        Only collected here: the caller joins and checks them (`ask`).
+        """
         if pending is None:
             self._reassembler.discard(part.task_id)
             return None
         try:
-            payload = self._reassembler.add(part.task_id, part.chunk, part.response)
+            parts = self._reassembler.add(part.task_id, part.chunk, payload)
         except chunking.ChunkError as e:
             self._resolve(
                 pending,
@@ -326,16 +438,15 @@ class TaskClient:
                 errors.SiloRetryableError(pending.silo_id, pending.request, str(e)),
             )
             return None
-        if payload is None:
+        if parts is None:
             return None
-        part.response = payload
         part.ClearField("chunk")
-        return part
+        return part, parts
 
     def _resolve(
         self,
         pending: _Pending,
-        result: task_pb2.TaskResult | None,
+        result: _Reply | None,
         error: BaseException | None,
     ) -> None:
         # RuntimeError: the caller's event loop is closed; nobody is waiting any more.

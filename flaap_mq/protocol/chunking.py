@@ -5,8 +5,10 @@ A model can outgrow the broker's message size limit (RabbitMQ's default is
 `response` larger than the chunk size travels as several envelopes with the
 same task id, each carrying a slice of the payload and a `Chunk` (index,
 count, SHA-256 and length of the whole payload). The receiver keeps the
-slices in a `Reassembler` until the last one arrives, then checks length and
-digest before anything uses the payload.
+slices in a `Reassembler` until the last one arrives; `Parts.join` then puts
+them together and checks length and digest before anything uses the payload.
+The two steps are apart so that a receiver can collect slices on its I/O
+thread, in delivery order, and join and check a large payload elsewhere.
 
 Slices of one task arrive in order (one queue, one active consumer), but a
 worker that restarted may get the last slice of a task whose first slices
@@ -57,21 +59,39 @@ def is_chunked(chunk: task_pb2.Chunk) -> bool:
 CHUNK_HEADER = "x-flaap-chunk"
 
 
-def headers(chunk: task_pb2.Chunk) -> dict[str, str] | None:
-    return {CHUNK_HEADER: f"{chunk.index + 1}/{chunk.count}"} if is_chunked(chunk) else None
+def headers(index: int, count: int) -> dict[str, str] | None:
+    """The AMQP headers of message `index` (0-based) of `count` carrying one payload."""
+    return {CHUNK_HEADER: f"{index + 1}/{count}"} if count > 1 else None
 
 
 def has_chunk_header(message_headers: dict | None) -> bool:
     return bool(message_headers) and CHUNK_HEADER in message_headers
 
 
+Slice = bytes | memoryview
+
+
 @dataclasses.dataclass
-class _Partial:
+class Parts:
+    """Every slice of one payload, in order; `join()` makes and checks the whole."""
+
+    task_id: str
     count: int
     sha256: bytes
     total_size: int
-    parts: list[bytes]
+    parts: list[Slice]
     started: float
+
+    def join(self) -> bytes:
+        """The whole payload; raises `ChunkError` if its length or digest is wrong."""
+        payload = b"".join(self.parts)
+        if len(payload) != self.total_size:
+            raise ChunkError(
+                f"task {self.task_id}: reassembled {len(payload)} bytes, expected {self.total_size}"
+            )
+        if hashlib.sha256(payload).digest() != self.sha256:
+            raise ChunkError(f"task {self.task_id}: reassembled payload fails its SHA-256 check")
+        return payload
 
 
 class Reassembler:
@@ -80,7 +100,7 @@ class Reassembler:
     def __init__(self, max_bytes: int = 2 * 1024**3, max_age_s: float = 3600.0) -> None:
         self._max_bytes = max_bytes
         self._max_age_s = max_age_s
-        self._partials: dict[str, _Partial] = {}
+        self._partials: dict[str, Parts] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -88,8 +108,8 @@ class Reassembler:
     def pending_bytes(self) -> int:
         return self._bytes
 
-    def add(self, task_id: str, chunk: task_pb2.Chunk, part: bytes) -> bytes | None:
-        """Stores one slice; returns the whole payload once the last one is in."""
+    def add(self, task_id: str, chunk: task_pb2.Chunk, part: Slice) -> Parts | None:
+        """Stores one slice (not copied); returns all of them once the last one is in."""
         if not 0 <= chunk.index < chunk.count:
             raise ChunkError(f"task {task_id}: chunk index {chunk.index} of {chunk.count}")
         with self._lock:
@@ -103,8 +123,8 @@ class Reassembler:
                             "the earlier ones (sent to an earlier worker process?)"
                         )
                     return None  # a stray middle slice of a task we will not complete
-                partial = _Partial(
-                    chunk.count, chunk.sha256, chunk.total_size, [], time.monotonic()
+                partial = Parts(
+                    task_id, chunk.count, chunk.sha256, chunk.total_size, [], time.monotonic()
                 )
                 self._partials[task_id] = partial
             if (chunk.count, chunk.sha256, chunk.total_size) != (
@@ -127,19 +147,12 @@ class Reassembler:
                 raise ChunkError(
                     f"task {task_id}: reassembly would hold more than {self._max_bytes} bytes"
                 )
-            partial.parts.append(bytes(part))
+            partial.parts.append(part)
             self._bytes += len(part)
             if len(partial.parts) < partial.count:
                 return None
             self._drop(task_id)
-        payload = b"".join(partial.parts)
-        if len(payload) != partial.total_size:
-            raise ChunkError(
-                f"task {task_id}: reassembled {len(payload)} bytes, expected {partial.total_size}"
-            )
-        if hashlib.sha256(payload).digest() != partial.sha256:
-            raise ChunkError(f"task {task_id}: reassembled payload fails its SHA-256 check")
-        return payload
+        return partial
 
     def discard(self, task_id: str) -> None:
         with self._lock:

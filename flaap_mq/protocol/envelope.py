@@ -5,9 +5,11 @@ envelope, so the mapping between a `RequestKind`, TFF's `executor_pb2`
 request and response classes, and the gRPC method of TFF's executor service
 lives in exactly one table (`KINDS`).
 
-The TFF payload is carried as serialized bytes: the worker forwards it to its
-executor service after checking the envelope, and only parses the executor id
-out of it (see `worker.incarnation`).
+The TFF payload is carried as serialized bytes. Value references in it are
+names chosen by the coordinator (the task id of the Create* task that made
+the value, see `task.proto`): the worker forwards a request without value
+references (GetExecutor, CreateValue) untouched, and rewrites the names in
+the others to its executor service's own references (`worker.values`).
 """
 
 from __future__ import annotations
@@ -16,17 +18,29 @@ import dataclasses
 import enum
 import time
 import uuid
+from collections.abc import Callable, Sequence
 
 from google.protobuf import message as protobuf_message
 from tensorflow_federated.proto.v0 import executor_pb2
 
-from flaap_mq.protocol import chunking
+from flaap_mq.protocol import chunking, wire
 from flaap_mq.protocol.v1 import task_pb2
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 RequestKind = task_pb2.RequestKind
 ErrorCode = task_pb2.ErrorCode
+
+
+def _no_refs(_request: protobuf_message.Message) -> Sequence[executor_pb2.ValueRef]:
+    return ()
+
+
+def _call_refs(request: executor_pb2.CreateCallRequest) -> Sequence[executor_pb2.ValueRef]:
+    refs = [request.function_ref]
+    if request.HasField("argument_ref"):
+        refs.append(request.argument_ref)
+    return refs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +51,21 @@ class KindSpec:
     name: str  # the gRPC method of TFF's ExecutorGroup service, e.g. "CreateValue"
     request_type: type[protobuf_message.Message]
     response_type: type[protobuf_message.Message]
+    # The request's ValueRef fields (mutable, in place), which name values.
+    value_refs: Callable[[protobuf_message.Message], Sequence[executor_pb2.ValueRef]] = _no_refs
+    # A Create* request: its task id names the value it makes.
+    creates_value: bool = False
+    # The answer carries data the sender needs (an executor id, a computed
+    # value): such a task must have a reply_to. Others may be sent one-way.
+    answers_with_data: bool = False
+    # Takes effect only after every task sent before it has run, since those
+    # may still use what it disposes of (the sender does not wait for them).
+    disposes: bool = False
+
+    @property
+    def names_values(self) -> bool:
+        """The request has ValueRef fields (all but GetExecutor and CreateValue)."""
+        return self.value_refs is not _no_refs
 
 
 KINDS: dict[int, KindSpec] = {
@@ -47,57 +76,76 @@ KINDS: dict[int, KindSpec] = {
             "GetExecutor",
             executor_pb2.GetExecutorRequest,
             executor_pb2.GetExecutorResponse,
+            answers_with_data=True,
         ),
         KindSpec(
             RequestKind.CREATE_VALUE,
             "CreateValue",
             executor_pb2.CreateValueRequest,
             executor_pb2.CreateValueResponse,
+            creates_value=True,
         ),
         KindSpec(
             RequestKind.CREATE_CALL,
             "CreateCall",
             executor_pb2.CreateCallRequest,
             executor_pb2.CreateCallResponse,
+            value_refs=_call_refs,
+            creates_value=True,
         ),
         KindSpec(
             RequestKind.CREATE_STRUCT,
             "CreateStruct",
             executor_pb2.CreateStructRequest,
             executor_pb2.CreateStructResponse,
+            value_refs=lambda r: [e.value_ref for e in r.element],
+            creates_value=True,
         ),
         KindSpec(
             RequestKind.CREATE_SELECTION,
             "CreateSelection",
             executor_pb2.CreateSelectionRequest,
             executor_pb2.CreateSelectionResponse,
+            value_refs=lambda r: [r.source_ref],
+            creates_value=True,
         ),
         KindSpec(
             RequestKind.COMPUTE,
             "Compute",
             executor_pb2.ComputeRequest,
             executor_pb2.ComputeResponse,
+            value_refs=lambda r: [r.value_ref],
+            answers_with_data=True,
         ),
         KindSpec(
             RequestKind.DISPOSE,
             "Dispose",
             executor_pb2.DisposeRequest,
             executor_pb2.DisposeResponse,
+            value_refs=lambda r: list(r.value_ref),
+            disposes=True,
         ),
         KindSpec(
             RequestKind.DISPOSE_EXECUTOR,
             "DisposeExecutor",
             executor_pb2.DisposeExecutorRequest,
             executor_pb2.DisposeExecutorResponse,
+            disposes=True,
         ),
     )
 }
 _KIND_BY_REQUEST_TYPE = {spec.request_type: spec for spec in KINDS.values()}
+_KIND_BY_NAME = {spec.name: spec for spec in KINDS.values()}
 
 
 def kind_name(kind: int) -> str:
     spec = KINDS.get(kind)
     return spec.name if spec else f"unknown kind {kind}"
+
+
+def spec_named(name: str | None) -> KindSpec | None:
+    """The kind whose name is `name` (as in a task's AMQP `type` property), if any."""
+    return _KIND_BY_NAME.get(name or "")
 
 
 def spec_for_request(request: protobuf_message.Message) -> KindSpec:
@@ -115,58 +163,162 @@ def new_task_id() -> str:
     return uuid.uuid4().hex
 
 
-def build_task(
+@dataclasses.dataclass(frozen=True)
+class SerializedRequest:
+    """A TFF executor request already serialized, and its kind."""
+
+    spec: KindSpec
+    payload: bytes
+
+
+Request = protobuf_message.Message | SerializedRequest
+
+
+def spec_of(request: Request) -> KindSpec:
+    return request.spec if isinstance(request, SerializedRequest) else spec_for_request(request)
+
+
+def create_value_request(
+    executor: executor_pb2.ExecutorId, value: executor_pb2.Value
+) -> SerializedRequest:
+    """A CreateValueRequest, serialized without first copying `value` into it.
+
+    `CreateValueRequest(value=value)` deep-copies the value, and TFF keeps a
+    tensor in a repeated field, so the copy walks every element (0.2 s per
+    64 MiB here). An embedded message is written as its serialized bytes, so
+    serializing the value alone and appending it as the `value` field gives
+    the same message in one pass.
+    """
+    head = executor_pb2.CreateValueRequest(executor=executor).SerializeToString()
+    payload = wire.append_bytes_field(head, _CREATE_VALUE_VALUE, value.SerializeToString())
+    return SerializedRequest(KINDS[RequestKind.CREATE_VALUE], payload)
+
+
+_CREATE_VALUE_VALUE = executor_pb2.CreateValueRequest.DESCRIPTOR.fields_by_name["value"].number
+
+
+def task_envelope(
     *,
-    request: protobuf_message.Message,
+    kind: int,
     job_id: str,
     silo_id: str,
     task_id: str,
     deadline_unix_ms: int = 0,
     attempt: int = 1,
+    incarnation: str = "",
 ) -> task_pb2.Task:
-    spec = spec_for_request(request)
+    """A Task without its request, to be sent with `encode_task`."""
     return task_pb2.Task(
+        incarnation=incarnation,
         protocol_version=PROTOCOL_VERSION,
         task_id=task_id,
         job_id=job_id,
         silo_id=silo_id,
         attempt=attempt,
         deadline_unix_ms=deadline_unix_ms,
-        kind=spec.kind,
-        request=request.SerializeToString(),
+        kind=kind,
     )
 
 
-def parse_task(body: bytes) -> task_pb2.Task:
-    """Decodes and checks a Task; raises `MalformedEnvelope` naming the fault.
+def build_task(*, request: protobuf_message.Message, **fields: object) -> task_pb2.Task:
+    """A whole Task for `request` (`task_envelope`'s arguments); for small tasks and tests."""
+    task = task_envelope(kind=spec_for_request(request).kind, **fields)  # type: ignore[arg-type]
+    task.request = request.SerializeToString()
+    return task
 
-    An unknown protocol version is not malformed: the caller answers it with
-    `UNSUPPORTED_PROTOCOL`, so it is returned, not raised.
+
+_TASK_PAYLOAD = task_pb2.Task.DESCRIPTOR.fields_by_name["request"].number
+_RESULT_PAYLOAD = task_pb2.TaskResult.DESCRIPTOR.fields_by_name["response"].number
+
+
+def read_task(body: bytes) -> tuple[task_pb2.Task, memoryview]:
+    """Decodes and checks a Task; its `request` is returned apart, as a view of `body`.
+
+    The Task comes back without its request, which is not copied (a model
+    can be hundreds of megabytes). Raises `MalformedEnvelope` naming the
+    fault. An unknown protocol version is not malformed: the caller answers
+    it with `UNSUPPORTED_PROTOCOL`, so it is returned, not raised.
     """
     task = task_pb2.Task()
     try:
-        task.ParseFromString(body)
-    except protobuf_message.DecodeError as e:
+        rest, request = wire.split_off(body, _TASK_PAYLOAD)
+        task.ParseFromString(rest)
+    except (wire.WireError, protobuf_message.DecodeError) as e:
         raise MalformedEnvelope(f"body is not a flaap_mq.v1.Task ({len(body)} bytes): {e}") from e
     if task.protocol_version != PROTOCOL_VERSION:
-        return task
+        return task, request
     missing = [f for f in ("task_id", "job_id", "silo_id") if not getattr(task, f)]
     if missing:
         raise MalformedEnvelope(f"task is missing {', '.join(missing)}")
     if task.kind not in KINDS:
         raise MalformedEnvelope(f"task {task.task_id} has unknown request kind {task.kind}")
+    return task, request
+
+
+def parse_task(body: bytes) -> task_pb2.Task:
+    """`read_task`, with the request put back in the Task (a copy: for small tasks)."""
+    task, request = read_task(body)
+    task.request = bytes(request)
     return task
 
 
-def decode_request(task: task_pb2.Task) -> protobuf_message.Message:
+def encode_task(task: task_pb2.Task, request: bytes, chunk_bytes: int) -> list[bytes]:
+    """The messages carrying `task` (without its request) and `request` (see `_encode`)."""
+    return _encode(task, _TASK_PAYLOAD, request, chunk_bytes)
+
+
+def encode_result(result: task_pb2.TaskResult, response: bytes, chunk_bytes: int) -> list[bytes]:
+    """The messages carrying `result` (without its response) and `response`."""
+    return _encode(result, _RESULT_PAYLOAD, response, chunk_bytes)
+
+
+def _encode(
+    message: task_pb2.Task | task_pb2.TaskResult, number: int, payload: bytes, chunk_bytes: int
+) -> list[bytes]:
+    """One serialized message, or one per `chunk_bytes` slice of a larger payload.
+
+    The payload is written after the serialized envelope, never copied into
+    a protobuf message (`wire.append_bytes_field`): one copy per message.
+    """
+    if len(payload) <= chunk_bytes:
+        return [wire.append_bytes_field(message.SerializeToString(), number, payload)]
+    out = []
+    piece = type(message)()
+    for header, part in chunking.slices(payload, chunk_bytes):
+        piece.CopyFrom(message)
+        piece.chunk.CopyFrom(header)
+        out.append(wire.append_bytes_field(piece.SerializeToString(), number, part))
+    return out
+
+
+def decode_request(task: task_pb2.Task, payload: bytes | None = None) -> protobuf_message.Message:
+    """The task's request, parsed (from `payload`, if the caller read it already)."""
     request = KINDS[task.kind].request_type()
     try:
-        request.ParseFromString(task.request)
+        request.ParseFromString(task.request if payload is None else payload)
     except protobuf_message.DecodeError as e:
         raise MalformedEnvelope(
             f"task {task.task_id}: request is not a valid {KINDS[task.kind].name}Request: {e}"
         ) from e
     return request
+
+
+def executor_id_of(spec: KindSpec, request: bytes) -> str:
+    """The `executor.id` of a serialized `spec` request, without decoding the rest.
+
+    Every TFF executor request but GetExecutor has an `ExecutorId executor`
+    field. Skipping the other fields by their wire-format lengths spares a
+    64 MiB CreateValue a full decode (and copy) just to learn its executor.
+    """
+    number = spec.request_type.DESCRIPTOR.fields_by_name["executor"].number
+    found = ""
+    try:
+        for field, _, value_start, end in wire.fields(request):
+            if field == number:
+                found = executor_pb2.ExecutorId.FromString(bytes(request[value_start:end])).id
+    except (wire.WireError, protobuf_message.DecodeError) as e:
+        raise MalformedEnvelope(f"request is not a valid {spec.name}Request: {e}") from e
+    return found
 
 
 def deadline_after(seconds: float | None) -> int:
@@ -184,17 +336,20 @@ def deadline_passed(task: task_pb2.Task, now_unix_ms: int | None = None) -> bool
 
 
 def result_ok(
-    task: task_pb2.Task, response: bytes, *, incarnation: str, duration_us: int
+    task: task_pb2.Task, response: bytes | None, *, incarnation: str, duration_us: int
 ) -> task_pb2.TaskResult:
-    return task_pb2.TaskResult(
+    """A successful result; without the response if None (see `encode_result`)."""
+    result = task_pb2.TaskResult(
         protocol_version=PROTOCOL_VERSION,
         task_id=task.task_id,
         silo_id=task.silo_id,
         kind=task.kind,
-        response=response,
         worker_incarnation=incarnation,
         duration_us=duration_us,
     )
+    if response is not None:
+        result.response = response
+    return result
 
 
 class Failure(enum.Enum):
@@ -240,55 +395,25 @@ def result_error(
     )
 
 
-def parse_result(body: bytes) -> task_pb2.TaskResult:
+def read_result(body: bytes) -> tuple[task_pb2.TaskResult, memoryview]:
+    """Decodes and checks a TaskResult; its `response` apart, as a view of `body`."""
     result = task_pb2.TaskResult()
     try:
-        result.ParseFromString(body)
-    except protobuf_message.DecodeError as e:
+        rest, response = wire.split_off(body, _RESULT_PAYLOAD)
+        result.ParseFromString(rest)
+        has_response = any(field == _RESULT_PAYLOAD for field, *_ in wire.fields(body))
+    except (wire.WireError, protobuf_message.DecodeError) as e:
         raise MalformedEnvelope(f"body is not a flaap_mq.v1.TaskResult: {e}") from e
     if not result.task_id:
         raise MalformedEnvelope("result has no task_id")
-    if result.WhichOneof("outcome") is None:
+    if result.WhichOneof("outcome") is None and not has_response:
         raise MalformedEnvelope(f"result {result.task_id} has neither response nor error")
+    return result, response
+
+
+def parse_result(body: bytes) -> task_pb2.TaskResult:
+    """`read_result`, with the response put back in the TaskResult (a copy)."""
+    result, response = read_result(body)
+    if result.WhichOneof("outcome") is None:
+        result.response = bytes(response)
     return result
-
-
-Envelope = task_pb2.Task | task_pb2.TaskResult
-
-
-def _split_payload(message: Envelope, field: str, chunk_bytes: int) -> list[Envelope]:
-    """One copy of `message` per slice of its payload `field`, each with its `Chunk`."""
-    template = type(message)()
-    for descriptor, value in message.ListFields():
-        if descriptor.name == field:
-            continue  # copying a huge payload only to replace it would double memory
-        if descriptor.message_type is not None:
-            getattr(template, descriptor.name).CopyFrom(value)
-        else:
-            setattr(template, descriptor.name, value)
-    parts = []
-    payload = getattr(message, field)  # read once: each read copies the bytes
-    for header, part in chunking.slices(payload, chunk_bytes):
-        piece = type(message)()
-        piece.CopyFrom(template)
-        setattr(piece, field, bytes(part))
-        piece.chunk.CopyFrom(header)
-        parts.append(piece)
-    return parts
-
-
-def split_task(task: task_pb2.Task, chunk_bytes: int) -> list[task_pb2.Task]:
-    """The task itself, or one task per slice of a request over `chunk_bytes`."""
-    if len(task.request) <= chunk_bytes:
-        return [task]
-    return _split_payload(task, "request", chunk_bytes)
-
-
-def split_result(result: bytes, chunk_bytes: int) -> list[bytes]:
-    """A serialized result as is, or one serialized result per slice of its response."""
-    if len(result) <= chunk_bytes:
-        return [result]
-    parsed = task_pb2.TaskResult.FromString(result)
-    if parsed.WhichOneof("outcome") != "response":
-        return [result]
-    return [p.SerializeToString() for p in _split_payload(parsed, "response", chunk_bytes)]

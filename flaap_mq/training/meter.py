@@ -1,11 +1,11 @@
 """Counts the executor payload bytes a coordinator exchanges with its silos.
 
 `TaskClient` logs each task's request and response sizes at debug level but
-keeps no totals; `PayloadMeter` wraps one client's `call` and
-`send_and_forget` (on that instance only) and adds them up, overall and per
-silo, so that a training loop can report bytes per round. The sizes are those
-of TFF's executor requests and responses (the `Task` payload), before the
-envelope and any chunking.
+keeps no totals; `PayloadMeter` observes one client's requests
+(`TaskClient.observe`) and adds them up, overall and per silo, so that a
+training loop can report bytes per round. The sizes are those of TFF's
+executor requests and responses (the `Task` payload), before the envelope
+and any chunking.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import collections
 import dataclasses
 import threading
 from typing import Any
+
+from flaap_mq.coordinator.task_client import Exchange
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,29 +51,13 @@ class PayloadMeter:
         self._requests = 0
         self._sent: collections.Counter[str] = collections.Counter()
         self._received: collections.Counter[str] = collections.Counter()
-        call = client.call
-        send_and_forget = client.send_and_forget
+        client.observe(self._record)
 
-        async def counted_call(silo_id: str, request: Any, **kwargs: Any) -> Any:
-            self._count(silo_id, sent=request.ByteSize())
-            response = await call(silo_id, request, **kwargs)
-            self._count(silo_id, received=response.ByteSize(), request=False)
-            return response
-
-        def counted_send_and_forget(silo_id: str, request: Any) -> None:
-            self._count(silo_id, sent=request.ByteSize())
-            send_and_forget(silo_id, request)
-
-        client.call = counted_call
-        client.send_and_forget = counted_send_and_forget
-
-    def _count(
-        self, silo_id: str, *, sent: int = 0, received: int = 0, request: bool = True
-    ) -> None:
+    def _record(self, exchange: Exchange) -> None:
         with self._lock:
-            self._requests += int(request)
-            self._sent[silo_id] += sent
-            self._received[silo_id] += received
+            self._requests += 1
+            self._sent[exchange.silo_id] += exchange.bytes_sent
+            self._received[exchange.silo_id] += exchange.bytes_received
 
     def snapshot(self) -> PayloadCounts:
         with self._lock:

@@ -1,33 +1,32 @@
-"""Executor ids that name the worker process that created them.
+"""Incarnation ids: which worker process holds an executor's state.
 
 TFF's executor protocol is stateful: a CreateCall refers to values an earlier
 CreateValue left in one particular executor service. When a worker dies, its
 `worker_binary` and every value in it die too, but tasks that refer to them
 may still sit in the silo queue, and a new worker (a restart, or a standby
-taking over) would start a fresh `worker_binary` that may hand out the very
-same executor ids. Running those tasks would be a wrong answer or a
-confusing "value not found".
+taking over) starts a fresh `worker_binary` that may hand out the very same
+executor ids. Running those tasks would be a wrong answer or a confusing
+"value not found".
 
-So every executor id the worker hands out is prefixed with its incarnation
-id, a random id chosen at process start. A request whose executor id carries
-another incarnation (or none) is answered with a retryable STATE_LOST error,
-which the coordinator turns into TFF's `RetryableError`: TFF then re-runs the
-whole invocation on a fresh executor.
+So each worker process (and each restart of its executor service) has an
+incarnation id, chosen at random. The worker reports it with every result;
+the coordinator copies the one of its GetExecutor answer into every later
+task for that executor (`Task.incarnation`). A task for another incarnation
+is answered with a retryable STATE_LOST error, which the coordinator turns
+into TFF's `RetryableError`: TFF then re-runs the whole invocation on a
+fresh executor. The request itself is never rewritten for this check.
 """
 
 from __future__ import annotations
 
 import uuid
 
-from google.protobuf import message as protobuf_message
-
 from flaap_mq.protocol import envelope
-
-_SEPARATOR = "/"
+from flaap_mq.protocol.v1 import task_pb2
 
 
 class StateLost(Exception):
-    """A request refers to executor state this worker process never held."""
+    """A task refers to executor state this worker process never held."""
 
 
 def new_incarnation_id() -> str:
@@ -35,33 +34,21 @@ def new_incarnation_id() -> str:
 
 
 class Incarnation:
-    """Tags executor ids on the way out, checks and untags them on the way in."""
+    """One worker process's (or executor service start's) incarnation id."""
 
     def __init__(self, incarnation_id: str | None = None) -> None:
         self.id = incarnation_id or new_incarnation_id()
 
-    def tag_response(self, kind: int, response: bytes) -> bytes:
-        """Prefixes the executor id of a GetExecutor response; others pass as is."""
-        if kind != envelope.RequestKind.GET_EXECUTOR:
-            return response
-        message = envelope.KINDS[kind].response_type.FromString(response)
-        message.executor.id = f"{self.id}{_SEPARATOR}{message.executor.id}"
-        return message.SerializeToString()
+    def check(self, task: task_pb2.Task) -> None:
+        """Raises `StateLost` unless `task` is for this incarnation's executors.
 
-    def untag_request(self, kind: int, request: protobuf_message.Message) -> bytes:
-        """Checks the request's executor id is ours and returns it with the raw id.
-
-        Raises `StateLost` for an id from another incarnation.
+        GetExecutor creates an executor, so it is the one request that may
+        come without an incarnation.
         """
-        if kind == envelope.RequestKind.GET_EXECUTOR:
-            return request.SerializeToString()
-        executor = request.executor  # every other request names its executor
-        incarnation, sep, raw_id = executor.id.partition(_SEPARATOR)
-        if not sep or incarnation != self.id:
-            raise StateLost(
-                f"executor {executor.id!r} belongs to worker incarnation "
-                f"{incarnation if sep else 'unknown'!r}, not this one ({self.id!r}): "
-                "its state was lost with that worker"
-            )
-        executor.id = raw_id
-        return request.SerializeToString()
+        if task.kind == envelope.RequestKind.GET_EXECUTOR or task.incarnation == self.id:
+            return
+        raise StateLost(
+            f"task {task.task_id} is for executors of worker incarnation "
+            f"{task.incarnation or 'unknown'!r}, not this one ({self.id!r}): "
+            "their state was lost with that worker"
+        )

@@ -7,21 +7,27 @@ service on loopback. For each delivered task it
    and answered with an error where the sender can be told);
 2. answers a task it has already run from a bounded cache of recent results
    instead of running it twice (redelivery after a lost ack);
-3. checks the executor id belongs to this incarnation (`incarnation`);
-4. forwards the request to the executor service and publishes the
-   `TaskResult` to the coordinator's reply queue with the task's
-   `correlation_id`;
-5. acks the task only once the broker has confirmed the reply, so a task is
-   never lost between the broker and the worker.
+3. checks the task is for this incarnation's executors (`incarnation`);
+4. replaces the coordinator's value names in the request by the executor
+   service's refs, waiting for values still being made (`values`), and
+   forwards it to the executor service;
+5. with a `reply_to`, publishes the `TaskResult` to the coordinator's reply
+   queue with the task's `correlation_id`, and acks the task only once the
+   broker has confirmed the reply, so a task is never lost between the
+   broker and the worker. A one-way task (a Create* or Dispose* sent without
+   `reply_to`) is acked once run; a failure is kept with the value it should
+   have made, and reaches the coordinator with the task that uses it.
 
-Tasks run on a thread pool as large as the prefetch window, so a `Compute`
-that waits does not hold up the others, and memory is bounded by the window.
+Tasks run on a first-in first-out thread pool as large as the prefetch
+window, so a `Compute` that waits does not hold up the others, a task never
+starts before the tasks delivered ahead of it, and memory is bounded by the
+window.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
+import itertools
 import signal
 import threading
 import time
@@ -32,6 +38,8 @@ import grpc
 import pika
 import pika.data
 import structlog
+from google.protobuf import message as protobuf_message
+from tensorflow_federated.proto.v0 import executor_pb2
 
 from flaap_mq.broker.link import (
     BrokerLink,
@@ -45,6 +53,7 @@ from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.worker.executor_service import ExecutorCallError, ExecutorService
 from flaap_mq.worker.incarnation import Incarnation, StateLost
+from flaap_mq.worker.values import ValueTable, ValueUnavailable
 
 log = structlog.get_logger("flaap_mq.worker")
 
@@ -55,14 +64,28 @@ _REFUSED = frozenset({"unsupported_protocol", "wrong_silo", "malformed_task"})
 
 
 class Outcome(NamedTuple):
-    """A serialized TaskResult and what it says, for logs."""
+    """A TaskResult, serialized (one message per slice), and what it says."""
 
-    result: bytes
+    messages: tuple[bytes, ...]
     name: str
     # True when answered from the results cache (or from the run of a
     # duplicate still in progress) rather than run: the `task` log line says
     # so, which is how duplicate executions are counted (docs/reliability.md).
     cached: bool = False
+    failure: envelope.Failure | None = None
+    # Why a value this task should have made cannot be used, for the tasks
+    # that name it: the first cause, not wrapped again at every link.
+    value_error: str = ""
+
+    @property
+    def size(self) -> int:
+        return sum(len(m) for m in self.messages)
+
+
+# A task's request as received: a view of the message, or every slice of it.
+_Payload = memoryview | chunking.Parts
+# A task read from its message(s), request apart.
+_Read = tuple[task_pb2.Task, _Payload]
 
 
 class SiloWorker:
@@ -93,17 +116,20 @@ class SiloWorker:
         self._chunk_bytes = chunk_bytes
         self._reassembler = chunking.Reassembler()
         self._incarnation = Incarnation()
+        self._values = ValueTable()
         self._service_lock = threading.Lock()
         self._results: cachetools.LRUCache[str, Outcome] = cachetools.LRUCache(
-            maxsize=result_cache_bytes, getsizeof=lambda outcome: len(outcome.result)
+            maxsize=result_cache_bytes, getsizeof=lambda outcome: outcome.size
         )
         self._running: dict[str, concurrent.futures.Future[Outcome]] = {}
         self._results_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self._prefetch, thread_name_prefix=f"task-{silo_id}"
         )
-        self._in_flight = 0
+        # Delivery sequence numbers of the tasks not yet finished.
+        self._in_flight: set[int] = set()
         self._in_flight_cv = threading.Condition()
+        self._sequence = itertools.count()
         self._stop = threading.Event()
         self._active_generation = -1  # channel generation of the first task seen
         self._link: BrokerLink | None = None
@@ -191,10 +217,12 @@ class SiloWorker:
                 self._log.warning("stop_consuming_failed", error=str(e))
             with self._in_flight_cv:
                 drained = self._in_flight_cv.wait_for(
-                    lambda: self._in_flight == 0, timeout=self._drain_timeout_s
+                    lambda: not self._in_flight, timeout=self._drain_timeout_s
                 )
             if not drained:
-                self._log.warning("drain_timed_out", in_flight=self._in_flight)
+                self._log.warning("drain_timed_out", in_flight=len(self._in_flight))
+        # Wakes any task still waiting for a value, so the pool can stop.
+        self._values.clear(envelope.Failure.EXECUTOR_UNAVAILABLE, "the worker is stopping")
         self._pool.shutdown(wait=True, cancel_futures=True)
         if link is not None:
             link.close()
@@ -209,18 +237,31 @@ class SiloWorker:
         if delivery.generation != self._active_generation:
             self._active_generation = delivery.generation
             self._log.info("worker_active", detail="this worker now receives the silo's tasks")
+        # Announced here, in delivery order, before any later task can name it.
+        spec = envelope.spec_named(delivery.properties.type)
+        if spec is not None and spec.creates_value and delivery.properties.message_id:
+            self._values.announce(delivery.properties.message_id)
+        whole: _Read | None = None
         if chunking.has_chunk_header(delivery.properties.headers):
             # Slices are collected here, on the I/O thread, in delivery order;
-            # only the whole task goes on to the pool.
-            delivery = self._collect_slice(delivery)
-            if delivery is None:
-                return
+            # only the whole task goes on to the pool, which joins the slices.
+            try:
+                task, payload = envelope.read_task(delivery.body)
+            except envelope.MalformedEnvelope:
+                pass  # _handle reads it again, and dead-letters it with the reason
+            else:
+                whole = self._collect_slice(delivery, task, payload)
+                if whole is None:
+                    return
+        sequence = next(self._sequence)
         with self._in_flight_cv:
-            self._in_flight += 1
-        self._pool.submit(self._handle, delivery)
+            self._in_flight.add(sequence)
+        self._pool.submit(self._handle, delivery, sequence, whole)
 
-    def _collect_slice(self, delivery: Delivery) -> Delivery | None:
-        """Stores one slice of a large task; returns the whole task once complete.
+    def _collect_slice(
+        self, delivery: Delivery, task: task_pb2.Task, payload: memoryview
+    ) -> _Read | None:
+        """Stores one slice of a large task; the task and all its slices once complete.
 
         Slices before the last are acked once stored: holding them unacked
         would stall the silo on its prefetch window. If this process dies
@@ -229,47 +270,37 @@ class SiloWorker:
         running half a request.
         """
         try:
-            task = envelope.parse_task(delivery.body)
-        except envelope.MalformedEnvelope:
-            return delivery  # _handle dead-letters it with the reason
-        try:
-            payload = self._reassembler.add(task.task_id, task.chunk, task.request)
+            parts = self._reassembler.add(task.task_id, task.chunk, payload)
         except chunking.ChunkError as e:
             self._pool.submit(self._answer_chunk_error, delivery, task, str(e))
             return None
-        if payload is None:
+        if parts is None:
             self._link.ack(delivery)
             return None
-        task.request = payload
         task.ClearField("chunk")
-        return dataclasses.replace(delivery, body=task.SerializeToString())
+        return task, parts
 
     def _answer_chunk_error(self, delivery: Delivery, task: task_pb2.Task, reason: str) -> None:
         self._log.warning("task_chunks_invalid", task_id=task.task_id, reason=reason)
         outcome = self._error(task, envelope.Failure.CHUNK_INVALID, reason)
-        self._reply(delivery, task, outcome.result)
+        self._settle_value(delivery, outcome)
+        self._answer(delivery, task, outcome)
 
-    def _handle(self, delivery: Delivery) -> None:
+    def _handle(self, delivery: Delivery, sequence: int, whole: _Read | None) -> None:
         started = time.monotonic()
         task: task_pb2.Task | None = None
-        outcome = "error"
-        cached = False
+        result: Outcome | None = None
         try:
             try:
-                task = envelope.parse_task(delivery.body)
+                task, payload = whole or envelope.read_task(delivery.body)
             except envelope.MalformedEnvelope as e:
                 self._reject_malformed(delivery, str(e))
-                outcome = "malformed"
+                result = Outcome((), "malformed", False, envelope.Failure.MALFORMED_TASK, str(e))
                 return
-            result = self._result_for(task, delivery)
-            if result is None:
-                outcome = "expired"
-                return
-            outcome, cached = result.name, result.cached
-            if result.name in _REFUSED:
-                self._refuse(delivery, task, result)
-                return
-            self._reply(delivery, task, result.result)
+            result = self._result_for(task, payload, delivery, sequence)
+            if result.name == "expired":
+                return  # dead-lettered by _result_for
+            self._answer(delivery, task, result)
         except Exception:
             # A bug here must not kill the worker: the task goes back to the
             # queue (and to the dead-letter queue after the delivery limit).
@@ -277,6 +308,7 @@ class SiloWorker:
             if self._link is not None:
                 self._link.reject(delivery, requeue=True)
         finally:
+            self._settle_value(delivery, result)
             self.tasks_handled += 1
             self._log.info(
                 "task",
@@ -284,19 +316,59 @@ class SiloWorker:
                 job=task.job_id if task else None,
                 kind=envelope.kind_name(task.kind) if task else None,
                 attempt=task.attempt if task else None,
-                outcome=outcome,
-                cached=cached,
+                outcome=result.name if result else "error",
+                cached=result.cached if result else False,
+                one_way=not delivery.properties.reply_to,
                 incarnation=self._incarnation.id,
                 redelivered=delivery.redelivered,
                 bytes_in=len(delivery.body),
                 duration_ms=round((time.monotonic() - started) * 1000, 2),
             )
             with self._in_flight_cv:
-                self._in_flight -= 1
+                self._in_flight.discard(sequence)
                 self._in_flight_cv.notify_all()
 
-    def _result_for(self, task: task_pb2.Task, delivery: Delivery) -> Outcome | None:
-        """The serialized TaskResult for `task`, or None if it was dead-lettered."""
+    def _answer(self, delivery: Delivery, task: task_pb2.Task, result: Outcome) -> None:
+        """Replies (or not, one-way) and settles the delivery."""
+        if result.name in _REFUSED:
+            self._refuse(delivery, task, result)
+        elif delivery.properties.reply_to:
+            self._reply(delivery, task, result.messages)
+        else:
+            if result.failure is not None:
+                self._log.warning(
+                    "one_way_task_failed",
+                    task_id=task.task_id,
+                    kind=envelope.kind_name(task.kind),
+                    error=result.value_error,
+                )
+            self._link.ack(delivery)
+
+    def _settle_value(self, delivery: Delivery, result: Outcome | None) -> None:
+        """Fails the value announced for a delivery, if the delivery did not make it.
+
+        Every way a delivery can end comes through here, so no task waits
+        for a value that will not come: the task failed, was refused, was
+        answered from the cache after its value was disposed, or was not the
+        Create* task its AMQP `type` said. Does nothing to a value made.
+        """
+        value_id = delivery.properties.message_id
+        if not value_id:
+            return
+        if result is None:
+            failure = envelope.Failure.EXECUTOR_UNAVAILABLE
+            message = f"the worker of silo {self.silo_id!r} failed handling the task making it"
+        elif result.failure is not None:
+            failure, message = result.failure, result.value_error
+        else:
+            failure = envelope.Failure.STATE_LOST
+            message = "the task announced as making it did not make it (disposed since?)"
+        self._values.fail(value_id, failure, message)
+
+    def _result_for(
+        self, task: task_pb2.Task, payload: _Payload, delivery: Delivery, sequence: int
+    ) -> Outcome:
+        """The serialized TaskResult for `task` ("expired": it was dead-lettered)."""
         if task.protocol_version != envelope.PROTOCOL_VERSION:
             return self._error(
                 task,
@@ -310,9 +382,25 @@ class SiloWorker:
                 envelope.Failure.WRONG_SILO,
                 f"task for silo {task.silo_id!r} reached silo {self.silo_id!r}",
             )
+        spec = envelope.KINDS[task.kind]  # known: parse_task checked it
+        if spec.answers_with_data and not delivery.properties.reply_to:
+            return self._error(
+                task,
+                envelope.Failure.MALFORMED_TASK,
+                f"a {spec.name} task needs a reply_to: its answer carries data",
+            )
+        if spec.creates_value and delivery.properties.message_id != task.task_id:
+            return self._error(
+                task,
+                envelope.Failure.MALFORMED_TASK,
+                f"a {spec.name} task's AMQP message_id must be its task id "
+                f"({task.task_id!r}), which names the value it makes; got "
+                f"{delivery.properties.message_id!r}",
+            )
         if envelope.deadline_passed(task):
-            self._dead_letter(delivery, "expired: deadline passed before the task could run")
-            return None
+            reason = "expired: deadline passed before the task could run"
+            self._dead_letter(delivery, reason)
+            return Outcome((), "expired", False, envelope.Failure.DEADLINE_EXCEEDED, reason)
         # Run each task id once: a redelivered task gets the cached result,
         # a duplicate that arrives while the first still runs waits for it.
         with self._results_lock:
@@ -329,7 +417,7 @@ class SiloWorker:
         if not owner:
             return running.result()._replace(cached=True)
         try:
-            result = self._execute(task)
+            result = self._execute(task, payload, sequence)
             running.set_result(result)
             return result
         except BaseException as e:
@@ -344,28 +432,55 @@ class SiloWorker:
                     # redelivery of that task runs it again (Compute and
                     # CreateValue are safe to repeat; a duplicate value is
                     # only memory until its executor is disposed).
-                    if len(outcome.result) <= self._results.maxsize:
+                    if outcome.size <= self._results.maxsize:
                         self._results[task.task_id] = outcome
 
-    def _execute(self, task: task_pb2.Task) -> Outcome:
+    def _execute(self, task: task_pb2.Task, payload: _Payload, sequence: int) -> Outcome:
         started = time.monotonic()
-        try:
-            request = envelope.decode_request(task)
-        except envelope.MalformedEnvelope as e:
-            return self._error(task, envelope.Failure.MALFORMED_TASK, str(e))
+        spec = envelope.KINDS[task.kind]
         with self._service_lock:
             if not self._service.alive():
                 self._restart_service()
-            incarnation = self._incarnation
+            incarnation, values = self._incarnation, self._values
         try:
-            raw = incarnation.untag_request(task.kind, request)
+            executor_id, raw, request = self._read_request(task, spec, payload)
+        except envelope.MalformedEnvelope as e:
+            return self._error(task, envelope.Failure.MALFORMED_TASK, str(e))
+        except chunking.ChunkError as e:
+            self._log.warning("task_chunks_invalid", task_id=task.task_id, reason=str(e))
+            return self._error(task, envelope.Failure.CHUNK_INVALID, str(e))
+        try:
+            incarnation.check(task)
         except StateLost as e:
             return self._error(task, envelope.Failure.STATE_LOST, str(e))
-        timeout = None
+        timeout = deadline = None
         if task.deadline_unix_ms:
             timeout = max(0.001, task.deadline_unix_ms / 1000 - time.time())
+            deadline = time.monotonic() + timeout
+        if spec.disposes and not self._wait_for_earlier_tasks(sequence, deadline):
+            return self._error(
+                task,
+                envelope.Failure.DEADLINE_EXCEEDED,
+                f"{spec.name} on silo {self.silo_id!r}: tasks delivered before it were still "
+                "running at its deadline",
+                started,
+            )
         try:
-            response = self._service.call(task.kind, raw, timeout_s=timeout)
+            if request is not None:
+                raw = self._with_service_refs(task.kind, request, values, deadline)
+        except ValueUnavailable as e:
+            return self._error(
+                task,
+                e.failure,
+                f"{spec.name} on silo {self.silo_id!r} uses value {e.value_id}, which could "
+                f"not be made: {e.message}",
+                started,
+                value_error=e.message,
+            )
+        try:
+            response = b""
+            if raw is not None:
+                response = self._service.call(task.kind, raw, timeout_s=timeout)
         except ExecutorCallError as e:
             if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 failure = envelope.Failure.DEADLINE_EXCEEDED
@@ -373,25 +488,91 @@ class SiloWorker:
                 failure = envelope.Failure.EXECUTOR_UNAVAILABLE
             else:
                 failure = envelope.Failure.EXECUTOR_ERROR
-            return self._error(
-                task,
-                failure,
-                f"{envelope.kind_name(task.kind)} failed on silo {self.silo_id!r}: {e}",
-                started,
-            )
+            return self._error(task, failure, f"{spec.name} failed on silo {self.silo_id!r}: {e}")
+        if spec.creates_value:
+            made = spec.response_type.FromString(response).value_ref.id
+            values.made(task.task_id, made, executor_id)
+            # Answer with the value's name, the only ref the coordinator uses.
+            response = spec.response_type(
+                value_ref=executor_pb2.ValueRef(id=task.task_id)
+            ).SerializeToString()
+        elif task.kind == envelope.RequestKind.DISPOSE_EXECUTOR:
+            values.forget_executor(executor_id)
         result = envelope.result_ok(
             task,
-            incarnation.tag_response(task.kind, response),
+            None,
             incarnation=incarnation.id,
             duration_us=int((time.monotonic() - started) * 1e6),
         )
-        return Outcome(result.SerializeToString(), "ok")
+        return Outcome(tuple(envelope.encode_result(result, response, self._chunk_bytes)), "ok")
+
+    def _wait_for_earlier_tasks(self, sequence: int, deadline: float | None) -> bool:
+        """Waits until every task delivered before `sequence` has finished.
+
+        A disposal must not overtake a task sent before it, which may still
+        be about to use the value (or executor) disposed of. Those tasks only
+        ever wait for tasks delivered before them, so this cannot deadlock.
+        """
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        with self._in_flight_cv:
+            return self._in_flight_cv.wait_for(
+                lambda: all(s >= sequence for s in self._in_flight), timeout
+            )
+
+    @staticmethod
+    def _read_request(
+        task: task_pb2.Task, spec: envelope.KindSpec, received: _Payload
+    ) -> tuple[str, bytes, protobuf_message.Message | None]:
+        """The executor id, the raw request, and the request parsed if it names values.
+
+        A request without value names (GetExecutor, CreateValue, however
+        large) is only scanned for its executor id, and goes on untouched.
+        Raises `MalformedEnvelope` for a request that is not one of its kind,
+        `ChunkError` for slices that do not make a whole.
+        """
+        # The one copy of the request the worker makes: gRPC sends bytes.
+        payload = received.join() if isinstance(received, chunking.Parts) else bytes(received)
+        if task.kind == envelope.RequestKind.GET_EXECUTOR:
+            envelope.decode_request(task, payload)
+            return "", payload, None
+        if not spec.names_values:
+            return envelope.executor_id_of(spec, payload), payload, None
+        request = envelope.decode_request(task, payload)
+        return request.executor.id, payload, request
+
+    @staticmethod
+    def _with_service_refs(
+        kind: int,
+        request: protobuf_message.Message,
+        values: ValueTable,
+        deadline: float | None,
+    ) -> bytes | None:
+        """`request` with each value name replaced by the executor service's ref.
+
+        Waits for values still being made. A Dispose forgets the names it
+        disposes of; None when none of them was ever made (nothing to do).
+        """
+        refs = envelope.KINDS[kind].value_refs(request)
+        if kind == envelope.RequestKind.DISPOSE:
+            made = values.take([r.id for r in refs], deadline)
+            if not made:
+                return None
+            del request.value_ref[:]
+            request.value_ref.extend(executor_pb2.ValueRef(id=ref) for ref in made)
+        else:
+            made_by_name = values.refs([r.id for r in refs], deadline)
+            for ref in refs:
+                ref.id = made_by_name[ref.id]
+        return request.SerializeToString()
 
     def _restart_service(self) -> None:
         """The executor died: start a fresh one under a new incarnation."""
         old = self._incarnation.id
         self._service.close()
         self._incarnation = Incarnation()
+        self._values.clear(
+            envelope.Failure.STATE_LOST, f"the executor service of incarnation {old} died"
+        )
         self._service.start()
         self._log.warning(
             "executor_service_restarted", old_incarnation=old, incarnation=self._incarnation.id
@@ -403,6 +584,8 @@ class SiloWorker:
         failure: envelope.Failure,
         message: str,
         started: float | None = None,
+        *,
+        value_error: str | None = None,
     ) -> Outcome:
         duration_us = int((time.monotonic() - started) * 1e6) if started else 0
         result = envelope.result_error(
@@ -414,21 +597,22 @@ class SiloWorker:
             incarnation=self._incarnation.id,
             duration_us=duration_us,
         )
-        return Outcome(result.SerializeToString(), failure.name.lower())
+        return Outcome(
+            (result.SerializeToString(),),
+            failure.name.lower(),
+            failure=failure,
+            value_error=message if value_error is None else value_error,
+        )
 
     # ----------------------------------------------------- replies, dead letters
 
-    def _reply(self, delivery: Delivery, task: task_pb2.Task, result: bytes) -> None:
+    def _reply(self, delivery: Delivery, task: task_pb2.Task, messages: tuple[bytes, ...]) -> None:
         props = delivery.properties
-        if not props.reply_to:
-            self._dead_letter(delivery, "malformed: task has no reply_to property")
-            return
-        parts = envelope.split_result(result, self._chunk_bytes)
         futures = [
             self._link.publish(
                 self._names.replies_exchange,
                 props.reply_to,
-                part,
+                message,
                 default_properties(
                     correlation_id=props.correlation_id or task.task_id,
                     message_id=task.task_id,
@@ -436,12 +620,10 @@ class SiloWorker:
                     # Checked by the broker against our login, so the coordinator
                     # can trust which silo a result came from.
                     user_id=self._addresses[0].username,
-                    headers={chunking.CHUNK_HEADER: f"{i + 1}/{len(parts)}"}
-                    if len(parts) > 1
-                    else None,
+                    headers=chunking.headers(i, len(messages)),
                 ),
             )
-            for i, part in enumerate(parts)
+            for i, message in enumerate(messages)
         ]
         self._ack_when_confirmed(delivery, all_confirmed(futures), what="reply")
 
@@ -482,7 +664,7 @@ class SiloWorker:
             self._link.publish(
                 self._names.replies_exchange,
                 props.reply_to,
-                result.result,
+                result.messages[0],
                 default_properties(
                     correlation_id=props.correlation_id or task.task_id,
                     message_id=task.task_id or None,
@@ -490,7 +672,7 @@ class SiloWorker:
                     user_id=self._addresses[0].username,
                 ),
             )
-        error = task_pb2.TaskResult.FromString(result.result).error
+        error = task_pb2.TaskResult.FromString(result.messages[0]).error
         self._dead_letter(delivery, f"{result.name}: {error.message}")
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:

@@ -272,3 +272,35 @@ def test_merge_runs_on_the_coordinator_not_on_a_silo(silos):
         s: w.log_text().count('"event": "task"') - tasks_before[s] for s, w in silos.workers.items()
     }
     assert len(set(tasks.values())) == 1 and tasks["a"] > 0, tasks
+
+
+def _tasks_by_silo(silos) -> dict[str, int]:
+    return {s: w.log_text().count('"event": "task"') for s, w in silos.workers.items()}
+
+
+def test_after_merge_without_per_client_results_runs_on_the_coordinator(silos):
+    """No silo sees the final aggregate: TFF would run after_merge on one silo."""
+    merge_context = tff.framework.get_context_stack().current.merge_context
+    temperature_average([[1.0], [2.0], [3.0]])  # warm: executors and programs in place
+    runs_before, tasks_before = merge_context.merges_run, _tasks_by_silo(silos)
+    assert temperature_average([[1.0], [2.0], [6.0]]) == pytest.approx(3.0)
+    # Two merges and the after_merge, all on the coordinator...
+    assert merge_context.merges_run - runs_before == 3
+    # ...so every silo ran the same requests: its own up_to_merge, nothing more.
+    tasks = {s: n - tasks_before[s] for s, n in _tasks_by_silo(silos).items()}
+    assert len(set(tasks.values())) == 1 and tasks["a"] > 0, tasks
+
+
+def test_each_computation_is_sent_to_a_silo_once(silos):
+    """Later invocations reuse the computation's value instead of sending it again."""
+    context = tff.framework.get_context_stack().current
+    sent: list[str] = []
+    context.client.observe(lambda e: sent.append(e.request) if e.silo_id == "a" else None)
+    data = [[1.0], [2.0], [3.0]]
+    temperature_average(data)
+    first = sent.count("CreateValue")
+    sent.clear()
+    for _ in range(3):
+        assert temperature_average(data) == pytest.approx(2.0)
+    # Each later invocation sends only its argument: one CreateValue less.
+    assert sent.count("CreateValue") == 3 * (first - 1)

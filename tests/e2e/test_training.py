@@ -103,29 +103,32 @@ def test_dirichlet_partition_uses_every_example_once_and_is_seeded():
 
 
 def test_payload_meter_counts_bytes_per_silo():
-    import asyncio
-
-    from tensorflow_federated.proto.v0 import executor_pb2
-
+    from flaap_mq.coordinator.task_client import Exchange
     from flaap_mq.training.meter import PayloadMeter
 
-    class FakeClient:
-        async def call(self, silo_id, request, **kwargs):
-            return executor_pb2.ComputeResponse()
+    class ObservableClient:
+        """What PayloadMeter needs of a TaskClient: `observe`."""
 
-        def send_and_forget(self, silo_id, request):
-            pass
+        def __init__(self):
+            self.observers = []
 
-    client = FakeClient()
+        def observe(self, observer):
+            self.observers.append(observer)
+
+        def exchanged(self, exchange):
+            for observer in self.observers:
+                observer(exchange)
+
+    client = ObservableClient()
     meter = PayloadMeter(client)
-    request = executor_pb2.DisposeRequest(value_ref=[executor_pb2.ValueRef(id="x" * 100)])
     before = meter.snapshot()
-    asyncio.run(client.call("a", request))
-    client.send_and_forget("b", request)
+    client.exchanged(Exchange("a", "Compute", 120, 4000))  # an awaited request and its answer
+    client.exchanged(Exchange("b", "Dispose", 120, 0))  # a one-way request
     counts = meter.snapshot() - before
     assert counts.requests == 2
-    assert counts.sent_by_silo == {"a": request.ByteSize(), "b": request.ByteSize()}
-    assert counts.bytes_total == 2 * request.ByteSize()
+    assert counts.sent_by_silo == {"a": 120, "b": 120}
+    assert counts.received_by_silo == {"a": 4000, "b": 0}
+    assert counts.bytes_total == 2 * 120 + 4000
 
 
 def test_plain_dataset_load_cannot_be_built_on_the_coordinator(coordinator_dir):

@@ -46,7 +46,7 @@ def _valid_task(task_id: str) -> task_pb2.Task:
 
 # Each breaks a task so that no worker could run it.
 _BREAKS = {
-    "protocol_version": st.integers(min_value=2, max_value=2**32 - 1),
+    "protocol_version": st.integers(min_value=envelope.PROTOCOL_VERSION + 1, max_value=2**32 - 1),
     "task_id": st.just(""),
     "job_id": st.just(""),
     "silo_id": st.sampled_from(["", "q", "P", "p ", "../p", "\u00fe"]),

@@ -9,8 +9,11 @@ from __future__ import annotations
 import time
 import uuid
 
+import numpy as np
 import pika
 import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import placements
@@ -34,16 +37,54 @@ class RawCoordinator:
         )
         self.channel.confirm_delivery()
 
-    def send(self, silo_id: str, body: bytes, correlation_id: str, **props: object) -> None:
+    def send(
+        self, silo_id: str, body: bytes, correlation_id: str, *, reply: bool = True, **props: object
+    ) -> None:
         self.channel.basic_publish(
             self.names.tasks_exchange,
             silo_id,
             body,
             pika.BasicProperties(
-                delivery_mode=2, correlation_id=correlation_id, reply_to=self.job_id, **props
+                delivery_mode=2,
+                correlation_id=correlation_id,
+                reply_to=self.job_id if reply else None,
+                **props,
             ),
             mandatory=True,
         )
+
+    def send_task(
+        self, request: object, task_id: str, *, incarnation: str = "", reply: bool = False
+    ) -> None:
+        """A task as flaap-mq's coordinator sends it: one-way unless `reply`."""
+        task = envelope.build_task(
+            request=request,
+            job_id=self.job_id,
+            silo_id="a",
+            task_id=task_id,
+            incarnation=incarnation,
+            deadline_unix_ms=envelope.deadline_after(60),
+        )
+        spec = envelope.spec_for_request(request)
+        self.send(
+            "a", task.SerializeToString(), task_id, reply=reply, message_id=task_id, type=spec.name
+        )
+
+    def get_executor(self) -> tuple[executor_pb2.ExecutorId, str]:
+        """A new executor on silo a, and the worker incarnation holding it."""
+        task = _get_executor_task(uuid.uuid4().hex)
+        self.send("a", task.SerializeToString(), task.task_id)
+        _, result = self.reply()
+        assert result.WhichOneof("outcome") == "response", result.error.message
+        response = executor_pb2.GetExecutorResponse.FromString(result.response)
+        return response.executor, result.worker_incarnation
+
+    def no_reply_within(self, seconds: float) -> bool:
+        try:
+            self.reply(timeout_s=seconds)
+        except TimeoutError:
+            return True
+        return False
 
     def reply(self, timeout_s: float = 30.0) -> tuple[pika.BasicProperties, task_pb2.TaskResult]:
         deadline = time.monotonic() + timeout_s
@@ -83,14 +124,15 @@ def _get_executor_task(task_id: str, **overrides: object) -> task_pb2.Task:
     return task
 
 
-def test_get_executor_answers_with_an_id_naming_the_worker_incarnation(raw):
+def test_get_executor_answers_with_the_executor_and_the_worker_incarnation(raw):
     raw.send("a", _get_executor_task("t1").SerializeToString(), "t1")
     properties, result = raw.reply()
     assert properties.correlation_id == "t1"
     assert properties.user_id == "guest"  # checked by the broker against the login
     assert result.WhichOneof("outcome") == "response", result.error.message
     executor = executor_pb2.GetExecutorResponse.FromString(result.response).executor
-    assert executor.id.startswith(result.worker_incarnation + "/")
+    assert executor.id.startswith("clients=1")  # the executor service's own id
+    assert len(result.worker_incarnation) == 16
 
 
 def test_unknown_protocol_version_gets_a_clear_error_result(raw):
@@ -103,13 +145,16 @@ def test_unknown_protocol_version_gets_a_clear_error_result(raw):
 
 def test_request_for_an_unknown_incarnation_is_retryable_state_lost(raw):
     request = executor_pb2.ComputeRequest(
-        executor=executor_pb2.ExecutorId(id="someoneelse/clients=1"),
+        executor=executor_pb2.ExecutorId(id="clients=1"),
         value_ref=executor_pb2.ValueRef(id="1"),
     )
-    task = envelope.build_task(request=request, job_id="raw", silo_id="a", task_id="t3")
+    task = envelope.build_task(
+        request=request, job_id="raw", silo_id="a", task_id="t3", incarnation="someoneelse"
+    )
     raw.send("a", task.SerializeToString(), "t3")
     _, result = raw.reply()
     assert result.error.code == envelope.ErrorCode.STATE_LOST
+    assert "'someoneelse'" in result.error.message
     assert result.error.retryable
 
 
@@ -167,3 +212,148 @@ def test_expired_task_is_dead_lettered_by_the_broker_not_run(broker_url, prefix)
         pytest.fail("the expired task was not dead-lettered")
     finally:
         coordinator.close()
+
+
+# --------------------------------------------------------------- pipelining
+# Value names are the coordinator's (a Create* task's id); Create* tasks go
+# one-way, and only the Compute that needs the chain is answered.
+
+
+@tff.tensorflow.computation(np.float32)
+def _add_one(x):
+    return x + 1.0
+
+
+def _value(value: object, type_spec: object) -> executor_pb2.Value:
+    proto, _ = value_serialization.serialize_value(value, type_spec)
+    return proto
+
+
+def _ref(value_id: str) -> executor_pb2.ValueRef:
+    return executor_pb2.ValueRef(id=value_id)
+
+
+class _Executor:
+    """An executor on silo a, driven with raw tasks as flaap-mq's coordinator does."""
+
+    def __init__(self, raw: RawCoordinator) -> None:
+        self.raw = raw
+        self.id, self.incarnation = raw.get_executor()
+
+    def _one_way(self, request: object) -> str:
+        name = uuid.uuid4().hex
+        self.raw.send_task(request, name, incarnation=self.incarnation)
+        return name
+
+    def create_value(self, value: executor_pb2.Value) -> str:
+        return self._one_way(executor_pb2.CreateValueRequest(executor=self.id, value=value))
+
+    def create_call(self, function: str, argument: str) -> str:
+        return self._one_way(
+            executor_pb2.CreateCallRequest(
+                executor=self.id, function_ref=_ref(function), argument_ref=_ref(argument)
+            )
+        )
+
+    def dispose(self, *names: str) -> None:
+        self._one_way(
+            executor_pb2.DisposeRequest(executor=self.id, value_ref=[_ref(n) for n in names])
+        )
+
+    def compute(self, name: str) -> task_pb2.TaskResult:
+        task_id = uuid.uuid4().hex
+        self.raw.send_task(
+            executor_pb2.ComputeRequest(executor=self.id, value_ref=_ref(name)),
+            task_id,
+            incarnation=self.incarnation,
+            reply=True,
+        )
+        _, result = self.raw.reply()
+        assert result.task_id == task_id
+        return result
+
+
+def _computed_float(result: task_pb2.TaskResult) -> float:
+    assert result.WhichOneof("outcome") == "response", result.error.message
+    value = executor_pb2.ComputeResponse.FromString(result.response).value
+    return float(value_serialization.deserialize_value(value, tff.TensorType(np.float32))[0])
+
+
+def test_a_pipelined_chain_is_computed_with_one_answer(raw):
+    executor = _Executor(raw)
+    comp = executor.create_value(_value(_add_one, _add_one.type_signature))
+    arg = executor.create_value(_value(np.float32(2.0), tff.TensorType(np.float32)))
+    call = executor.create_call(comp, arg)
+    assert _computed_float(executor.compute(call)) == 3.0
+    # The three one-way Create* tasks were run but answered nothing.
+    assert raw.no_reply_within(1.0)
+
+
+def test_a_value_never_created_is_state_lost_at_once_naming_it(raw):
+    executor = _Executor(raw)
+    started = time.monotonic()
+    result = executor.compute("never-made")
+    assert result.error.code == envelope.ErrorCode.STATE_LOST
+    assert result.error.retryable
+    assert "never-made" in result.error.message
+    assert time.monotonic() - started < 10  # not after the 60 s deadline
+
+
+def test_a_failed_one_way_create_fails_the_compute_that_needs_it(raw):
+    """The first cause, a CreateValue, reaches the Compute two links down the chain."""
+    executor = _Executor(raw)
+    comp = executor.create_value(_value(_add_one, _add_one.type_signature))
+    arg = executor.create_value(executor_pb2.Value())  # empty: the service refuses it
+    call = executor.create_call(comp, arg)
+    result = executor.compute(call)
+    assert result.error.code == envelope.ErrorCode.EXECUTOR_ERROR
+    assert not result.error.retryable
+    assert f"uses value {call}, which could not be made" in result.error.message
+    assert "CreateValue failed on silo 'a'" in result.error.message
+
+
+_BIG = 4 * 1024 * 1024  # float32 elements: a CreateValue that takes a while
+
+
+@tff.tensorflow.computation(tff.TensorType(np.float32, [_BIG]))
+def _total(x):
+    return tf.reduce_sum(x)
+
+
+def test_a_disposal_never_overtakes_a_task_sent_before_it(raw):
+    """A Dispose of a value that a CreateCall sent before it still needs.
+
+    The CreateCall waits for its slow argument; the function it calls was
+    made long before, so a Dispose of the function could run at once, before
+    the CreateCall reaches the executor service, which would then fail with
+    "value not found". The worker holds every disposal until the tasks sent
+    before it have finished.
+    """
+    executor = _Executor(raw)
+    comp = executor.create_value(_value(_total, _total.type_signature))
+    assert raw.no_reply_within(0.5)  # made before anything slow arrives
+    model = np.ones(_BIG, np.float32)
+    arg = executor.create_value(_value(model, tff.TensorType(np.float32, [_BIG])))
+    call = executor.create_call(comp, arg)
+    executor.dispose(comp)
+    assert _computed_float(executor.compute(call)) == float(_BIG)
+
+
+def _dead_letter_reason(raw, message_id: str) -> str:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        method, properties, _ = raw.channel.basic_get(raw.names.dead_letter_queue, auto_ack=True)
+        if method is not None and properties.message_id == message_id:
+            return properties.headers["x-flaap-reason"]
+        time.sleep(0.1)
+    pytest.fail(f"task {message_id} did not reach the dead-letter queue")
+
+
+def test_a_compute_without_reply_to_is_dead_lettered_with_the_reason(raw):
+    executor = _Executor(raw)
+    raw.send_task(
+        executor_pb2.ComputeRequest(executor=executor.id, value_ref=_ref("x")),
+        "no-reply",
+        incarnation=executor.incarnation,
+    )
+    assert "Compute task needs a reply_to" in _dead_letter_reason(raw, "no-reply")

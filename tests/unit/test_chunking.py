@@ -24,9 +24,7 @@ def test_any_payload_reassembles_exactly(payload, size):
     assert all(len(part) <= size for _, part in parts)
     reassembler = chunking.Reassembler()
     results = [reassembler.add("t", header, part) for header, part in parts]
-    if len(parts) == 1:
-        assert results == [None] or results == [payload]
-    assert results[-1] == payload
+    assert results[-1].join() == payload
     assert all(r is None for r in results[:-1])
     assert reassembler.pending_bytes == 0
 
@@ -37,8 +35,9 @@ def test_corrupt_slice_fails_the_digest_check():
     for header, part in parts[:-1]:
         reassembler.add("t", header, part)
     header, part = parts[-1]
+    whole = reassembler.add("t", header, bytes([part[0] ^ 1]) + part[1:])
     with pytest.raises(chunking.ChunkError, match="SHA-256"):
-        reassembler.add("t", header, bytes([part[0] ^ 1]) + part[1:])
+        whole.join()
 
 
 def test_last_slice_without_the_others_is_missing_chunks():
@@ -64,7 +63,7 @@ def test_redelivered_slice_is_ignored():
     assert reassembler.add("t", *parts[0]) is None
     for header, part in parts[1:-1]:
         reassembler.add("t", header, part)
-    assert reassembler.add("t", *parts[-1]) == payload
+    assert reassembler.add("t", *parts[-1]).join() == payload
 
 
 def test_memory_is_bounded():
@@ -76,21 +75,23 @@ def test_memory_is_bounded():
     assert reassembler.pending_bytes == 0
 
 
-def test_split_task_keeps_every_envelope_field():
+def test_encode_task_keeps_every_envelope_field_on_every_slice():
+    request = os.urandom(1000)
     task = task_pb2.Task(
-        protocol_version=1,
+        protocol_version=2,
         task_id="t",
         job_id="j",
         silo_id="s",
         attempt=2,
         deadline_unix_ms=5,
         kind=envelope.RequestKind.CREATE_VALUE,
-        request=os.urandom(1000),
+        incarnation="i",
     )
-    parts = envelope.split_task(task, 300)
-    assert len(parts) == 4
+    messages = envelope.encode_task(task, request, 300)
+    assert len(messages) == 4
     reassembler = chunking.Reassembler()
-    for part in parts:
+    for message in messages:
+        part, payload = envelope.read_task(message)
         assert (part.task_id, part.job_id, part.silo_id, part.attempt, part.kind) == (
             "t",
             "j",
@@ -98,16 +99,25 @@ def test_split_task_keeps_every_envelope_field():
             2,
             envelope.RequestKind.CREATE_VALUE,
         )
-        assert chunking.headers(part.chunk)[chunking.CHUNK_HEADER].endswith("/4")
-        whole = reassembler.add(part.task_id, part.chunk, part.request)
-    assert whole == task.request
-    assert envelope.split_task(task, 1000) == [task]
+        assert part.incarnation == "i"
+        whole = reassembler.add(part.task_id, part.chunk, payload)
+    assert whole.join() == request
+    [single] = envelope.encode_task(task, request, 1000)
+    assert envelope.parse_task(single) == task_pb2.Task(request=request, **_fields(task))
+    assert chunking.headers(3, 4) == {chunking.CHUNK_HEADER: "4/4"}
+    assert chunking.headers(0, 1) is None
 
 
-def test_split_result_leaves_errors_and_small_results_alone():
-    small = task_pb2.TaskResult(task_id="t", response=b"x").SerializeToString()
-    assert envelope.split_result(small, 100) == [small]
-    big = task_pb2.TaskResult(task_id="t", response=os.urandom(1000)).SerializeToString()
-    parts = [task_pb2.TaskResult.FromString(p) for p in envelope.split_result(big, 400)]
-    assert [p.chunk.index for p in parts] == [0, 1, 2]
-    assert b"".join(p.response for p in parts) == task_pb2.TaskResult.FromString(big).response
+def _fields(message):
+    return {f.name: v for f, v in message.ListFields()}
+
+
+def test_encode_result_slices_only_large_responses():
+    result = task_pb2.TaskResult(task_id="t", silo_id="s", worker_incarnation="i")
+    [small] = envelope.encode_result(result, b"x", 100)
+    assert envelope.parse_result(small).response == b"x"
+    response = os.urandom(1000)
+    parts = [envelope.read_result(m) for m in envelope.encode_result(result, response, 400)]
+    assert [p.chunk.index for p, _ in parts] == [0, 1, 2]
+    assert all(p.worker_incarnation == "i" for p, _ in parts)
+    assert b"".join(bytes(payload) for _, payload in parts) == response

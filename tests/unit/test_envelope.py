@@ -129,3 +129,63 @@ def test_error_mapping(failure, exception, retryable):
     assert isinstance(raised, executors_errors.RetryableError) is retryable
     assert str(raised).startswith("silo 'silo-7', CreateCall: boom")
     assert raised.silo_id == "silo-7" and raised.request == "CreateCall"
+
+
+def _executor_request(spec: envelope.KindSpec) -> object:
+    request = spec.request_type()
+    request.executor.id = "clients=3/1"
+    return request
+
+
+def test_executor_id_is_read_from_every_request_kind_that_has_one():
+    for spec in envelope.KINDS.values():
+        if spec.kind == envelope.RequestKind.GET_EXECUTOR:
+            continue
+        request = _executor_request(spec)
+        for ref in spec.value_refs(request):
+            ref.id = "some-value"
+        assert envelope.executor_id_of(spec, request.SerializeToString()) == "clients=3/1"
+
+
+def test_executor_id_skips_a_large_value_without_decoding_it():
+    spec = envelope.KINDS[envelope.RequestKind.CREATE_VALUE]
+    request = _executor_request(spec)
+    request.value.array.content = b"\x00" * (8 * 1024 * 1024)
+    assert envelope.executor_id_of(spec, request.SerializeToString()) == "clients=3/1"
+
+
+def test_executor_id_of_a_truncated_request_is_malformed():
+    spec = envelope.KINDS[envelope.RequestKind.CREATE_VALUE]
+    request = _executor_request(spec)
+    request.value.array.content = b"\x01" * 1000
+    with pytest.raises(envelope.MalformedEnvelope):
+        envelope.executor_id_of(spec, request.SerializeToString()[:-10])
+
+
+def test_value_refs_are_the_fields_naming_values():
+    call = executor_pb2.CreateCallRequest(
+        function_ref=executor_pb2.ValueRef(id="f"), argument_ref=executor_pb2.ValueRef(id="a")
+    )
+    spec = envelope.KINDS[envelope.RequestKind.CREATE_CALL]
+    assert [r.id for r in spec.value_refs(call)] == ["f", "a"]
+    no_arg = executor_pb2.CreateCallRequest(function_ref=executor_pb2.ValueRef(id="f"))
+    assert [r.id for r in spec.value_refs(no_arg)] == ["f"]
+    assert not envelope.KINDS[envelope.RequestKind.CREATE_VALUE].names_values
+    creates = {s.name for s in envelope.KINDS.values() if s.creates_value}
+    assert creates == {"CreateValue", "CreateCall", "CreateStruct", "CreateSelection"}
+    assert {s.name for s in envelope.KINDS.values() if s.answers_with_data} == {
+        "GetExecutor",
+        "Compute",
+    }
+
+
+def test_create_value_request_is_the_same_message_without_the_copy():
+    value = executor_pb2.Value()
+    value.array.content = b"\x01\x02" * 1000
+    executor = executor_pb2.ExecutorId(id="clients=1")
+    serialized = envelope.create_value_request(executor, value)
+    assert serialized.spec.kind == envelope.RequestKind.CREATE_VALUE
+    assert executor_pb2.CreateValueRequest.FromString(
+        serialized.payload
+    ) == executor_pb2.CreateValueRequest(executor=executor, value=value)
+    assert envelope.spec_of(serialized) is serialized.spec

@@ -1,5 +1,3 @@
-"""Executor ids carry the worker incarnation that created them."""
-
 from __future__ import annotations
 
 import pytest
@@ -8,38 +6,36 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from flaap_mq.protocol import envelope
 from flaap_mq.worker.incarnation import Incarnation, StateLost
 
-KIND = envelope.RequestKind
+
+def _task(request, incarnation: str = ""):
+    return envelope.build_task(
+        request=request, job_id="j", silo_id="s", task_id="t", incarnation=incarnation
+    )
 
 
-def _executor_id(incarnation: Incarnation) -> str:
-    response = executor_pb2.GetExecutorResponse(executor=executor_pb2.ExecutorId(id="clients=3"))
-    tagged = incarnation.tag_response(KIND.GET_EXECUTOR, response.SerializeToString())
-    return executor_pb2.GetExecutorResponse.FromString(tagged).executor.id
+def _compute():
+    return executor_pb2.ComputeRequest(
+        executor=executor_pb2.ExecutorId(id="clients=1"), value_ref=executor_pb2.ValueRef(id="v")
+    )
 
 
-def test_handed_out_ids_name_the_incarnation():
-    incarnation = Incarnation("inc1")
-    assert _executor_id(incarnation) == "inc1/clients=3"
+def test_task_for_this_incarnation_passes():
+    Incarnation("inc1").check(_task(_compute(), "inc1"))
 
 
-def test_own_ids_are_untagged_before_reaching_the_executor():
-    incarnation = Incarnation("inc1")
-    request = executor_pb2.ComputeRequest(executor=executor_pb2.ExecutorId(id="inc1/clients=3"))
-    raw = incarnation.untag_request(KIND.COMPUTE, request)
-    assert executor_pb2.ComputeRequest.FromString(raw).executor.id == "clients=3"
+def test_task_for_another_incarnation_is_state_lost_naming_both():
+    with pytest.raises(StateLost, match=r"'old'.*'new'"):
+        Incarnation("new").check(_task(_compute(), "old"))
 
 
-@pytest.mark.parametrize("executor_id", ["old/clients=3", "clients=3", ""])
-def test_ids_of_another_incarnation_are_state_lost(executor_id):
-    request = executor_pb2.CreateCallRequest(executor=executor_pb2.ExecutorId(id=executor_id))
-    with pytest.raises(StateLost, match="lost with that worker"):
-        Incarnation("new").untag_request(KIND.CREATE_CALL, request)
+def test_task_without_incarnation_is_state_lost():
+    with pytest.raises(StateLost, match="'unknown'"):
+        Incarnation("new").check(_task(_compute()))
 
 
-def test_other_responses_pass_unchanged():
-    body = executor_pb2.ComputeResponse().SerializeToString()
-    assert Incarnation("x").tag_response(KIND.COMPUTE, body) is body
+def test_get_executor_needs_no_incarnation():
+    Incarnation("x").check(_task(executor_pb2.GetExecutorRequest()))
 
 
-def test_incarnations_differ():
+def test_ids_are_random():
     assert Incarnation().id != Incarnation().id

@@ -60,7 +60,7 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ..., sha256: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("protocol_version", "task_id", "job_id", "silo_id", "attempt", "deadline_unix_ms", "kind", "request", "chunk")
+    __slots__ = ("protocol_version", "task_id", "job_id", "silo_id", "attempt", "deadline_unix_ms", "kind", "request", "chunk", "incarnation")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class Task(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     task_id: str
     job_id: str
@@ -79,7 +80,8 @@ class Task(_message.Message):
     kind: RequestKind
     request: bytes
     chunk: Chunk
-    def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., silo_id: _Optional[str] = ..., attempt: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., request: _Optional[bytes] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., silo_id: _Optional[str] = ..., attempt: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., request: _Optional[bytes] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "retryable")
