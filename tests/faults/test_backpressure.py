@@ -28,13 +28,14 @@ PREFETCH = 8
 SILO = "bp"
 
 
-def _task(request, task_id: str) -> bytes:
+def _task(request, task_id: str, incarnation: str = "") -> bytes:
     return envelope.build_task(
         request=request,
         job_id="bp",
         silo_id=SILO,
         task_id=task_id,
         deadline_unix_ms=envelope.deadline_after(900),
+        incarnation=incarnation,
     ).SerializeToString()
 
 
@@ -49,12 +50,21 @@ def test_ten_thousand_queued_tasks_stay_outside_the_worker(workers, broker_url, 
     topology.declare_blocking(channel, topology.reply_declarations(names, job))
     reply_queue = names.reply_queue(job)
 
+    incarnation = ""
+
     def send(request, task_id: str) -> None:
         channel.basic_publish(
             names.tasks_exchange,
             SILO,
-            _task(request, task_id),
-            pika.BasicProperties(delivery_mode=2, correlation_id=task_id, reply_to=job),
+            _task(request, task_id, incarnation),
+            pika.BasicProperties(
+                delivery_mode=2,
+                # A Create* task's message id names the value it makes.
+                message_id=task_id,
+                correlation_id=task_id,
+                reply_to=job,
+                type=envelope.spec_for_request(request).name,
+            ),
         )
 
     def replies() -> int:
@@ -71,6 +81,7 @@ def test_ten_thousand_queued_tasks_stay_outside_the_worker(workers, broker_url, 
     _, _, body = channel.basic_get(reply_queue, auto_ack=True)
     result = task_pb2.TaskResult.FromString(body)
     executor = executor_pb2.GetExecutorResponse.FromString(result.response).executor
+    incarnation = result.worker_incarnation
     value, _ = value_serialization.serialize_value(
         np.arange(VALUE_FLOATS, dtype=np.float32), tff.TensorType(np.float32, [VALUE_FLOATS])
     )

@@ -41,7 +41,7 @@ def _restart_rounds(
         for _ in range(restarts):
             round_ = BackgroundRound(context, comps.slow_total, DATA)
             if rng is None:
-                wait_for_pending(context, "a", "CreateCall")
+                wait_for_pending(context, "a", "Compute")
                 time.sleep(0.3)
             else:
                 time.sleep(rng.uniform(0.0, 3.0))

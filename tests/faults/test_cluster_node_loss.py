@@ -69,7 +69,7 @@ def test_stopping_the_node_leading_a_silo_queue_does_not_lose_the_round(node_pre
                 EXPECTED
             )
             round_ = BackgroundRound(context, comps.slow_total, DATA)
-            wait_for_pending(context, "a", "CreateCall")
+            wait_for_pending(context, "a", "Compute")
             time.sleep(0.3)
             began = time.monotonic()
             doomed.stop()
@@ -132,14 +132,14 @@ def test_losing_the_coordinators_own_node_is_an_outage_not_a_refusal(node_prefix
             )
             # Down for a few seconds, mid-round: the round completes.
             round_ = BackgroundRound(context, comps.slow_total, DATA)
-            wait_for_pending(context, "a", "CreateCall")
+            wait_for_pending(context, "a", "Compute")
             home.stop()
             time.sleep(3)
             home.start()
             assert round_.wait(300) == pytest.approx(EXPECTED)
             # Down for good, mid-round: a clear error, long before the 300 s task timeout.
             round_ = BackgroundRound(context, comps.slow_total, DATA)
-            wait_for_pending(context, "a", "CreateCall")
+            wait_for_pending(context, "a", "Compute")
             began = time.monotonic()
             home.stop()
             with pytest.raises(flaap_mq.SiloError) as raised:

@@ -37,7 +37,7 @@ def test_redelivered_task_is_answered_from_the_cache_not_run_twice(
             url, ["a"], topology_prefix=node_prefix, task_timeout=60, max_attempts=1
         )
         round_ = BackgroundRound(context, comps.slow_total, DATA)
-        wait_for_pending(context, "a", "CreateCall")
+        wait_for_pending(context, "a", "Compute")
         time.sleep(0.3)  # the worker is running it now
         assert support.close_connections_of(private_node, fleet.workers["a"].pid) == 1
         # max_attempts=1: the answer must come from this very invocation.

@@ -63,7 +63,7 @@ def test_worker_killed_mid_call_is_restarted_and_the_round_completes(workers, br
     assert context.silo_ids == SILOS
     round_ = BackgroundRound(context, comps.slow_total, DATA)
     # Kill silo a's worker while it runs the slow CreateCall for this round.
-    wait_for_pending(context, "a", "CreateCall")
+    wait_for_pending(context, "a", "Compute")
     time.sleep(0.3)
     _crash_and_restart(fleet, "a", executor_pids)
     assert round_.wait(240) == pytest.approx(EXPECTED)
