@@ -45,9 +45,11 @@ class ValueUnavailable(Exception):
         self.message = message
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Entry:
-    made: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # Made or failed. One small record per live value: waiting goes through
+    # the table's one condition, not an Event each (2 KB apiece).
+    done: bool = False
     ref: str | None = None  # the executor service's ValueRef id, once made
     executor: str | None = None  # the executor service's ExecutorId it lives in
     failure: envelope.Failure | None = None
@@ -67,6 +69,7 @@ class ValueTable:
         self._failed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._max_failed = max_failed
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # an entry became done
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -80,10 +83,10 @@ class ValueTable:
         """The value exists in the executor service as `ref` of `executor`."""
         with self._lock:
             entry = self._entries.get(value_id)
-            if entry is None or entry.made.is_set():
+            if entry is None or entry.done:
                 return  # forgotten meanwhile (disposed, or the table was cleared)
-            entry.ref, entry.executor = ref, executor
-            entry.made.set()
+            entry.ref, entry.executor, entry.done = ref, executor, True
+            self._settled.notify_all()
 
     def fail(self, value_id: str, failure: envelope.Failure, message: str) -> None:
         """The value could not be made; tasks naming it fail with `message`.
@@ -94,10 +97,10 @@ class ValueTable:
         """
         with self._lock:
             entry = self._entries.get(value_id)
-            if entry is None or entry.made.is_set():
+            if entry is None or entry.done:
                 return
-            entry.failure, entry.message = failure, message
-            entry.made.set()
+            entry.failure, entry.message, entry.done = failure, message, True
+            self._settled.notify_all()
             self._failed[value_id] = None
             while len(self._failed) > self._max_failed:
                 self._entries.pop(self._failed.popitem(last=False)[0], None)
@@ -115,15 +118,16 @@ class ValueTable:
                 continue
             with self._lock:
                 entry = self._entries.get(value_id)
-            if entry is None:
-                raise ValueUnavailable(
-                    value_id,
-                    envelope.Failure.STATE_LOST,
-                    f"value {value_id} is not held by this worker process: it was made by "
-                    "an earlier one, or already disposed",
-                )
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not entry.made.wait(timeout):
+                if entry is None:
+                    raise ValueUnavailable(
+                        value_id,
+                        envelope.Failure.STATE_LOST,
+                        f"value {value_id} is not held by this worker process: it was made "
+                        "by an earlier one, or already disposed",
+                    )
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done = self._settled.wait_for(lambda e=entry: e.done, timeout)
+            if not done:
                 raise ValueUnavailable(
                     value_id,
                     envelope.Failure.DEADLINE_EXCEEDED,
@@ -161,7 +165,7 @@ class ValueTable:
         with self._lock:
             entries, self._entries = self._entries, {}
             self._failed.clear()
-        for entry in entries.values():
-            if not entry.made.is_set():
-                entry.failure, entry.message = failure, message
-                entry.made.set()
+            for entry in entries.values():
+                if not entry.done:
+                    entry.failure, entry.message, entry.done = failure, message, True
+            self._settled.notify_all()
