@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import flaap_mq
 from flaap_mq.data import digits
 from flaap_mq.data.fleet import SiloDataFleet
 from flaap_mq.data.silo import read_silo_dataset, silo_dataset
+from flaap_mq.testing.cli import run_cli
 from flaap_mq.testing.tff_local import local_cpp_contexts
 from flaap_mq.training.config import TrainingConfig
 from flaap_mq.training.fedavg import SiloFedAvg
@@ -34,15 +33,7 @@ SEED = 7
 
 
 def _cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flaap_mq.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env=os.environ,
-        check=False,
-    )
+    return run_cli(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pika
 
 from flaap_mq.protocol import topology
+from flaap_mq.testing.cli import run_cli
 
 
 def test_topology_command_declares_and_lists_queues(broker_url, prefix):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flaap_mq.cli",
-            "topology",
-            "--broker-url",
-            broker_url,
-            "--prefix",
-            prefix,
-            "--silo",
-            "a",
-            "--silo",
-            "b",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ,
+    done = run_cli(
+        "topology", "--broker-url", broker_url, "--prefix", prefix, "--silo", "a", "--silo", "b"
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
@@ -68,22 +49,7 @@ def test_topology_command_declares_and_lists_queues(broker_url, prefix):
 
 
 def test_topology_command_rejects_a_bad_silo_id_in_one_line(broker_url):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flaap_mq.cli",
-            "topology",
-            "--broker-url",
-            broker_url,
-            "--silo",
-            "a b",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ,
-    )
+    done = run_cli("topology", "--broker-url", broker_url, "--silo", "a b")
     assert done.returncode != 0
     assert "silo id 'a b'" in done.stderr
     assert "Traceback" not in done.stderr

@@ -27,6 +27,7 @@ import portpicker
 import pytest
 
 from flaap_mq.broker.urls import BrokerAddress
+from flaap_mq.testing import cli
 from flaap_mq.testing.broker import PrivateBrokerNode
 
 REPO = Path(__file__).resolve().parents[2]
@@ -201,15 +202,8 @@ def secure_broker() -> Iterator[SecureBroker]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0):
-    """`flaap-mq ARGS` in a subprocess, as an operator runs it."""
+    """`flaap-mq ARGS` without this run's FLAAP_MQ_* settings, plus `env`."""
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("FLAAP_MQ_")}
     run_env["FLAAP_MQ_TEST_RUN"] = os.environ.get("FLAAP_MQ_TEST_RUN", "")
     run_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "flaap_mq.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=run_env,
-        check=False,
-    )
+    return cli.run_cli(*args, env=run_env, timeout=timeout)
