@@ -247,22 +247,27 @@ async def _round_trips(
     calls: int,
     warmup: int,
 ) -> tuple[dict[str, list[Sample]], Counted]:
-    samples: dict[str, list[Sample]] = {name: [] for name in executors}
     names = list(executors)
-    counted = Counted(paths.counts)
-    for i in range(warmup + calls):
-        if i == warmup:
-            counted.__enter__()
-        for name in names if i % 2 == 0 else reversed(names):
-            with metered(paths.meter) as sample:
-                made = await executors[name].create_value(value, type_spec)
-                back = await made.compute()
-            if not np.array_equal(np.asarray(back), value):
-                raise AssertionError(f"{name}: the value came back changed")
-            del made, back  # disposed, batched, as in real use
-            if i >= warmup:
-                samples[name].extend(sample)
-    counted.__exit__()
+
+    async def round_trip(name: str) -> Sample:
+        with metered(paths.meter) as sample:
+            made = await executors[name].create_value(value, type_spec)
+            back = await made.compute()
+        if not np.array_equal(np.asarray(back), value):
+            raise AssertionError(f"{name}: the value came back changed")
+        return sample[0]  # `made` is disposed, batched, as in real use
+
+    async def alternating(times: int) -> dict[str, list[Sample]]:
+        """As `interleaved`: each path in turn, alternating which goes first."""
+        samples: dict[str, list[Sample]] = {name: [] for name in names}
+        for i in range(times):
+            for name in names if i % 2 == 0 else reversed(names):
+                samples[name].append(await round_trip(name))
+        return samples
+
+    await alternating(warmup)
+    with Counted(paths.counts) as counted:
+        samples = await alternating(calls)
     return samples, counted
 
 

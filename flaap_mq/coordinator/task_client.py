@@ -203,7 +203,8 @@ class TaskClient:
         `incarnation` is the worker incarnation whose executor `request`
         names (empty for GetExecutor).
         """
-        spec = envelope.spec_of(request)
+        request = envelope.serialized(request)
+        spec = request.spec
         timeout_s = self.task_timeout_s if timeout_s is None else timeout_s
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_Reply] = loop.create_future()
@@ -274,7 +275,8 @@ class TaskClient:
         `task_id` names the value it makes.
         """
         task_id = task_id or envelope.new_task_id()
-        name = envelope.spec_of(request).name
+        request = envelope.serialized(request)
+        name = request.spec.name
         parts, size = self._publish(
             silo_id, request, task_id, self.task_timeout_s, incarnation=incarnation, reply=False
         )
@@ -294,7 +296,7 @@ class TaskClient:
     def _publish(
         self,
         silo_id: str,
-        request: envelope.Request,
+        request: envelope.SerializedRequest,
         task_id: str,
         timeout_s: float,
         *,
@@ -305,12 +307,8 @@ class TaskClient:
 
         Returns the publish futures of its messages, and the request's size.
         """
-        if isinstance(request, envelope.SerializedRequest):
-            kind, payload = request.spec.kind, request.payload
-        else:
-            kind, payload = envelope.spec_for_request(request).kind, request.SerializeToString()
         task = envelope.task_envelope(
-            kind=kind,
+            kind=request.spec.kind,
             job_id=self.job_id,
             silo_id=silo_id,
             task_id=task_id,
@@ -331,7 +329,7 @@ class TaskClient:
             app_id="flaap-mq",
             timestamp=int(time.time()),
         )
-        messages = envelope.encode_task(task, payload, self._chunk_bytes)
+        messages = envelope.encode_task(task, request.payload, self._chunk_bytes)
         futures = [
             self._link.publish(
                 self._names.tasks_exchange,
@@ -341,7 +339,7 @@ class TaskClient:
             )
             for i, message in enumerate(messages)
         ]
-        return futures, len(payload)
+        return futures, len(request.payload)
 
     def _on_published(self, task_id: str, published: concurrent.futures.Future[None]) -> None:
         error = published.exception()

@@ -174,8 +174,14 @@ class SerializedRequest:
 Request = protobuf_message.Message | SerializedRequest
 
 
-def spec_of(request: Request) -> KindSpec:
-    return request.spec if isinstance(request, SerializedRequest) else spec_for_request(request)
+def serialized(request: Request) -> SerializedRequest:
+    """`request` serialized, with its kind (as is if it already is)."""
+    if isinstance(request, SerializedRequest):
+        return request
+    return SerializedRequest(spec_for_request(request), request.SerializeToString())
+
+
+_CREATE_VALUE_VALUE = executor_pb2.CreateValueRequest.DESCRIPTOR.fields_by_name["value"].number
 
 
 def create_value_request(
@@ -192,9 +198,6 @@ def create_value_request(
     head = executor_pb2.CreateValueRequest(executor=executor).SerializeToString()
     payload = wire.append_bytes_field(head, _CREATE_VALUE_VALUE, value.SerializeToString())
     return SerializedRequest(KINDS[RequestKind.CREATE_VALUE], payload)
-
-
-_CREATE_VALUE_VALUE = executor_pb2.CreateValueRequest.DESCRIPTOR.fields_by_name["value"].number
 
 
 def task_envelope(
@@ -245,6 +248,8 @@ def read_task(body: bytes) -> tuple[task_pb2.Task, memoryview]:
         task.ParseFromString(rest)
     except (wire.WireError, protobuf_message.DecodeError) as e:
         raise MalformedEnvelope(f"body is not a flaap_mq.v1.Task ({len(body)} bytes): {e}") from e
+    if request is None:
+        request = memoryview(b"")  # proto3: an empty request is not written
     if task.protocol_version != PROTOCOL_VERSION:
         return task, request
     missing = [f for f in ("task_id", "job_id", "silo_id") if not getattr(task, f)]
@@ -401,13 +406,14 @@ def read_result(body: bytes) -> tuple[task_pb2.TaskResult, memoryview]:
     try:
         rest, response = wire.split_off(body, _RESULT_PAYLOAD)
         result.ParseFromString(rest)
-        has_response = any(field == _RESULT_PAYLOAD for field, *_ in wire.fields(body))
     except (wire.WireError, protobuf_message.DecodeError) as e:
         raise MalformedEnvelope(f"body is not a flaap_mq.v1.TaskResult: {e}") from e
     if not result.task_id:
         raise MalformedEnvelope("result has no task_id")
-    if result.WhichOneof("outcome") is None and not has_response:
-        raise MalformedEnvelope(f"result {result.task_id} has neither response nor error")
+    if response is None:
+        if result.WhichOneof("outcome") is None:
+            raise MalformedEnvelope(f"result {result.task_id} has neither response nor error")
+        response = memoryview(b"")
     return result, response
 
 

@@ -74,15 +74,15 @@ def fields(data: Buffer) -> Iterator[tuple[int, int, int, int]]:
         yield number, start, value_start, pos
 
 
-def split_off(data: bytes, number: int) -> tuple[bytes, memoryview]:
+def split_off(data: bytes, number: int) -> tuple[bytes, memoryview | None]:
     """The message without field `number` (serialized), and a view of that field's bytes.
 
     As protobuf does, the last occurrence of the field wins. The view shares
-    `data`'s memory; an absent field gives an empty view.
+    `data`'s memory; it is None if the field is absent.
     """
     view = memoryview(data)
     kept: list[memoryview] = []
-    payload = view[0:0]
+    payload = None
     for field, start, value_start, end in fields(view):
         if field == number:
             payload = view[value_start:end]

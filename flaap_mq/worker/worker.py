@@ -82,8 +82,9 @@ class Outcome(NamedTuple):
         return sum(len(m) for m in self.messages)
 
 
-# A task's request as received: a view of the message, or every slice of it.
-_Payload = memoryview | chunking.Parts
+# A task's request as received: a view of the message, every slice of it, or
+# why its slices do not make a whole.
+_Payload = memoryview | chunking.Parts | chunking.ChunkError
 # A task read from its message(s), request apart.
 _Read = tuple[task_pb2.Task, _Payload]
 
@@ -272,19 +273,13 @@ class SiloWorker:
         try:
             parts = self._reassembler.add(task.task_id, task.chunk, payload)
         except chunking.ChunkError as e:
-            self._pool.submit(self._answer_chunk_error, delivery, task, str(e))
-            return None
+            task.ClearField("chunk")
+            return task, e  # answered CHUNK_INVALID by the pool, like any task
         if parts is None:
             self._link.ack(delivery)
             return None
         task.ClearField("chunk")
         return task, parts
-
-    def _answer_chunk_error(self, delivery: Delivery, task: task_pb2.Task, reason: str) -> None:
-        self._log.warning("task_chunks_invalid", task_id=task.task_id, reason=reason)
-        outcome = self._error(task, envelope.Failure.CHUNK_INVALID, reason)
-        self._settle_value(delivery, outcome)
-        self._answer(delivery, task, outcome)
 
     def _handle(self, delivery: Delivery, sequence: int, whole: _Read | None) -> None:
         started = time.monotonic()
@@ -441,7 +436,7 @@ class SiloWorker:
         with self._service_lock:
             if not self._service.alive():
                 self._restart_service()
-            incarnation, values = self._incarnation, self._values
+            incarnation = self._incarnation
         try:
             executor_id, raw, request = self._read_request(task, spec, payload)
         except envelope.MalformedEnvelope as e:
@@ -467,7 +462,7 @@ class SiloWorker:
             )
         try:
             if request is not None:
-                raw = self._with_service_refs(task.kind, request, values, deadline)
+                raw = self._with_service_refs(task.kind, request, self._values, deadline)
         except ValueUnavailable as e:
             return self._error(
                 task,
@@ -491,13 +486,13 @@ class SiloWorker:
             return self._error(task, failure, f"{spec.name} failed on silo {self.silo_id!r}: {e}")
         if spec.creates_value:
             made = spec.response_type.FromString(response).value_ref.id
-            values.made(task.task_id, made, executor_id)
+            self._values.made(task.task_id, made, executor_id)
             # Answer with the value's name, the only ref the coordinator uses.
             response = spec.response_type(
                 value_ref=executor_pb2.ValueRef(id=task.task_id)
             ).SerializeToString()
         elif task.kind == envelope.RequestKind.DISPOSE_EXECUTOR:
-            values.forget_executor(executor_id)
+            self._values.forget_executor(executor_id)
         result = envelope.result_ok(
             task,
             None,
@@ -530,6 +525,8 @@ class SiloWorker:
         Raises `MalformedEnvelope` for a request that is not one of its kind,
         `ChunkError` for slices that do not make a whole.
         """
+        if isinstance(received, chunking.ChunkError):
+            raise received
         # The one copy of the request the worker makes: gRPC sends bytes.
         payload = received.join() if isinstance(received, chunking.Parts) else bytes(received)
         if task.kind == envelope.RequestKind.GET_EXECUTOR:

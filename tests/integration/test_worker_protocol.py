@@ -18,7 +18,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import placements
 
-from flaap_mq.protocol import envelope, topology
+from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 
 
@@ -357,3 +357,35 @@ def test_a_compute_without_reply_to_is_dead_lettered_with_the_reason(raw):
         incarnation=executor.incarnation,
     )
     assert "Compute task needs a reply_to" in _dead_letter_reason(raw, "no-reply")
+
+
+def test_the_last_slice_without_the_others_is_answered_chunk_invalid(raw):
+    """As when the earlier slices went to a worker process that has since died."""
+    executor, incarnation = raw.get_executor()
+    task = envelope.task_envelope(
+        kind=envelope.RequestKind.CREATE_VALUE,
+        job_id=raw.job_id,
+        silo_id="a",
+        task_id="sliced",
+        incarnation=incarnation,
+        deadline_unix_ms=envelope.deadline_after(60),
+    )
+    request = executor_pb2.CreateValueRequest(
+        executor=executor,
+        value=_value(np.zeros(1024, np.float32), tff.TensorType(np.float32, [1024])),
+    )
+    messages = envelope.encode_task(task, request.SerializeToString(), 1000)
+    assert len(messages) > 2
+    raw.send(
+        "a",
+        messages[-1],
+        "sliced",
+        message_id="sliced",
+        type="CreateValue",
+        headers=chunking.headers(len(messages) - 1, len(messages)),
+    )
+    _, result = raw.reply()
+    assert result.task_id == "sliced"
+    assert result.error.code == envelope.ErrorCode.CHUNK_INVALID
+    assert result.error.retryable
+    assert "not the earlier ones" in result.error.message

@@ -188,4 +188,9 @@ def test_create_value_request_is_the_same_message_without_the_copy():
     assert executor_pb2.CreateValueRequest.FromString(
         serialized.payload
     ) == executor_pb2.CreateValueRequest(executor=executor, value=value)
-    assert envelope.spec_of(serialized) is serialized.spec
+    assert envelope.serialized(serialized) is serialized
+    plain = envelope.serialized(executor_pb2.CreateValueRequest(executor=executor, value=value))
+    assert plain.spec is serialized.spec
+    assert executor_pb2.CreateValueRequest.FromString(
+        plain.payload
+    ) == executor_pb2.CreateValueRequest.FromString(serialized.payload)
