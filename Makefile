@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BROKER_URL ?= $(FLAAP_MQ_BROKER_URL)
 
-.PHONY: install demo test test-faults test-slow lint protos bench topology clean
+.PHONY: install demo test test-faults test-slow test-systemd lint protos bench topology clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test-faults: install
 
 test-slow: install
 	$(PY) -m pytest tests -m slow
+
+# Boots the host's systemd as PID 1 of private namespaces (root, cgroup2) and
+# starts the shipped worker unit in it: the hardening, verified for real.
+test-systemd: install
+	FLAAP_MQ_TEST_LIVE_SYSTEMD=1 $(PY) -m pytest tests/security/test_systemd_unit_live.py
 
 lint: install
 	$(VENV)/bin/ruff check flaap_mq tests bench

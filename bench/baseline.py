@@ -8,7 +8,8 @@ per silo a `ResourceManagingExecutorFactory` whose stack function returns a
 TensorFlow argument and result transformations; then TFF's
 `MergeableCompExecutionContext` over those silo contexts. The only
 difference from TFF's launcher is that the `worker_binary`s are flaap-mq's
-`ExecutorService`s, which this benchmark owns and stops.
+`ExecutorService`s, which this benchmark owns and stops, on the host's
+network as TFF runs them (`ExecutorNetwork.HOST`: a TCP port on loopback).
 
 TFF's `RemoteExecutor` calls its stub synchronously inside `async` methods,
 so the silos of one round run one after another on this path; that is TFF's
@@ -28,14 +29,20 @@ from tensorflow_federated.python.core.environments.tensorflow_frontend import (
 )
 
 from bench.wire import GRPC_CHANNEL_OPTIONS, CountingChannel, WireCount
-from flaap_mq.worker.executor_service import ExecutorService
+from flaap_mq.executor import ExecutorNetwork, ExecutorService
 
 
 class DirectSilos:
-    """One `worker_binary` per silo on loopback; a context manager that stops them."""
+    """One `worker_binary` per silo; a context manager that stops them.
 
-    def __init__(self, num_silos: int) -> None:
+    On the host's loopback by default, as TFF runs them; `network=SANDBOX`
+    puts each in flaap-mq's sandbox, reached through its Unix socket (the
+    sandbox row compares the two).
+    """
+
+    def __init__(self, num_silos: int, network: ExecutorNetwork = ExecutorNetwork.HOST) -> None:
         self._num_silos = num_silos
+        self._network = network
         self._stack = contextlib.ExitStack()
         self.services: list[ExecutorService] = []
         self.count = WireCount()
@@ -43,7 +50,7 @@ class DirectSilos:
     def __enter__(self) -> DirectSilos:
         with self._stack as stack:
             for _ in range(self._num_silos):
-                self.services.append(stack.enter_context(ExecutorService()))
+                self.services.append(stack.enter_context(ExecutorService(network=self._network)))
             self._stack = stack.pop_all()
         return self
 
@@ -55,9 +62,7 @@ class DirectSilos:
         return [s.pid for s in self.services if s.pid is not None]
 
     def stub(self, silo: int) -> tff.framework.RemoteExecutorGrpcStub:
-        channel = grpc.insecure_channel(
-            f"127.0.0.1:{self.services[silo].port}", GRPC_CHANNEL_OPTIONS
-        )
+        channel = grpc.insecure_channel(self.services[silo].target, GRPC_CHANNEL_OPTIONS)
         self._stack.callback(channel.close)
         return tff.framework.RemoteExecutorGrpcStub(CountingChannel(channel, self.count))
 

@@ -11,7 +11,11 @@ Rows (see docs/benchmarks.md):
 2. a tiny computation (median ms per invocation and per executor request);
    goal: within 1.5x TFF's direct gRPC path;
 3. a 64 MiB model sent to a silo and back (MB/s); goal: at least 50% of
-   TFF's direct path.
+   TFF's direct path;
+4. and 5. what the executor's sandbox costs (`bench.sandbox`): the tiny
+   call and the 64 MiB model through TFF's own path to a sandboxed
+   `worker_binary` and to one on the host's network; goals: at most 0.5 ms
+   more, and 90% of the throughput.
 
 flaap-mq runs on real `flaap-mq worker` processes through the broker, under
 a topology prefix of this run's own, deleted afterwards. TFF's direct path
@@ -41,7 +45,7 @@ from typing import Any
 import psutil
 import tensorflow_federated as tff
 
-from bench import computations, cpu, measure, report
+from bench import computations, cpu, measure, report, sandbox
 from bench.baseline import DirectSilos
 from bench.cpu import CpuMeter
 from bench.mq import MqSilos
@@ -180,6 +184,14 @@ def run_rows(paths: measure.Paths, s: Settings) -> dict[str, Any]:
             lambda: measure.measure_model_in_computation(paths, s.model_elements, s.model_repeats),
         ),
     ]
+    phases.append(
+        (
+            "sandbox",
+            lambda: sandbox.measure_sandbox_cost(
+                s.tiny_calls, s.model_elements, s.model_repeats, s.tiny_warmup
+            ),
+        )
+    )
     if s.large_model_elements:
         phases.append(
             (
@@ -207,6 +219,8 @@ def print_report(rows: dict[str, Any], s: Settings, verdicts: list[report.Verdic
     print()
     print(report.format_model(rows["model_in_tff"], s.model_repeats, in_computation=True))
     print()
+    print(sandbox.format_sandbox_cost(rows["sandbox"]))
+    print()
     if "model_512" in rows:
         print(report.format_model(rows["model_512"], 1))
         print()
@@ -228,6 +242,7 @@ def benchmark(s: Settings, broker_url: str) -> dict[str, Any]:
         report.round_verdict(rows["round"]),
         report.tiny_verdict(rows["tiny"]),
         report.model_verdict(rows["model"]),
+        *sandbox.sandbox_verdicts(rows["sandbox"]),
     ]
     print_report(rows, s, verdicts)
     return {

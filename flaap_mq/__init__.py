@@ -5,7 +5,9 @@ each TFF executor request as a Task to the silo's queue and awaits the
 result on its own reply queue.
 
     import flaap_mq
-    flaap_mq.set_execution_context("amqp://user:pass@broker:5672/", ["a", "b", "c"])
+    # The URL from $FLAAP_MQ_BROKER_URL_FILE (or $FLAAP_MQ_BROKER_URL); or pass
+    # flaap_mq.read_broker_url_file("/etc/flaap-mq/coordinator.url").
+    flaap_mq.set_execution_context(None, ["a", "b", "c"])
     # ... any TFF program: its federated work now runs on the silos' workers
 
 The public names below load TensorFlow, so they are imported on first use:
@@ -27,6 +29,7 @@ _PUBLIC = {
     "SiloProtocolError": "flaap_mq.coordinator.errors",
     "SiloRetryableError": "flaap_mq.coordinator.errors",
     "SiloTimeoutError": "flaap_mq.coordinator.errors",
+    "read_broker_url_file": "flaap_mq.broker.urls",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -11,30 +11,60 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from flaap_mq import logs
 from flaap_mq.broker.urls import (
     BROKER_URL_ENV,
+    BROKER_URL_FILE_ENV,
     CA_FILE_ENV,
     CERT_FILE_ENV,
     DEFAULT_BROKER_URL,
     KEY_FILE_ENV,
     check_login,
     parse_broker_urls,
+    resolve_broker_url,
     with_tls_options,
 )
+
+if TYPE_CHECKING:
+    from flaap_mq.protocol import chunking
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
-def _add_broker_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def _add_broker_url_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--broker-url` or `--broker-url-file`, never both; `main` resolves them."""
+    urls = parser.add_mutually_exclusive_group()
+    urls.add_argument(
         "--broker-url",
-        default=os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL),
-        help=f"AMQP URL (comma-separated for a cluster); default ${BROKER_URL_ENV} "
-        f"or {DEFAULT_BROKER_URL}",
+        default=None,
+        help=f"{what} (comma-separated for a cluster); visible to every local user in `ps`: "
+        "prefer --broker-url-file for a URL with a password",
     )
+    urls.add_argument(
+        "--broker-url-file",
+        default=None,
+        metavar="PATH",
+        help="a file holding the broker URL (mode 0600); default "
+        f"${BROKER_URL_FILE_ENV}, else ${BROKER_URL_ENV}, else {DEFAULT_BROKER_URL}",
+    )
+
+
+def _resolve_broker_url(args: argparse.Namespace) -> None:
+    """Sets `args.broker_url` to the URL to use and `args.broker_url_file` to its file.
+
+    `args.broker_url_file` becomes the absolute path the URL was read from
+    (the flag's or `$FLAAP_MQ_BROKER_URL_FILE`'s), or None: the worker keeps
+    it away from the processes it starts.
+    """
+    source = resolve_broker_url(args.broker_url, args.broker_url_file)
+    args.broker_url, args.broker_url_file = source.url, source.file
+
+
+def _add_broker_args(parser: argparse.ArgumentParser) -> None:
+    _add_broker_url_args(parser, "AMQP URL")
     parser.add_argument("--prefix", default="flaap", help="prefix of every queue and exchange")
     parser.add_argument(
         "--queue-type", choices=["quorum", "classic"], default="quorum", help="silo queue type"
@@ -79,13 +109,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="this silo's id (default $FLAAP_MQ_SILO_ID)",
     )
     worker.add_argument("--prefetch", type=int, default=8, help="tasks run at once (default 8)")
-    worker.add_argument("--data-dir", default=None, help="working directory of the executor")
+    worker.add_argument(
+        "--data-dir",
+        default=None,
+        help="the silo's datasets: the executor's working directory, read-only to it",
+    )
+    worker.add_argument(
+        "--executor-network",
+        choices=["sandbox", "host"],
+        default=os.environ.get("FLAAP_MQ_EXECUTOR_NETWORK", "sandbox"),
+        help="sandbox (default): TFF's executor runs with no network, no secrets and a "
+        "read-only file system, reached through a Unix socket. host: INSECURE, it listens "
+        "on a TCP port of every interface without credentials, as TFF runs it; only for "
+        "hosts that forbid unprivileged user namespaces (logged as a warning; default "
+        "$FLAAP_MQ_EXECUTOR_NETWORK or sandbox)",
+    )
     worker.add_argument(
         "--chunk-bytes",
         type=int,
         default=None,
         help="split results larger than this over several messages (default 8 MiB); "
         "keep it below the broker's max_message_size",
+    )
+    # Bounds on what a coordinator's chunked tasks can make the worker hold
+    # (flaap_mq.protocol.chunking.Limits); a task over them is answered CHUNK_INVALID.
+    worker.add_argument(
+        "--max-transfer-bytes",
+        type=int,
+        default=None,
+        help="refuse a chunked task declaring a larger request (default 1 GiB)",
+    )
+    worker.add_argument(
+        "--max-transfer-slices",
+        type=int,
+        default=None,
+        help="refuse a chunked task declaring more slices (default 16384)",
+    )
+    worker.add_argument(
+        "--max-pending-transfer-bytes",
+        type=int,
+        default=None,
+        help="most bytes held by chunked tasks not yet complete or not yet run, counted as "
+        "the messages they keep in memory (default 2 GiB)",
     )
 
     topo = sub.add_parser("topology", help="declare the topology and show what exists")
@@ -98,18 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--management-url",
         default=os.environ.get("FLAAP_MQ_MANAGEMENT_URL"),
-        help="RabbitMQ management API (e.g. http://broker:15672) for active/standby workers, "
-        "task age and reply queues",
+        help="RabbitMQ management API (e.g. https://broker:15671; trusts --ca-file) for "
+        "active/standby workers, task age and reply queues; logs in with the broker URL's "
+        "user, so plain http only to localhost, and no redirect to another origin",
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     demo = sub.add_parser("demo", help="start 3 workers and run two federated computations")
     _add_log_args(demo)
-    demo.add_argument(
-        "--broker-url",
-        default=os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL),
-        help="broker to use; a throwaway one is started if it does not answer",
-    )
+    _add_broker_url_args(demo, "broker to use; a throwaway one is started if it does not answer")
     demo.add_argument("--silos", type=int, default=3)
 
     admin = sub.add_parser("admin", help="broker administration")
@@ -156,8 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(getattr(args, "log_format", "console"), getattr(args, "log_level", "info"))
     # Imported here: they load TensorFlow, which `--help` should not wait for.
     from flaap_mq.broker.link import BrokerError
+    from flaap_mq.executor import SandboxUnavailable
 
     try:
+        if hasattr(args, "broker_url_file"):
+            _resolve_broker_url(args)
         if hasattr(args, "ca_file"):
             args.broker_url = with_tls_options(
                 args.broker_url,
@@ -203,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 queue_type=args.queue_type,
                 rotate=args.rotate,
             )
-    except (BrokerError, ValueError, OSError) as e:
+    except (BrokerError, SandboxUnavailable, ValueError, OSError) as e:
         sub_command = getattr(args, "admin_command", None) or getattr(args, "data_command", None)
         command = args.command + (f" {sub_command}" if sub_command else "")
         print(f"flaap-mq {command}: {e}", file=sys.stderr)
@@ -221,6 +286,7 @@ def _worker(args: argparse.Namespace) -> int:
     # before TensorFlow and the executor start.
     check_login(parse_broker_urls(args.broker_url))
 
+    from flaap_mq.executor import ExecutorNetwork
     from flaap_mq.protocol import topology
     from flaap_mq.worker.worker import SiloWorker
 
@@ -231,9 +297,24 @@ def _worker(args: argparse.Namespace) -> int:
         names=topology.Names(args.prefix),
         queue_type=topology.QueueType(args.queue_type),
         data_dir=args.data_dir,
+        executor_network=ExecutorNetwork(args.executor_network),
+        secret_paths=[args.broker_url_file] if args.broker_url_file else [],
         **({"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {}),
+        chunk_limits=_chunk_limits(args),
     )
     return worker.run_until_stopped()
+
+
+def _chunk_limits(args: argparse.Namespace) -> chunking.Limits:
+    """The worker's `chunking.Limits`: the defaults, with the flags given."""
+    from flaap_mq.protocol import chunking
+
+    given = {
+        "max_transfer_bytes": args.max_transfer_bytes,
+        "max_slices": args.max_transfer_slices,
+        "max_pending_bytes": args.max_pending_transfer_bytes,
+    }
+    return chunking.Limits(**{k: v for k, v in given.items() if v is not None})
 
 
 if __name__ == "__main__":

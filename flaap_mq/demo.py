@@ -47,7 +47,12 @@ def run_demo(broker_url: str, *, num_silos: int = 3, log_format: str = "console"
         )
         context = stack.enter_context(
             flaap_mq.create_execution_context(
-                url, silos, topology_prefix=prefix, task_timeout=300, job_id=job_id
+                url,
+                silos,
+                topology_prefix=prefix,
+                task_timeout=300,
+                job_id=job_id,
+                silo_users="any",  # the demo's workers share its one login
             )
         )
         stack.enter_context(tff.framework.get_context_stack().install(context))

@@ -24,7 +24,7 @@ from flaap_mq import logs
 from flaap_mq.broker.urls import DEFAULT_BROKER_URL
 from flaap_mq.protocol import topology
 from flaap_mq.testing.broker import throwaway_broker
-from flaap_mq.testing.workers import WorkerFleet, all_worker_binaries
+from flaap_mq.testing.workers import WorkerFleet, all_executor_processes
 
 logs.quiet_tensorflow()
 logs.configure("console", "warning")
@@ -43,14 +43,17 @@ def broker_url() -> Iterator[str]:
 
 # Every process this run starts inherits this marker, so the leak check below
 # finds exactly our executors, however they were started and whoever their
-# parent is now, and never another run's.
-RUN_MARKER = ("FLAAP_MQ_TEST_RUN", uuid.uuid4().hex)
+# parent is now, and never another run's. Executors start with a minimal
+# environment (flaap_mq.executor.environment): FLAAP_MQ_EXECUTOR_ENV lets the
+# marker through, as an operator would pass a variable of their own.
+RUN_MARKER = ("FLAAP_TEST_RUN", uuid.uuid4().hex)
 os.environ[RUN_MARKER[0]] = RUN_MARKER[1]
+os.environ["FLAAP_MQ_EXECUTOR_ENV"] = RUN_MARKER[0]
 
 
 def executors_of_this_run() -> list[int]:
     found = []
-    for process in all_worker_binaries():
+    for process in all_executor_processes():
         try:
             if process.environ().get(RUN_MARKER[0]) == RUN_MARKER[1]:
                 found.append(process.pid)
@@ -60,14 +63,14 @@ def executors_of_this_run() -> list[int]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fails the run if any test left a TFF `worker_binary` running."""
+    """Fails the run if any test left a TFF `worker_binary` or its sandbox running."""
     deadline = time.monotonic() + 15  # a stopped worker's executor may take a moment
     leaked = executors_of_this_run()
     while leaked and time.monotonic() < deadline:
         time.sleep(0.5)
         leaked = executors_of_this_run()
     if leaked:
-        print(f"\nFAILED: worker_binary processes left running by this run: {leaked}")
+        print(f"\nFAILED: executor processes left running by this run: {leaked}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -16,20 +16,26 @@ ever needs the configure permission on the shared topology:
 
   - coordinator: configure `^P\.reply\..*$`, write `^(P\.tasks|P\.reply\..*)$`,
     read `^(P\.replies|P\.reply\..*)$`;
-  - silo S: configure `^$` (nothing), write `^(P\.replies|P\.dead-letter)$`,
-    read `^P\.silo\.S$`.
+  - silo S: configure `^$` (nothing), write `^P\.replies$`, read `^P\.silo\.S$`.
 
   The coordinator declares its own reply queue (`P.reply.<job>`, with an
   expiry) and binds it to the replies exchange (write on the queue, read on
   the exchange), publishes tasks, and consumes its replies. A silo consumes
-  its own queue, publishes replies to the replies exchange (never the
-  default exchange, which would reach any queue), and publishes malformed
-  tasks to the dead-letter exchange with their reason (see docs/deploy.md
-  for why that is safe). Declaring or deleting any shared exchange or queue
+  its own queue and publishes replies to the replies exchange, nothing else
+  (never the default exchange, which would reach any queue, nor the
+  dead-letter exchange: a worker rejects a task it cannot run and the
+  broker dead-letters it). Declaring or deleting any shared exchange or queue
   needs the configure permission, which no client has on them: only an
   administrator (`rabbitmqctl`) can. Purging needs read: nobody can purge a
   queue that is not theirs; a silo can purge its own queue, which is no more
-  than it can do anyway by consuming its tasks and dropping them.
+  than it can do anyway by consuming its tasks and dropping them;
+* bounds on what any one principal can pile up on the broker (`Bounds`):
+  policies capping the bytes in reply queues and silo queues (overflow
+  `reject-publish`: the publisher gets a nack and keeps the message) and in
+  the dead-letter queue (overflow `drop-head`: the oldest dead letters make
+  room), and per-user connection and channel limits. A silo flooding a reply
+  queue gets nacks, not the broker's memory or disk alarm, which would block
+  every publisher (tests/security/test_flood.py).
 
 Re-running with the same `--secrets-dir` keeps each existing password (so
 adding a silo does not change the others'); `--rotate` makes new ones.
@@ -38,6 +44,7 @@ adding a silo does not change the others'); `--rotate` makes new ones.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -52,6 +59,52 @@ from flaap_mq.protocol import topology
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 PASSWORD_SUFFIX = ".password"
+MIB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """What any one principal can pile up on the broker; see deploy/rabbitmq/README.md.
+
+    Queue bounds count the bytes of message bodies ready in the queue (not
+    those delivered and unacked). RabbitMQ applies one policy per queue, the
+    matching one of highest priority: an operator's own policy that matches
+    these queues at a priority above `POLICY_PRIORITY` replaces these, so it
+    must carry their keys over.
+    """
+
+    # A coordinator's reply queue. Its coordinator consumes it at once, so
+    # only a coordinator that is away (or a flooding silo) fills it.
+    # `reject-publish`: a publisher over the bound gets a nack, which the
+    # worker treats as "not confirmed" and retries later; `drop-head` would
+    # silently drop the oldest replies, calls the coordinator still awaits.
+    # 128 MiB is RabbitMQ's default max_message_size, so the largest message
+    # the broker takes still fits in an empty reply queue (a classic queue
+    # refuses a message that alone exceeds the bound).
+    reply_queue_max_bytes: int = 128 * MIB
+    # A silo's task queue: fills while its worker is away, until the tasks
+    # expire at their deadlines. `reject-publish`: the coordinator publishes
+    # with confirms and fails that call, retryably, naming the silo.
+    silo_queue_max_bytes: int = 512 * MIB
+    # The dead-letter queue, which only an administrator empties.
+    # `drop-head`: the newest dead letters are the ones worth reading, and
+    # dead-lettering has no publisher a nack could tell anyway.
+    dead_letter_max_bytes: int = 256 * MIB
+    # Per user, over all its connections. What a flood holds in the broker's
+    # memory on its way to a full queue grows with the connections it comes
+    # over (tests/security/test_flood.py). A worker holds one connection
+    # with one channel at a time; a hot standby and `flaap-mq topology` with
+    # the silo's login take one each; and RabbitMQ 3.10 counts a TLS
+    # connection closed by its client for 30 s more (one restart's worth).
+    silo_max_connections: int = 4
+    silo_max_channels: int = 8
+    # One connection per running job (TaskClient), plus tools.
+    coordinator_max_connections: int = 16
+    coordinator_max_channels: int = 32
+
+
+# Above policies an operator adds at the default priority 0.
+POLICY_PRIORITY = 10
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -93,14 +146,44 @@ def permissions_for(
                 "user": silo,
                 "vhost": vhost,
                 "configure": "^$",
-                "write": (
-                    f"^({re.escape(names.replies_exchange)}"
-                    f"|{re.escape(names.dead_letter_exchange)})$"
-                ),
+                # Replies only: the dead-letter queue gets a silo's tasks
+                # through the broker (a reject), never from the silo.
+                "write": f"^{re.escape(names.replies_exchange)}$",
                 "read": f"^{re.escape(names.silo_queue(silo))}$",
             }
         )
     return entries
+
+
+def policies_for(names: topology.Names, vhost: str, bounds: Bounds) -> list[dict[str, Any]]:
+    """Queue policies bounding reply queues, silo queues and the dead-letter queue.
+
+    They add to the arguments the clients declare (which they do not
+    repeat, so nothing is inequivalent); quorum and classic queues both
+    support these keys.
+    """
+    p = re.escape(names.prefix)
+
+    def policy(name: str, pattern: str, max_bytes: int, overflow: str) -> dict[str, Any]:
+        return {
+            "vhost": vhost,
+            "name": f"{names.prefix}-{name}",
+            "pattern": pattern,
+            "apply-to": "queues",
+            "priority": POLICY_PRIORITY,
+            "definition": {"max-length-bytes": max_bytes, "overflow": overflow},
+        }
+
+    return [
+        policy("reply-queues", f"^{p}\\.reply\\.", bounds.reply_queue_max_bytes, "reject-publish"),
+        policy("silo-queues", f"^{p}\\.silo\\.", bounds.silo_queue_max_bytes, "reject-publish"),
+        policy(
+            "dead-letter",
+            f"^{re.escape(names.dead_letter_queue)}$",
+            bounds.dead_letter_max_bytes,
+            "drop-head",
+        ),
+    ]
 
 
 def topology_entries(
@@ -181,6 +264,7 @@ def build_definitions(
     prefix: str = "flaap",
     queue_type: str = "quorum",
     rotate: bool = False,
+    bounds: Bounds = Bounds(),
 ) -> tuple[dict[str, Any], list[str]]:
     """The definitions document, and the users whose password is new."""
     if not vhost:
@@ -213,6 +297,17 @@ def build_definitions(
                 "password_hash": hash_password(password),
                 "hashing_algorithm": HASHING_ALGORITHM,
                 "tags": [],
+                "limits": (
+                    {
+                        "max-connections": bounds.coordinator_max_connections,
+                        "max-channels": bounds.coordinator_max_channels,
+                    }
+                    if principal == coordinator
+                    else {
+                        "max-connections": bounds.silo_max_connections,
+                        "max-channels": bounds.silo_max_channels,
+                    }
+                ),
             }
         )
     document: dict[str, Any] = {
@@ -231,7 +326,7 @@ def build_definitions(
         "topic_permissions": [],
         "parameters": [],
         "global_parameters": [],
-        "policies": [],
+        "policies": policies_for(names, vhost, bounds),
         **topology_entries(declarations, vhost),
     }
     return document, new

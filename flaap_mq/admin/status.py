@@ -19,8 +19,11 @@ from __future__ import annotations
 import base64
 import collections
 import dataclasses
+import ipaddress
 import json
+import ssl
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
@@ -29,7 +32,8 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from flaap_mq.broker.urls import BrokerAddress, parse_broker_urls
+from flaap_mq.broker.urls import BrokerAddress, parse_broker_urls, redact_url
+from flaap_mq.executor.service import HOST_NETWORK_MARK
 from flaap_mq.protocol import topology
 
 _DEAD_LETTER_SAMPLE = 200
@@ -40,6 +44,9 @@ class Consumer:
     tag: str
     connection: str
     active: bool | None  # None: the broker did not say (no management API)
+    # "host" for a worker run with --executor-network=host, whose executor
+    # listens on the network (it says so in its connection's name).
+    executor_network: str = "sandbox"
 
 
 @dataclasses.dataclass
@@ -73,9 +80,17 @@ def collect_status(
     *,
     prefix: str = "flaap",
     management_url: str | None = None,
+    management_ca_file: str | None = None,
 ) -> Status:
     names = topology.Names(prefix)
     address = parse_broker_urls(broker_url, connection_name="flaap-mq-status")[0]
+    # Checked before anything is sent anywhere: a URL that would expose the
+    # password fails at once.
+    api = (
+        ManagementApi(management_url, address, ca_file=management_ca_file or address.ca_file)
+        if management_url
+        else None
+    )
     connection = _connect(address)
     try:
         silos = [_silo_over_amqp(connection, names, s) for s in silo_ids]
@@ -83,8 +98,7 @@ def collect_status(
     finally:
         connection.close()
     reply_queues = None
-    if management_url:
-        api = ManagementApi(management_url, address)
+    if api is not None:
         for silo in silos:
             api.fill_silo(silo)
         reply_queues = api.reply_queues(f"{prefix}.reply.")
@@ -155,21 +169,123 @@ def _dead_letters(
 
 
 def _reason(properties: pika.BasicProperties) -> str:
+    """The broker's dead-lettering reason (`x-death`, most recent first).
+
+    `rejected`: a worker refused the task (malformed, another silo's or
+    protocol version, or past its deadline when it arrived; the worker's
+    `task_dead_lettered` log line has the detail); `expired`: its deadline
+    passed while it waited in the queue; `delivery_limit`: redelivered too
+    often (a worker crashed on it, or its reply was never confirmed).
+    """
     headers = properties.headers or {}
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        reason = deaths[0].get("reason", "unknown")
+        return reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
     if "x-flaap-reason" in headers:
-        reason = str(headers["x-flaap-reason"])
-        return reason.split(":", 1)[0]  # "malformed: <details>" -> "malformed"
-    deaths = headers.get("x-death") or []
-    if deaths:
-        return str(deaths[0].get("reason", "unknown"))
+        # Dead-lettered by a worker before 2026-12 (it published them itself).
+        return str(headers["x-flaap-reason"]).split(":", 1)[0]
     return "unknown"
 
 
-class ManagementApi:
-    """The few calls of RabbitMQ's HTTP API that status needs."""
+class ManagementRedirected(ValueError):
+    """The management API redirected elsewhere; the credentials were not sent there."""
 
-    def __init__(self, url: str, address: BrokerAddress) -> None:
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only within the API's own origin (scheme, host, port).
+
+    urllib's own handler copies every header, `Authorization` included, to
+    wherever a redirect points: another host, or plain http. Here a redirect
+    to anywhere else is an error naming the target, and nothing is sent there.
+    """
+
+    def __init__(self, origin: tuple[str, str, int]) -> None:
+        self._origin = origin
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        try:
+            target = _origin(newurl)
+        except ValueError:
+            target = None
+        if target != self._origin:
+            raise ManagementRedirected(
+                f"management API at {redact_url(req.full_url)} redirected ({code}) to "
+                f"{redact_url(newurl)}, another origin: not followed, the broker "
+                "credentials go only to the URL given (give the final URL as --management-url)"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urllib.parse.urlsplit(url)
+    default_port = {"http": 80, "https": 443}.get(parts.scheme, 0)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
+
+
+def _is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves this host."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ManagementApi:
+    """The few calls of RabbitMQ's HTTP API that status needs, with the broker's login.
+
+    The broker password goes only where it is safe: https to a server whose
+    certificate the federation's CA (`ca_file`; else the system's CAs) signed
+    for that host name, or plain http to this host only (localhost,
+    127.0.0.0/8, ::1; proxies are then bypassed). Redirects are followed
+    within the same origin only. The URL itself must not hold a user or
+    password: the broker URL's login is used.
+    """
+
+    def __init__(self, url: str, address: BrokerAddress, *, ca_file: str | None = None) -> None:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            origin = _origin(url)
+        except ValueError:
+            raise ValueError(
+                f"--management-url {redact_url(url)} is not a valid URL "
+                "(e.g. https://broker.example.org:15671)"
+            ) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"--management-url must be an https:// (or, on this host, http://) URL with "
+                f"a host, got {redact_url(url)}"
+            )
+        if "@" in parts.netloc:
+            raise ValueError(
+                f"--management-url {redact_url(url)} holds a user name or password: leave "
+                "them out, status logs in with the broker URL's user"
+            )
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError(
+                f"refusing to send the broker password over plain http to {parts.hostname} "
+                f"(--management-url {redact_url(url)}); use https://{parts.hostname}:15671 "
+                "(RabbitMQ's management TLS listener) with the federation's CA (--ca-file); "
+                "plain http is allowed to localhost only"
+            )
         self._base = url.rstrip("/")
+        self._ca_file = ca_file
+        handlers: list[urllib.request.BaseHandler] = [_SameOriginRedirects(origin)]
+        if parts.scheme == "https":
+            handlers.append(urllib.request.HTTPSHandler(context=_https_context(ca_file)))
+        else:
+            handlers.append(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+        self._opener = urllib.request.build_opener(*handlers)
         params = address.parameters()
         self._vhost = urllib.parse.quote(params.virtual_host, safe="")
         user = params.credentials.username
@@ -181,14 +297,23 @@ class ManagementApi:
             f"{self._base}/api/{path}", headers={"Authorization": self._auth}
         )
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with self._opener.open(request, timeout=10) as response:
                 return json.load(response)
         except urllib.error.HTTPError as e:
+            e.close()
             if e.code == 404:
                 return None
             raise ValueError(
                 f"management API at {self._base} answered {e.code}: {e.reason}"
             ) from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, ssl.SSLCertVerificationError):
+                trusted = self._ca_file or "the system's CAs"
+                raise ValueError(
+                    f"management API at {self._base} presented a certificate this client does "
+                    f"not trust ({e.reason.verify_message}); trusted: {trusted} (--ca-file)"
+                ) from None
+            raise ValueError(f"management API at {self._base} did not answer: {e.reason}") from None
         except OSError as e:
             raise ValueError(f"management API at {self._base} did not answer: {e}") from None
 
@@ -197,14 +322,17 @@ class ManagementApi:
         if not queue:
             return
         details = queue.get("consumer_details") or []
-        silo.workers = [
-            Consumer(
-                tag=d.get("consumer_tag", "?"),
-                connection=(d.get("channel_details") or {}).get("connection_name", "?"),
-                active=d.get("activity_status", "single_active") in ("single_active", "up"),
+        silo.workers = []
+        for d in details:
+            connection = (d.get("channel_details") or {}).get("connection_name", "?")
+            silo.workers.append(
+                Consumer(
+                    tag=d.get("consumer_tag", "?"),
+                    connection=connection,
+                    active=d.get("activity_status", "single_active") in ("single_active", "up"),
+                    executor_network="host" if HOST_NETWORK_MARK in connection else "sandbox",
+                )
             )
-            for d in details
-        ]
         silo.consumers = max(silo.consumers, len(details))
         silo.online = silo.consumers > 0
         head = queue.get("head_message_timestamp")
@@ -224,6 +352,26 @@ class ManagementApi:
         ]
 
 
+def _https_context(ca_file: str | None) -> ssl.SSLContext:
+    """TLS that verifies the management API's certificate and host name."""
+    try:
+        # With a CA file, only that CA: the federation's, not any public one.
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"CA file {ca_file} cannot be used for the management API: {e}") from None
+    if ca_file and not context.get_ca_certs():
+        raise ValueError(f"CA file {ca_file} holds no CA certificate (--ca-file)")
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _describe(worker: Consumer) -> str:
+    described = f"{worker.connection} ({'active' if worker.active else 'standby'})"
+    if worker.executor_network == "host":
+        described += " INSECURE: its executor listens on the network"
+    return described
+
+
 def render_text(status: Status) -> str:
     lines = [f"broker {status.broker}"]
     lines.append(f"  {'silo':<20} {'state':<8} {'tasks':>6} {'oldest':>8}  workers")
@@ -231,9 +379,7 @@ def render_text(status: Status) -> str:
         state = "online" if silo.online else ("offline" if silo.exists else "no queue")
         oldest = f"{silo.oldest_task_age_s:.0f}s" if silo.oldest_task_age_s is not None else "-"
         if silo.workers:
-            workers = ", ".join(
-                f"{w.connection} ({'active' if w.active else 'standby'})" for w in silo.workers
-            )
+            workers = ", ".join(_describe(w) for w in silo.workers)
         else:
             workers = f"{silo.consumers} consuming"
         lines.append(f"  {silo.silo_id:<20} {state:<8} {silo.depth:>6} {oldest:>8}  {workers}")

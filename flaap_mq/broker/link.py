@@ -692,7 +692,12 @@ class BrokerLink:
                 continue
             if not acked:
                 out.future.set_exception(
-                    BrokerError(f"broker refused (nack) a message for {out.routing_key}")
+                    BrokerError(
+                        f"broker refused (nack) a message for {out.exchange or 'amq.default'}/"
+                        f"{out.routing_key}: the queue it was routed to is full (its "
+                        "max-length-bytes policy rejects publishes) or could not take it; "
+                        "retry once its consumer has caught up"
+                    )
                 )
             elif out.returned is not None:
                 out.future.set_exception(Unroutable(out.returned))

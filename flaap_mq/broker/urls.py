@@ -17,6 +17,18 @@ command line (`--ca-file`, `--cert-file`, `--key-file`, see
 
 A missing or unreadable file is a `ValueError` naming it, raised when the
 URL is parsed, before any connection is tried.
+
+Where the URL comes from (`resolve_broker_url`), first found wins:
+`--broker-url`, `--broker-url-file PATH`, `$FLAAP_MQ_BROKER_URL_FILE`,
+`$FLAAP_MQ_BROKER_URL`, then the local default. A file keeps the password out
+of `argv` (which `ps` shows to every local user) and out of the environment;
+under systemd, `LoadCredential=` provides one.
+
+Redaction is conservative: a URL that does not parse (a password holding an
+unencoded `#`, `/`, `?`, `,` or `@`) is redacted from the first `scheme://` to
+its last `@`, and no error message repeats a parser's words about a URL that
+holds a password (parsers quote the piece they choke on, which may be part of
+the password).
 """
 
 from __future__ import annotations
@@ -26,13 +38,21 @@ import functools
 import os
 import re
 import ssl
+import stat
 import urllib.parse
+from collections.abc import Mapping, Sequence
 
 import pika
 import pika.exceptions
+import structlog
+
+log = structlog.get_logger("flaap_mq.broker")
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 BROKER_URL_ENV = "FLAAP_MQ_BROKER_URL"
+BROKER_URL_FILE_ENV = "FLAAP_MQ_BROKER_URL_FILE"
+# A URL file holds a few URLs; anything bigger is the wrong file.
+MAX_BROKER_URL_FILE_BYTES = 64 * 1024
 CA_FILE_ENV = "FLAAP_MQ_CA_FILE"
 CERT_FILE_ENV = "FLAAP_MQ_CERT_FILE"
 KEY_FILE_ENV = "FLAAP_MQ_KEY_FILE"
@@ -51,20 +71,133 @@ _OPTION_FLAGS = {
 }
 
 
+# A URL starts with `scheme://`; RFC 3986's scheme characters.
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
+_STARTS_WITH_SCHEME = re.compile(_SCHEME)
+# Only a comma before a new `scheme://` certainly separates two URLs of a list.
+_URL_SEPARATOR = re.compile(r"\s*,[\s,]*(?=" + _SCHEME + ")")
+_ENCODING_HINT = (
+    "percent-encode / ? # [ ] @ , % in a user name, password, vhost or file path "
+    "(# as %23, / as %2F, ? as %3F, @ as %40, , as %2C, % as %25)"
+)
+
+
+def split_broker_urls(urls: str) -> list[str]:
+    """The URLs of a comma-separated list, each stripped, empty ones left out.
+
+    A comma followed by a new `scheme://` separates two URLs, and so does a
+    comma whose next piece has no `@`; a comma inside a password (the piece
+    after it holds the `@` that ends the password) keeps both pieces in one URL.
+    """
+    out: list[str] = []
+    for chunk in _URL_SEPARATOR.split(urls):
+        pieces = chunk.split(",")
+        merged = [pieces[0]]
+        for piece in pieces[1:]:
+            if "@" in piece:
+                merged[-1] += "," + piece  # the comma was inside the user info
+            else:
+                merged.append(piece)
+        out.extend(m.strip() for m in merged if m.strip())
+    return out
+
+
 def redact_url(url: str) -> str:
     """The URL with its password replaced by `***` (one URL, or a comma-separated list).
 
-    The URL is split the way pika splits it (`urllib.parse`), so what gets
-    hidden is exactly what a client would send as the password.
+    Never fails and never shows a password, even of a URL that does not
+    parse: the user info runs from `scheme://` to the last `@` of each URL,
+    whatever characters the password holds, and only the user name before
+    its first `:` is kept. A URL without `@` whose "port" is not a number
+    (`amqp://user:pa`, a list cut inside a password) loses everything after
+    its host. The price is over-redaction of an `@` later in a URL (a
+    `cacertfile` path holding one), never a leak.
     """
-    if "," in url:
-        return ",".join(redact_url(part) for part in url.split(","))
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    out: list[str] = []
+    pending: list[str] = []  # URLs without "@", until one with "@" follows
+    for part in _URL_SEPARATOR.split(url):
+        if "@" in part:
+            if pending:
+                # `amqp://u:12,amqp://x@host/`: a list, or one URL whose password
+                # holds ",amqp://"? Assume the password: hide all up to the "@".
+                out.append(_redact_one(",".join([*pending, part]), keep_user=False))
+                pending = []
+            else:
+                out.append(_redact_one(part))
+        else:
+            pending.append(part)
+    out.extend(_redact_one(part) for part in pending)
+    return ",".join(out)
+
+
+def _redact_one(url: str, *, keep_user: bool = True) -> str:
+    scheme = _STARTS_WITH_SCHEME.match(url.lstrip())
+    start = len(url) - len(url.lstrip()) + scheme.end() if scheme else 0
+    rest = url[start:]
+    at = rest.rfind("@")
+    if at >= 0:
+        if not keep_user:
+            return f"{url[:start]}***{rest[at:]}"
+        username, colon, _ = rest[:at].partition(":")
+        if not colon:
+            return url  # a user name and no password
+        return f"{url[:start]}{username}:***{rest[at:]}"
+    if not scheme:
         return url
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    username = userinfo.partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{username}:***@{hostinfo}"))
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if authority.startswith("[") and "]" in authority:
+        host, _, tail = authority.partition("]")
+        host += "]"
+    else:
+        host, colon, tail = authority.partition(":")
+        tail = colon + tail
+    if re.fullmatch(r"(:\d*)?", tail):
+        return url  # host[:port]: nothing secret
+    return f"{url[:start]}{host}:***"
+
+
+def _url_error(url: str, reason: BaseException | str) -> ValueError:
+    """The error for a URL that does not parse: the URL redacted, and why, minus its password.
+
+    A parser's message quotes the piece it could not read, which may be part
+    of a password (`Port could not be cast to integer value as 'p'` for
+    `amqp://user:p#ss@host/`): for a URL that holds a password only the kind
+    of error is kept, with how to encode the password.
+    """
+    text = str(reason)
+    redacted = redact_url(url)
+    if redacted == url:
+        return ValueError(f"not a valid AMQP URL: {url}: {text}")
+    if text.startswith("Port could not be cast"):
+        kind = "its port is not a number"
+    elif text.startswith("Port out of range"):
+        kind = "its port is out of range 0-65535"
+    elif text.startswith("Invalid IPv6 URL"):
+        kind = "an unbalanced [ or ] in its host"
+    elif text.startswith("Unknown URL parameter"):
+        kind = "an unknown query option"
+    else:
+        kind = re.split(r"['\"`:]", text, maxsplit=1)[0].strip() or "it does not parse"
+    return ValueError(f"not a valid AMQP URL: {redacted}: {kind}; {_ENCODING_HINT}")
+
+
+def _check_unambiguous(url: str) -> None:
+    """Refuses a URL whose password a parser would cut short (it then connects elsewhere).
+
+    `amqp://user:1/x@host/` parses as host `user`, port 1 and vhost `x@host/`:
+    the password holds an unencoded `/`. AMQP URLs have no `#fragment`.
+    """
+    try:
+        netloc = urllib.parse.urlsplit(url).netloc
+    except ValueError as e:
+        raise _url_error(url, e) from None
+    slashes = url.find("//")
+    after_host = url[slashes + 2 + len(netloc) :] if slashes >= 0 else url
+    if "#" in url or ("@" not in netloc and "@" in after_host):
+        raise ValueError(
+            f"not a valid AMQP URL: {redact_url(url)}: it has a # or an @ after the host "
+            f"(what a password holding an unencoded / ? or # looks like); {_ENCODING_HINT}"
+        )
 
 
 def with_tls_options(
@@ -88,10 +221,11 @@ def with_tls_options(
     if not given:
         return urls
     out = []
-    for url in (u.strip() for u in urls.split(",")):
-        if not url:
-            continue
-        parts = urllib.parse.urlsplit(url)
+    for url in split_broker_urls(urls):
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError as e:
+            raise _url_error(url, e) from None
         query = [
             (k, v)
             for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
@@ -136,6 +270,7 @@ class BrokerAddress:
     @functools.cached_property
     def _split(self) -> tuple[str, dict[str, str]]:
         """The URL for pika (our TLS options taken out) and those options."""
+        _check_unambiguous(self.url)
         parts = urllib.parse.urlsplit(self.url)
         ours: dict[str, str] = {}
         rest = []
@@ -151,7 +286,17 @@ class BrokerAddress:
 
     @property
     def tls(self) -> bool:
-        return urllib.parse.urlsplit(self.url).scheme == "amqps"
+        return self.url.lower().startswith("amqps://")
+
+    @property
+    def key_file(self) -> str | None:
+        """The TLS client key this address logs in with, if any (a secret)."""
+        return self._split[1].get(KEY_FILE_OPTION)
+
+    @property
+    def ca_file(self) -> str | None:
+        """The CA file this URL trusts (`?cacertfile=`, or `--ca-file` put there)."""
+        return self._split[1].get(CA_FILE_OPTION)
 
     @functools.cached_property
     def username(self) -> str:
@@ -163,7 +308,7 @@ class BrokerAddress:
         try:
             return pika.URLParameters(pika_url)
         except Exception as e:
-            raise ValueError(f"not a valid AMQP URL: {self.redacted}: {e}") from None
+            raise _url_error(self.url, e) from None
 
     def parameters(self) -> pika.URLParameters:
         """Fresh pika parameters (and TLS context: certificates are read again)."""
@@ -333,27 +478,142 @@ def _context_trusting(ca_file: str) -> ssl.SSLContext:
     return context
 
 
+@dataclasses.dataclass(frozen=True)
+class BrokerUrlSource:
+    """A broker URL and where it came from (`resolve_broker_url`)."""
+
+    url: str
+    # The file it was read from, absolute (so that the worker can hide it from
+    # the processes it starts); None when it came from no file.
+    file: str | None
+    # "--broker-url", "--broker-url-file", "$FLAAP_MQ_BROKER_URL_FILE",
+    # "$FLAAP_MQ_BROKER_URL" or "default": for messages.
+    origin: str
+
+
+def read_broker_url_file(path: str, *, origin: str = "--broker-url-file") -> str:
+    """The broker URL held in the file `path`: one URL, or several (comma- or line-separated).
+
+    Whitespace around each line is trimmed; lines are joined with commas. A
+    file that is missing, unreadable, not a file, empty, not UTF-8 or larger
+    than 64 KiB is a `ValueError` that names the file and `origin` (the flag
+    or variable that named it) and never quotes what the file holds. A file
+    that other users may read, or that its group may write, is logged as a
+    warning (`broker_url_file_not_private`): the password is as safe as the
+    file's mode (0600 or 0400; 0640 with a group only the worker's user is in).
+    """
+    where = f"broker URL file {path} ({origin})"
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ValueError(f"{where} is not a regular file")
+            data = f.read(MAX_BROKER_URL_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ValueError(f"{where} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{where} is a directory, not a file") from None
+    except PermissionError:
+        raise ValueError(f"{where} is not readable by this user (uid {os.getuid()})") from None
+    except OSError as e:
+        raise ValueError(f"{where} cannot be read: {e.strerror or type(e).__name__}") from None
+    if len(data) > MAX_BROKER_URL_FILE_BYTES:
+        raise ValueError(
+            f"{where} is larger than {MAX_BROKER_URL_FILE_BYTES // 1024} KiB; "
+            "it should hold only the broker URL"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{where} is not UTF-8 text") from None
+    url = ",".join(line.strip() for line in text.splitlines() if line.strip())
+    if not url:
+        raise ValueError(f"{where} is empty; it should hold the broker URL")
+    if mode & (stat.S_IRWXO | stat.S_IWGRP):
+        log.warning(
+            "broker_url_file_not_private",
+            path=path,
+            mode=f"{stat.S_IMODE(mode):04o}",
+            fix=f"chmod 600 {path} (or 640 with a group only the worker's user is in)",
+        )
+    return url
+
+
+def resolve_broker_url(
+    url: str | None = None,
+    url_file: str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> BrokerUrlSource:
+    """The broker URL to use, and where it came from; the first found wins.
+
+    1. `url` (`--broker-url`);
+    2. `url_file` (`--broker-url-file`), read with `read_broker_url_file`;
+    3. the file named by `$FLAAP_MQ_BROKER_URL_FILE` (systemd's
+       `LoadCredential=`: `FLAAP_MQ_BROKER_URL_FILE=%d/broker-url`);
+    4. `$FLAAP_MQ_BROKER_URL`;
+    5. `DEFAULT_BROKER_URL` (local development's guest login).
+
+    Giving both `url` and `url_file` is a `ValueError`: one of them would be
+    ignored. Both variables set is allowed (the file wins, logged as
+    `broker_url_env_ignored`): a unit that loads a credential may still
+    inherit an old environment file.
+    """
+    env = os.environ if environ is None else environ
+    if url is not None and url_file is not None:
+        raise ValueError("give --broker-url or --broker-url-file, not both")
+    if url is not None:
+        return BrokerUrlSource(url, None, "--broker-url")
+    if url_file is not None:
+        path = os.path.abspath(url_file)
+        return BrokerUrlSource(
+            read_broker_url_file(path, origin="--broker-url-file"), path, "--broker-url-file"
+        )
+    if env.get(BROKER_URL_FILE_ENV):
+        origin = f"${BROKER_URL_FILE_ENV}"
+        path = os.path.abspath(env[BROKER_URL_FILE_ENV])
+        if env.get(BROKER_URL_ENV):
+            log.warning(
+                "broker_url_env_ignored",
+                used=origin,
+                ignored=f"${BROKER_URL_ENV}",
+                note="the file wins; unset the variable",
+            )
+        return BrokerUrlSource(read_broker_url_file(path, origin=origin), path, origin)
+    if env.get(BROKER_URL_ENV):
+        return BrokerUrlSource(env[BROKER_URL_ENV], None, f"${BROKER_URL_ENV}")
+    return BrokerUrlSource(DEFAULT_BROKER_URL, None, "default")
+
+
 def parse_broker_urls(
     urls: str | None, *, connection_name: str = "flaap-mq"
 ) -> list[BrokerAddress]:
     """Parses one URL or a comma-separated list; `None` reads the environment.
 
-    From the environment, `FLAAP_MQ_CA_FILE`, `FLAAP_MQ_CERT_FILE` and
-    `FLAAP_MQ_KEY_FILE` are applied too (as `with_tls_options`).
+    From the environment (`resolve_broker_url`: `FLAAP_MQ_BROKER_URL_FILE`,
+    else `FLAAP_MQ_BROKER_URL`), `FLAAP_MQ_CA_FILE`, `FLAAP_MQ_CERT_FILE`
+    and `FLAAP_MQ_KEY_FILE` are applied too (as `with_tls_options`).
     """
     if urls is None:
         urls = with_tls_options(
-            os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL),
+            resolve_broker_url().url,
             ca_file=os.environ.get(CA_FILE_ENV),
             cert_file=os.environ.get(CERT_FILE_ENV),
             key_file=os.environ.get(KEY_FILE_ENV),
         )
     addresses = []
-    for url in (u.strip() for u in urls.split(",")):
-        if not url:
-            continue
-        scheme = urllib.parse.urlsplit(url).scheme
-        if scheme not in ("amqp", "amqps"):
+    listed = split_broker_urls(urls)
+    if len({"@" in url for url in listed}) > 1:
+        raise ValueError(
+            f"broker URLs {redact_url(urls)}: some name a user and some do not; give every "
+            "node of the cluster the same login (a password holding a comma must be "
+            "percent-encoded, as %2C)"
+        )
+    for url in listed:
+        if not _STARTS_WITH_SCHEME.match(url) or url.split(":", 1)[0].lower() not in (
+            "amqp",
+            "amqps",
+        ):
             raise ValueError(
                 f"broker URL must start with amqp:// or amqps://, got {redact_url(url)}"
             )
@@ -363,3 +623,16 @@ def parse_broker_urls(
     if not addresses:
         raise ValueError("no broker URL given")
     return addresses
+
+
+def credential_files(addresses: Sequence[BrokerAddress]) -> list[str]:
+    """Files that hold a client's broker credentials: TLS keys, systemd's credentials.
+
+    What a process that runs untrusted computations must not be able to
+    read (`flaap_mq.executor` hides them from TFF's executor).
+    """
+    files = [a.key_file for a in addresses if a.key_file]
+    for variable in (BROKER_URL_FILE_ENV, "CREDENTIALS_DIRECTORY"):  # the latter: LoadCredential=
+        if os.environ.get(variable):
+            files.append(os.environ[variable])
+    return files

@@ -21,7 +21,6 @@ times and then raises the silo's error.
 from __future__ import annotations
 
 import atexit
-import os
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -38,11 +37,13 @@ from tensorflow_federated.python.core.impl.executors import executors_errors
 from tensorflow_federated.python.core.impl.types import placements
 
 from flaap_mq.broker.link import DEFAULT_MAX_MESSAGE_BYTES
-from flaap_mq.broker.urls import BROKER_URL_ENV, DEFAULT_BROKER_URL, with_tls_options
+from flaap_mq.broker.urls import resolve_broker_url, with_tls_options
 from flaap_mq.coordinator.local_merge import LocalMergeContext, create_local_merge_context
 from flaap_mq.coordinator.partitioning import SiloSplittingContext
 from flaap_mq.coordinator.silo_executor import SiloExecutor
+from flaap_mq.coordinator.silo_users import SiloUsers, reply_users
 from flaap_mq.coordinator.task_client import TaskClient
+from flaap_mq.executor import ExecutorNetwork
 from flaap_mq.protocol import chunking, topology
 
 log = structlog.get_logger("flaap_mq.coordinator")
@@ -98,9 +99,16 @@ class FederatedSilosContext(SiloSplittingContext):
     it from a long-lived thread: the binary dies with the thread that started it.
     """
 
-    def __init__(self, client: TaskClient, silo_contexts: Sequence[SiloExecutionContext]) -> None:
+    def __init__(
+        self,
+        client: TaskClient,
+        silo_contexts: Sequence[SiloExecutionContext],
+        executor_network: ExecutorNetwork = ExecutorNetwork.SANDBOX,
+    ) -> None:
         try:
-            merge_context = create_local_merge_context()
+            merge_context = create_local_merge_context(
+                executor_network, hidden_paths=client.credential_files
+            )
         except BaseException:
             client.close()
             raise
@@ -165,16 +173,20 @@ def create_execution_context(
     connect_timeout: float = 30.0,
     chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    silo_users: Mapping[str, str] | None = None,
+    chunk_limits: chunking.Limits | None = None,
+    silo_users: SiloUsers = None,
     ca_file: str | None = None,
     cert_file: str | None = None,
     key_file: str | None = None,
+    executor_network: str = "sandbox",
 ) -> FederatedSilosContext:
     """A TFF context that runs computations on the given silos' workers.
 
     Args:
       broker_url: AMQP URL of the broker (several, comma-separated, for a
-        cluster); `None` reads `FLAAP_MQ_BROKER_URL`.
+        cluster); `None` reads the file named by `FLAAP_MQ_BROKER_URL_FILE`,
+        else `FLAAP_MQ_BROKER_URL` (`flaap_mq.broker.urls.resolve_broker_url`;
+        `read_broker_url_file(path)` reads any other file).
       silos: the silo ids; each must have a worker (`flaap-mq worker`).
         Tasks for a silo whose worker is not up yet wait in its queue.
       task_timeout: seconds a silo may take to answer one executor request
@@ -192,18 +204,30 @@ def create_execution_context(
         keep it below the broker's `max_message_size`.
       max_message_bytes: the broker's `max_message_size`; a message over it
         is refused before sending with `MessageTooLargeError`.
+      chunk_limits: what silos' chunked results may make this process hold
+        (`flaap_mq.protocol.chunking.Limits`; by default a result of at most
+        1 GiB, and 2 GiB of slices in all); a result over them fails its
+        call with a retryable `SiloRetryableError` saying which limit.
       silo_users: silo id -> the broker user that silo's worker logs in as.
-        A reply is then accepted only from the user of the silo the task was
+        A reply is accepted only from the user of the silo the task was
         sent to (its `user_id`, which the broker checks against the login);
-        any other is logged (`reply_from_wrong_user`) and dropped. With
-        `flaap-mq admin definitions` each silo's user is its silo id:
-        `silo_users={s: s for s in silos}`. Without it (the default, for
-        local development where everyone is `guest`) any user is accepted.
+        any other is logged (`reply_from_wrong_user`) and dropped. By default
+        (None) each silo's user is its silo id, as `flaap-mq admin
+        definitions` makes them, unless the coordinator logs in as `guest`
+        (local development, everyone shares that login: any user is
+        accepted). `"any"` turns the check off, for a broker where every
+        party shares one login (see `flaap_mq.coordinator.silo_users`).
       ca_file, cert_file, key_file: TLS for an `amqps://` URL: the CA to
         trust for the broker (default: the system's), and a client
         certificate and key; the same as the URL's `cacertfile`, `certfile`
         and `keyfile` query options (see `flaap_mq.broker.urls`).
+      executor_network: "sandbox" (default): the coordinator's own TFF
+        executor, where `merge` runs, has no network and is reached through
+        a Unix socket (`flaap_mq.executor`). "host" runs it on a TCP port of
+        every interface, as TFF does; only for hosts that forbid the
+        sandbox's namespaces, and logged as a warning.
     """
+    network = ExecutorNetwork(executor_network)
     if isinstance(clients_per_silo, Mapping):
         missing = [s for s in silos if s not in clients_per_silo]
         if missing:
@@ -219,9 +243,7 @@ def create_execution_context(
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
     if ca_file or cert_file or key_file:
         broker_url = with_tls_options(
-            broker_url
-            if broker_url is not None
-            else os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL),
+            broker_url if broker_url is not None else resolve_broker_url().url,
             ca_file=ca_file,
             cert_file=cert_file,
             key_file=key_file,
@@ -236,11 +258,12 @@ def create_execution_context(
         connect_timeout_s=connect_timeout,
         chunk_bytes=chunk_bytes,
         max_message_bytes=max_message_bytes,
-        silo_users=silo_users,
+        chunk_limits=chunk_limits,
+        silo_users=reply_users(broker_url, list(silos), silo_users),
     )
     client.start()
     contexts = [_silo_context(client, s, per_silo[s], max_attempts) for s in client.silo_ids]
-    return FederatedSilosContext(client, contexts)
+    return FederatedSilosContext(client, contexts, network)
 
 
 def set_execution_context(

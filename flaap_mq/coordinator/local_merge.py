@@ -12,22 +12,20 @@ FL only the coordinator may see per-silo partial aggregates.
 :class:`LocalMergeContext` is the TFF execution context in which
 `SiloSplittingContext` runs every `merge` instead: an asynchronous TFF context
 over a `worker_binary` that this process starts and owns (an
-`ExecutorService`: killed by the kernel if the coordinator dies, stopped by
-`close()`), reached over a loopback gRPC channel.  It mirrors TFF's
+`ExecutorService`: sandboxed like a silo's, killed by the kernel if the
+coordinator dies, stopped by `close()`), reached over its Unix socket.  It
+mirrors TFF's
 `local_cpp_executor_factory`, which cannot be used because it leaks its
 process.  An `after_merge` whose result has no per-client part runs here
 too (TFF runs it on a silo, which then sees the final aggregate); one with
 per-client results runs on the silos, which hold the CLIENTS-placed values,
 and receives only the merged (global) result.
-
-Like the silo workers' executors, `worker_binary` listens on all interfaces
-(it has no flag to bind loopback only): firewall the coordinator's ports too
-(docs/deploy.md).
 """
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import Sequence
+
 from tensorflow_federated.python.core.backends.native import compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import (
     tensorflow_computation,
@@ -41,7 +39,7 @@ from tensorflow_federated.python.core.impl.executors import (
 from tensorflow_federated.python.core.impl.types import placements
 
 from flaap_mq.coordinator.computation_cache import ComputationCache
-from flaap_mq.worker.executor_service import _CHANNEL_OPTIONS, ExecutorService
+from flaap_mq.executor import ExecutorNetwork, ExecutorService
 
 __all__ = ["LocalMergeContext", "create_local_merge_context"]
 
@@ -75,11 +73,9 @@ class LocalMergeContext(async_execution_context.AsyncExecutionContext):
     """
 
     def __init__(self, service: ExecutorService) -> None:
-        if service.port is None:
-            raise ValueError("the executor service must be started first")
         self.service = service
         self.merges_run = 0
-        self._channel = grpc.insecure_channel(f"127.0.0.1:{service.port}", _CHANNEL_OPTIONS)
+        self._channel = service.open_channel()
         stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(self._channel)
         self._executors: list[_CachingRemoteExecutor] = []
 
@@ -114,13 +110,15 @@ class LocalMergeContext(async_execution_context.AsyncExecutionContext):
         self.service.close()
 
 
-def create_local_merge_context() -> LocalMergeContext:
+def create_local_merge_context(
+    network: ExecutorNetwork = ExecutorNetwork.SANDBOX, hidden_paths: Sequence[str] = ()
+) -> LocalMergeContext:
     """Starts a `worker_binary` owned by this process and a context over it.
 
     Call it from a long-lived thread (normally the main one): the kernel kills
     the binary when the thread that started it exits (`PR_SET_PDEATHSIG`).
     """
-    service = ExecutorService()
+    service = ExecutorService(network=network, hidden_paths=hidden_paths)
     service.start()
     try:
         return LocalMergeContext(service)

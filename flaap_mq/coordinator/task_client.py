@@ -16,8 +16,15 @@ The guarantees live here:
   dead-lettered rather than runs it;
 * the caller waits at most `timeout_s` and then gets a `SiloTimeoutError`
   naming the silo and the request;
-* a reply is accepted only from the silo the task was sent to; late and
-  duplicate replies (a task redelivered after its reply) are dropped;
+* a reply is accepted only from the silo the task was sent to, and only if
+  its body names the task its `correlation_id` does; late and duplicate
+  replies (a task redelivered after its reply) are dropped;
+* a large result's slices are collected in one `chunking.Collector` within
+  its `Limits`, at most one transfer per awaited call (keyed by its task
+  id), dropped when the call ends however it ends: a silo can make the
+  coordinator hold no more than `Limits.max_transfer_bytes` (and bookkeeping)
+  per call it was asked to answer, and all silos together no more than
+  `Limits.max_pending_bytes`;
 * with `silo_users` (silo id -> broker user), a reply is accepted only if its
   AMQP `user_id` is the user of the silo the task was sent to. The broker
   refuses any message whose `user_id` is not its sender's login, so a silo
@@ -41,7 +48,7 @@ from google.protobuf import message as protobuf_message
 
 from flaap_mq.broker import link as broker_link
 from flaap_mq.broker.link import BrokerLink, Delivery, default_properties
-from flaap_mq.broker.urls import parse_broker_urls
+from flaap_mq.broker.urls import credential_files, parse_broker_urls
 from flaap_mq.coordinator import errors
 from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
@@ -58,6 +65,9 @@ class _Pending:
     silo_id: str
     request: str
     started: float
+    expires_at: float  # time.monotonic() at the call's deadline
+    # A reply (or chunk error) has settled the call: later slices are dropped.
+    answered: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +124,7 @@ class TaskClient:
         max_message_bytes: int = broker_link.DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES,
         silo_users: Mapping[str, str] | None = None,
+        chunk_limits: chunking.Limits | None = None,
     ) -> None:
         if not silo_ids:
             raise ValueError("at least one silo id is needed")
@@ -132,12 +143,18 @@ class TaskClient:
         self._queue_type = queue_type
         self._connect_timeout_s = connect_timeout_s
         self._chunk_bytes = chunk_bytes
-        self._reassembler = chunking.Reassembler()
+        # What silos' chunked results may make this process hold (`chunking`).
+        self._collector = chunking.Collector(chunk_limits)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._log = log.bind(job=self.job_id)
+        addresses = parse_broker_urls(
+            broker_url, connection_name=f"flaap-coordinator-{self.job_id}"
+        )
+        # What gives this coordinator its login: kept from its TFF executor.
+        self.credential_files = credential_files(addresses)
         self._link = BrokerLink(
-            parse_broker_urls(broker_url, connection_name=f"flaap-coordinator-{self.job_id}"),
+            addresses,
             name=f"coordinator-{self.job_id}",
             declarations=self._declarations,
             max_message_bytes=max_message_bytes,
@@ -163,6 +180,15 @@ class TaskClient:
             reply_queue=self._names.reply_queue(self.job_id),
             reply_users=self._silo_users or "any (no silo_users given)",
         )
+
+    @property
+    def transfer_bytes(self) -> int:
+        """What silos' chunked results make this process hold now (for meters and tests).
+
+        Charged as `chunking.Collector.pinned_bytes`: never above the
+        `chunk_limits`' `max_pending_bytes`, and 0 once no call is waiting.
+        """
+        return self._collector.pinned_bytes
 
     def close(self) -> None:
         self._fail_all_pending(broker_link.LinkClosed("the coordinator was closed"))
@@ -209,7 +235,8 @@ class TaskClient:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_Reply] = loop.create_future()
         task_id = envelope.new_task_id()
-        pending = _Pending(loop, future, silo_id, spec.name, time.monotonic())
+        started = time.monotonic()
+        pending = _Pending(loop, future, silo_id, spec.name, started, started + timeout_s)
         with self._lock:
             self._pending[task_id] = pending
         sent = received = 0
@@ -231,6 +258,7 @@ class TaskClient:
             response = spec.response_type()
             response.ParseFromString(payload)
         finally:
+            self._forget(task_id)
             self._observed(Exchange(silo_id, spec.name, sent, received))
         self._log.debug(
             "task_done",
@@ -253,10 +281,17 @@ class TaskClient:
                 pending.request,
                 f"no answer within the task timeout of {timeout_s:g} s",
             ) from None
-        finally:
-            with self._lock:
-                self._pending.pop(task_id, None)
-            self._reassembler.discard(task_id)
+
+    def _forget(self, task_id: str) -> None:
+        """Ends a call: its pending entry goes, and with it any partial transfer for it.
+
+        Called however the call ends (answered, failed, timed out, cancelled,
+        not even sent), under the lock `_on_reply` collects slices under, so
+        no slice can start a transfer for a call already over.
+        """
+        with self._lock:
+            self._pending.pop(task_id, None)
+            self._collector.discard(task_id)
 
     def send(
         self,
@@ -368,36 +403,54 @@ class TaskClient:
     # ---------------------------------------------------------------- replies
 
     def _on_reply(self, delivery: Delivery) -> None:
-        """Runs on the I/O thread for every message in our reply queue."""
+        """Runs on the I/O thread for every message in our reply queue.
+
+        A reply settles the call its `correlation_id` names, if its body
+        names the same task and it comes from the silo asked (and that
+        silo's broker user, `_from_silo_user`); anything else is logged and
+        dropped before it can touch the call, or fill its transfer.
+        """
         self._link.ack(delivery)
         try:
             result, payload = envelope.read_result(delivery.body)
         except envelope.MalformedEnvelope as e:
             self._log.warning("reply_malformed", error=str(e))
             return
-        correlation_id = delivery.properties.correlation_id or result.task_id
-        with self._lock:
-            pending = self._pending.get(correlation_id)
-        if pending is not None and not self._from_silo_user(pending, delivery, correlation_id):
-            return
-        reply: _Reply | None = (result, payload)
-        if chunking.is_chunked(result.chunk):
-            reply = self._collect_slice(result, payload, pending)
-            if reply is None:
-                return
-        if pending is None:
-            # A reply to a disposal, or a second reply to a redelivered task.
-            self._log.debug("reply_unclaimed", task_id=correlation_id, silo=result.silo_id)
-            return
-        if result.silo_id != pending.silo_id:
+        task_id = delivery.properties.correlation_id
+        if task_id != result.task_id:
             self._log.warning(
-                "reply_from_wrong_silo",
-                task_id=correlation_id,
-                expected=pending.silo_id,
-                got=result.silo_id,
+                "reply_id_mismatch",
+                correlation_id=task_id,
+                task_id=result.task_id,
+                silo=result.silo_id,
+                note="dropped: a reply's body must name the task its correlation_id names",
             )
             return
-        self._resolve(pending, reply, None)
+        with self._lock:
+            pending = self._pending.get(task_id)
+            if pending is None or pending.answered:
+                # A reply to a disposal, a second reply to a redelivered task,
+                # or more slices for a call already settled.
+                self._log.debug("reply_unclaimed", task_id=task_id, silo=result.silo_id)
+                return
+            if result.silo_id != pending.silo_id:
+                self._log.warning(
+                    "reply_from_wrong_silo",
+                    task_id=task_id,
+                    expected=pending.silo_id,
+                    got=result.silo_id,
+                )
+                return
+            if not self._from_silo_user(pending, delivery, task_id):
+                return
+            reply: _Reply | None = (result, payload)
+            error: BaseException | None = None
+            if chunking.is_chunked(result.chunk):
+                reply, error = self._collect_slice(pending, result, payload)
+                if reply is None and error is None:
+                    return
+            pending.answered = True
+        self._resolve(pending, reply, error)
 
     def _from_silo_user(self, pending: _Pending, delivery: Delivery, task_id: str) -> bool:
         """True if the reply's broker-checked `user_id` is the asked silo's user."""
@@ -418,28 +471,29 @@ class TaskClient:
         return False
 
     def _collect_slice(
-        self, part: task_pb2.TaskResult, payload: memoryview, pending: _Pending | None
-    ) -> _Reply | None:
-        """Stores one slice of a large result; all of them once the last is in.
+        self, pending: _Pending, part: task_pb2.TaskResult, payload: memoryview
+    ) -> tuple[_Reply | None, BaseException | None]:
+        """Stores one slice of a call's large result: the reply once all are in, or why not.
 
-        Only collected here: the caller joins and checks them (`ask`).
+        Runs under `self._lock`, so the call cannot end (and `_forget` drop
+        its transfer) between the check that it is pending and the slice
+        stored. The transfer is keyed by the call's task id, so each call has
+        at most one, and it expires with the call's deadline. Only collected
+        here: `ask` joins and checks the slices, off the I/O thread.
         """
-        if pending is None:
-            self._reassembler.discard(part.task_id)
-            return None
         try:
-            parts = self._reassembler.add(part.task_id, part.chunk, payload)
-        except chunking.ChunkError as e:
-            self._resolve(
-                pending,
-                None,
-                errors.SiloRetryableError(pending.silo_id, pending.request, str(e)),
+            parts = self._collector.add(
+                part.task_id, part.chunk, payload, expires_at=pending.expires_at
             )
-            return None
+        except chunking.ChunkError as e:
+            self._log.warning(
+                "reply_chunks_invalid", task_id=part.task_id, silo=pending.silo_id, error=str(e)
+            )
+            return None, errors.SiloRetryableError(pending.silo_id, pending.request, str(e))
         if parts is None:
-            return None
+            return None, None
         part.ClearField("chunk")
-        return part, parts
+        return (part, parts), None
 
     def _resolve(
         self,

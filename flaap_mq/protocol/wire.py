@@ -49,11 +49,24 @@ def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
             raise WireError("varint longer than 10 bytes")
 
 
-def fields(data: Buffer) -> Iterator[tuple[int, int, int, int]]:
-    """(field number, field start, value start, field end) of each top-level field."""
+# The envelopes and the TFF requests read here have a dozen top-level fields
+# at most. A body of a million tiny fields is no message of ours, and reading
+# it field by field would hold the reading thread for seconds: refused early.
+MAX_FIELDS = 64
+
+
+def fields(data: Buffer, max_fields: int = MAX_FIELDS) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, field start, value start, field end) of each top-level field.
+
+    Raises `WireError` after `max_fields` fields.
+    """
     view = memoryview(data)
     pos = 0
+    count = 0
     while pos < len(view):
+        count += 1
+        if count > max_fields:
+            raise WireError(f"more than {max_fields} top-level fields: not a message of ours")
         start = pos
         key, pos = _read_varint(view, pos)
         number, wire_type = key >> 3, key & 7

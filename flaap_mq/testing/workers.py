@@ -37,6 +37,9 @@ def queue_consumers(broker_url: str, queue: str) -> int | None:
             connection.close()
 
 
+SANDBOX_PROGRAM = "flaap_mq/executor/inside"
+
+
 def worker_binaries_of(pid: int) -> list[psutil.Process]:
     """`worker_binary` processes below `pid` (executors a worker started)."""
     try:
@@ -46,15 +49,29 @@ def worker_binaries_of(pid: int) -> list[psutil.Process]:
     return [c for c in children if _is_worker_binary(c)]
 
 
-def all_worker_binaries() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["name", "cmdline"]) if _is_worker_binary(p)]
+def all_executor_processes() -> list[psutil.Process]:
+    """Every `worker_binary` on this machine, and every sandbox process around one."""
+    return [
+        p
+        for p in psutil.process_iter(["name", "cmdline"])
+        if _is_worker_binary(p) or _is_sandbox(p)
+    ]
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
 
 
 def _is_worker_binary(process: psutil.Process) -> bool:
-    try:
-        return any("worker_binary" in part for part in process.cmdline()[:1])
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
+    return any("worker_binary" in part for part in _cmdline(process)[:1])
+
+
+def _is_sandbox(process: psutil.Process) -> bool:
+    """The executor sandbox's relay or keeper (`python -I -S .../executor/inside`)."""
+    return any(part.endswith(SANDBOX_PROGRAM) for part in _cmdline(process)[:5])
 
 
 class WorkerProcess:
@@ -88,6 +105,9 @@ class WorkerProcess:
             *extra_args,
         ]
         run_env = {**os.environ, **(env or {}), "FLAAP_MQ_BROKER_URL": broker_url}
+        if not (env or {}).get("FLAAP_MQ_BROKER_URL_FILE"):
+            # An inherited URL file would win over broker_url (resolve_broker_url).
+            run_env.pop("FLAAP_MQ_BROKER_URL_FILE", None)
         self._log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             args, env=run_env, stdout=self._log_file, stderr=subprocess.STDOUT
@@ -140,6 +160,7 @@ class WorkerFleet:
         log_dir: Path | None = None,
         extra_args: Sequence[str] = (),
         per_silo_args: Mapping[str, Sequence[str]] | None = None,
+        env: Mapping[str, str] | None = None,
         start_timeout_s: float = 120.0,
     ) -> None:
         self.broker_url = broker_url
@@ -148,6 +169,7 @@ class WorkerFleet:
         self._log_dir = log_dir
         self._extra_args = list(extra_args)
         self._per_silo_args = {silo: list(args) for silo, args in (per_silo_args or {}).items()}
+        self._env = dict(env or {})
         self._start_timeout_s = start_timeout_s
         self.workers: dict[str, WorkerProcess] = {}
         self.exit_codes: dict[str, int] = {}
@@ -170,6 +192,7 @@ class WorkerFleet:
             prefix=self.prefix,
             extra_args=[*self._extra_args, *self._per_silo_args.get(silo_id, [])],
             log_path=log_path,
+            env=self._env,
         )
         self.workers[silo_id] = worker
         if wait:

@@ -74,6 +74,23 @@ def add_train_parser(sub: argparse._SubParsersAction, add_broker_args, add_log_a
         "--task-timeout", type=float, default=600.0, help="seconds a silo may take per request"
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    who = train.add_argument_group(
+        "who may answer for a silo (checked by default unless the login is guest)"
+    )
+    who.add_argument(
+        "--silo-user",
+        action="append",
+        default=[],
+        metavar="SILO=USER",
+        help="the broker user SILO's worker logs in as (repeatable; default: the silo id, "
+        "as `flaap-mq admin definitions` makes them)",
+    )
+    who.add_argument(
+        "--any-silo-user",
+        action="store_true",
+        help="accept a silo's replies from any broker user (only where every party shares "
+        "one login: then the broker cannot tell silos apart)",
+    )
 
 
 def run_split_digits(args: argparse.Namespace) -> int:
@@ -122,9 +139,11 @@ def run_train(args: argparse.Namespace) -> int:
             "`flaap-mq data split-digits` writes one)"
         )
     import flaap_mq
+    from flaap_mq.coordinator.silo_users import parse_silo_user_options
     from flaap_mq.data.digits import load_test_set
     from flaap_mq.training.fedavg import SiloFedAvg
 
+    silo_users = parse_silo_user_options(args.silo_user, args.silo, any_user=args.any_silo_user)
     test_set = load_test_set(args.test_set)
     algorithm = SiloFedAvg(config)
     from flaap_mq.coordinator.errors import SiloError
@@ -136,6 +155,7 @@ def run_train(args: argparse.Namespace) -> int:
         clients_per_silo=1,
         topology_prefix=args.prefix,
         queue_type=args.queue_type,
+        silo_users=silo_users,
     ) as context:
         try:
             result = run_lib.train(

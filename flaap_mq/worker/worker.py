@@ -3,8 +3,9 @@
 The worker only ever dials out: to the broker, and to its own executor
 service on loopback. For each delivered task it
 
-1. checks the envelope (malformed tasks are dead-lettered with their reason,
-   and answered with an error where the sender can be told);
+1. checks the envelope (a malformed task is rejected, so that the broker
+   dead-letters it, its reason logged, and answered with an error where the
+   sender can be told);
 2. answers a task it has already run from a bounded cache of recent results
    instead of running it twice (redelivery after a lost ack);
 3. checks the task is for this incarnation's executors (`incarnation`);
@@ -31,12 +32,11 @@ import itertools
 import signal
 import threading
 import time
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import cachetools
 import grpc
-import pika
-import pika.data
 import structlog
 from google.protobuf import message as protobuf_message
 from tensorflow_federated.proto.v0 import executor_pb2
@@ -48,17 +48,28 @@ from flaap_mq.broker.link import (
     all_confirmed,
     default_properties,
 )
-from flaap_mq.broker.urls import parse_broker_urls
+from flaap_mq.broker.urls import credential_files, parse_broker_urls
+from flaap_mq.executor import (
+    HOST_NETWORK_MARK,
+    ExecutorCallError,
+    ExecutorNetwork,
+    ExecutorService,
+)
 from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
-from flaap_mq.worker.executor_service import ExecutorCallError, ExecutorService
 from flaap_mq.worker.incarnation import Incarnation, StateLost
 from flaap_mq.worker.values import ValueTable, ValueUnavailable
 
 log = structlog.get_logger("flaap_mq.worker")
 
 RESULT_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.TaskResult"
-REASON_HEADER = "x-flaap-reason"
+# A task whose reply the broker did not confirm (nacked: the coordinator's
+# reply queue is over its max-length-bytes; or the link lost) goes back to the
+# silo queue after this pause, doubled at each redelivery the queue counts
+# (`x-delivery-count`), up to the cap: a full reply queue gets time to drain,
+# and the task ends at its deadline or at the delivery limit, never spinning.
+REQUEUE_FIRST_PAUSE_S = 1.0
+REQUEUE_MAX_PAUSE_S = 30.0
 # Outcomes of a task no worker can run as it was sent; see `_refuse`.
 _REFUSED = frozenset({"unsupported_protocol", "wrong_silo", "malformed_task"})
 
@@ -101,10 +112,13 @@ class SiloWorker:
         names: topology.Names | None = None,
         queue_type: topology.QueueType = topology.QueueType.QUORUM,
         data_dir: str | None = None,
+        executor_network: ExecutorNetwork = ExecutorNetwork.SANDBOX,
+        secret_paths: Sequence[str] = (),
         result_cache_bytes: int = 256 * 1024 * 1024,
         drain_timeout_s: float = 60.0,
         connect_timeout_s: float = 30.0,
         chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES,
+        chunk_limits: chunking.Limits | None = None,
     ) -> None:
         self.silo_id = topology.validate_id("silo", silo_id)
         self._names = names or topology.Names()
@@ -112,10 +126,21 @@ class SiloWorker:
         self._prefetch = max(1, prefetch)
         self._drain_timeout_s = drain_timeout_s
         self._connect_timeout_s = connect_timeout_s
-        self._addresses = parse_broker_urls(broker_url, connection_name=f"flaap-worker-{silo_id}")
-        self._service = ExecutorService(working_dir=data_dir)
+        # The connection's name shows in the management API and `flaap-mq
+        # status`: an executor on the host's network must be visible there.
+        connection_name = f"flaap-worker-{silo_id}"
+        if ExecutorNetwork(executor_network) is ExecutorNetwork.HOST:
+            connection_name += f" {HOST_NETWORK_MARK}"
+        self._addresses = parse_broker_urls(broker_url, connection_name=connection_name)
+        # The executor must not read what gives this worker its broker login.
+        self._service = ExecutorService(
+            network=executor_network,
+            data_dir=data_dir,
+            hidden_paths=[*secret_paths, *credential_files(self._addresses)],
+        )
         self._chunk_bytes = chunk_bytes
-        self._reassembler = chunking.Reassembler()
+        # What coordinators' chunked tasks may make this process hold (`chunking`).
+        self._collector = chunking.Collector(chunk_limits)
         self._incarnation = Incarnation()
         self._values = ValueTable()
         self._service_lock = threading.Lock()
@@ -140,10 +165,6 @@ class SiloWorker:
     @property
     def incarnation_id(self) -> str:
         return self._incarnation.id
-
-    @property
-    def executor_pid(self) -> int | None:
-        return self._service.pid
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -238,22 +259,28 @@ class SiloWorker:
         if delivery.generation != self._active_generation:
             self._active_generation = delivery.generation
             self._log.info("worker_active", detail="this worker now receives the silo's tasks")
-        # Announced here, in delivery order, before any later task can name it.
+        # The envelope is read here (its request stays a view of the body), so
+        # that a slice is told by its `Chunk`, as the coordinator tells its
+        # replies, and collected on the I/O thread in delivery order; only the
+        # whole task goes on to the pool, which joins the slices.
+        self._collector.expire()
+        whole: _Read | None = None
+        try:
+            whole = envelope.read_task(delivery.body)
+        except envelope.MalformedEnvelope:
+            pass  # _handle reads it again, and dead-letters it with the reason
+        else:
+            if chunking.is_chunked(whole[0].chunk):
+                whole = self._collect_slice(delivery, *whole)
+                if whole is None:
+                    return
+        # Announced here, in delivery order, before any later task can name it;
+        # a sliced task once its last slice is in, so that slices that never
+        # make a whole leave nothing behind (the coordinator sends every slice
+        # of a task before any task that names its value).
         spec = envelope.spec_named(delivery.properties.type)
         if spec is not None and spec.creates_value and delivery.properties.message_id:
             self._values.announce(delivery.properties.message_id)
-        whole: _Read | None = None
-        if chunking.has_chunk_header(delivery.properties.headers):
-            # Slices are collected here, on the I/O thread, in delivery order;
-            # only the whole task goes on to the pool, which joins the slices.
-            try:
-                task, payload = envelope.read_task(delivery.body)
-            except envelope.MalformedEnvelope:
-                pass  # _handle reads it again, and dead-letters it with the reason
-            else:
-                whole = self._collect_slice(delivery, task, payload)
-                if whole is None:
-                    return
         sequence = next(self._sequence)
         with self._in_flight_cv:
             self._in_flight.add(sequence)
@@ -269,9 +296,19 @@ class SiloWorker:
         before the last slice, the last one reaches the next worker without
         its predecessors, which answers CHUNK_INVALID (retryable) rather than
         running half a request.
+
+        The collector bounds what coordinators' slices can make this process
+        hold (`chunking.Limits`, `--max-pending-transfer-bytes`), and drops a
+        partial task at its deadline. A task refused there (declared too
+        large, slices that lie) is answered CHUNK_INVALID like any bad slices.
         """
         try:
-            parts = self._reassembler.add(task.task_id, task.chunk, payload)
+            parts = self._collector.add(
+                task.task_id,
+                task.chunk,
+                payload,
+                expires_at=chunking.monotonic_deadline(task.deadline_unix_ms),
+            )
         except chunking.ChunkError as e:
             task.ClearField("chunk")
             return task, e  # answered CHUNK_INVALID by the pool, like any task
@@ -393,6 +430,10 @@ class SiloWorker:
                 f"{delivery.properties.message_id!r}",
             )
         if envelope.deadline_passed(task):
+            # Nobody awaits it any more (the coordinator gave up at the same
+            # deadline): not run, not answered. The broker records it as
+            # `rejected` (the `expired` reason is its own, for a task that
+            # expired while queued); this reason is in the worker's log.
             reason = "expired: deadline passed before the task could run"
             self._dead_letter(delivery, reason)
             return Outcome((), "expired", False, envelope.Failure.DEADLINE_EXCEEDED, reason)
@@ -625,7 +666,9 @@ class SiloWorker:
         self._ack_when_confirmed(delivery, all_confirmed(futures), what="reply")
 
     def _reject_malformed(self, delivery: Delivery, reason: str) -> None:
+        """Answers a task whose envelope cannot be read (where it says whom), and rejects it."""
         props = delivery.properties
+        answered = None
         if props.reply_to and props.correlation_id:
             # Tell the sender now rather than letting it wait for a timeout.
             error = envelope.result_error(
@@ -636,7 +679,7 @@ class SiloWorker:
                 message=f"silo {self.silo_id!r} could not read the task: {reason}",
                 incarnation=self._incarnation.id,
             )
-            self._link.publish(
+            answered = self._link.publish(
                 self._names.replies_exchange,
                 props.reply_to,
                 error.SerializeToString(),
@@ -646,19 +689,20 @@ class SiloWorker:
                     user_id=self._addresses[0].username,
                 ),
             )
-        self._dead_letter(delivery, f"malformed: {reason}")
+        self._dead_letter(delivery, f"malformed: {reason}", after=answered)
 
     def _refuse(self, delivery: Delivery, task: task_pb2.Task, result: Outcome) -> None:
-        """Answers a task no worker can run as sent, and dead-letters it with the reason.
+        """Answers a task no worker can run as sent, and rejects it to the dead-letter queue.
 
         A wrong protocol version, another silo's task or an unreadable request
         is poison like an unreadable envelope: the sender is told at once, and
         the task goes to the dead-letter queue for an operator instead of
-        vanishing with the ack (found by tests/faults/test_poison.py).
+        vanishing with an ack (found by tests/faults/test_poison.py).
         """
         props = delivery.properties
+        answered = None
         if props.reply_to:
-            self._link.publish(
+            answered = self._link.publish(
                 self._names.replies_exchange,
                 props.reply_to,
                 result.messages[0],
@@ -670,46 +714,72 @@ class SiloWorker:
                 ),
             )
         error = task_pb2.TaskResult.FromString(result.messages[0]).error
-        self._dead_letter(delivery, f"{result.name}: {error.message}")
+        self._dead_letter(delivery, f"{result.name}: {error.message}", after=answered)
 
-    def _dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Moves a task to the dead-letter queue with `reason`, then acks it."""
+    def _dead_letter(
+        self,
+        delivery: Delivery,
+        reason: str,
+        *,
+        after: concurrent.futures.Future[None] | None = None,
+    ) -> None:
+        """Rejects a task without requeueing it, so that the broker dead-letters it.
+
+        The silo queue's dead-letter exchange takes the task as it was sent,
+        with `x-death` reason `rejected`: the silo's broker user needs no
+        permission on the dead-letter exchange, so a silo can put nothing
+        there but tasks it was sent (deploy/rabbitmq/README.md). A reject
+        carries no headers, so `reason` is in this worker's
+        `task_dead_lettered` log line (with the task's message and
+        correlation ids), not in the message.
+
+        `after` is the error reply to the task's sender: the task is rejected
+        once the broker has settled that reply either way, so that a
+        connection lost in between redelivers the task and the sender is
+        answered again, rather than left waiting for its timeout.
+        """
         props = delivery.properties
-        headers: dict[str, Any] = dict(props.headers or {})
-        try:
-            pika.data.encode_table([], headers)
-        except Exception:
-            # Headers pika decodes but cannot encode again (doubles, which other
-            # clients send): keep them as text, or the dead letter could never
-            # be published and the task would hold a prefetch slot forever
-            # (found by tests/faults/test_poison.py).
-            headers = {"x-flaap-original-headers": repr(props.headers)[:16384]}
-        headers.update(
-            {
-                REASON_HEADER: reason,
-                "x-flaap-silo": self.silo_id,
-                "x-flaap-worker": self._incarnation.id,
-                "x-flaap-original-queue": delivery.queue,
-            }
-        )
-        copy = pika.BasicProperties(
-            delivery_mode=pika.DeliveryMode.Persistent,
-            headers=headers,
+        self._log.warning(
+            "task_dead_lettered",
+            reason=reason,
             message_id=props.message_id,
             correlation_id=props.correlation_id,
-            reply_to=props.reply_to,
-            content_type=props.content_type,
-            type=props.type,
+            queue=delivery.queue,
+            redelivered=delivery.redelivered,
         )
-        self._log.warning("task_dead_lettered", reason=reason, message_id=props.message_id)
-        future = self._link.publish(
-            self._names.dead_letter_exchange, self.silo_id, delivery.body, copy
-        )
-        self._ack_when_confirmed(delivery, future, what="dead letter")
+        if after is None:
+            self._link.reject(delivery, requeue=False)
+            return
+
+        def reject(done: concurrent.futures.Future[None]) -> None:
+            error = done.exception()
+            if error is not None and not isinstance(error, Unroutable):
+                self._log.warning(
+                    "error_reply_not_confirmed",
+                    message_id=props.message_id,
+                    correlation_id=props.correlation_id,
+                    error=str(error),
+                )
+            # Dead-lettered either way: a poison task is never worth a retry.
+            self._link.reject(delivery, requeue=False)
+
+        after.add_done_callback(reject)
 
     def _ack_when_confirmed(
         self, delivery: Delivery, future: concurrent.futures.Future[None], *, what: str
     ) -> None:
+        """Acks the task once the broker confirmed its reply; see the cases below."""
+
+        def requeue() -> None:
+            # A worker stopping meanwhile closes its channel, which requeues
+            # the task anyway.
+            link = self._link
+            if link is not None and not self._stop.is_set():
+                try:
+                    link.reject(delivery, requeue=True)
+                except Exception as e:  # the link closed under us: same as above
+                    self._log.debug("requeue_skipped", error=str(e))
+
         def settle(done: concurrent.futures.Future[None]) -> None:
             error = done.exception()
             if error is None:
@@ -720,8 +790,32 @@ class SiloWorker:
                 self._log.warning(f"{what}_unroutable", reason=str(error))
                 self._link.ack(delivery)
             else:
-                # Not confirmed: leave the task unacked; the broker redelivers
-                # it, and the result cache answers without running it again.
-                self._log.warning(f"{what}_not_confirmed", error=str(error))
+                # Not confirmed: nacked (the reply queue is over its
+                # max-length-bytes, overflow reject-publish), or the link was
+                # lost. Give the task back after a pause; the redelivery is
+                # answered from the results cache, not run again. Each
+                # requeue counts towards the silo queue's delivery limit,
+                # and a redelivery after the deadline is dead-lettered, so a
+                # reply queue that stays full ends the task, never a spin.
+                # (A classic silo queue has no delivery limit and counts
+                # nothing: one retry a second until the deadline. With the
+                # link lost, the broker has requeued it already and the
+                # reject is dropped as stale.)
+                try:
+                    headers = delivery.properties.headers or {}
+                    count = max(0, int(headers.get("x-delivery-count", 0)))
+                except (TypeError, ValueError):
+                    count = 0
+                pause = min(REQUEUE_MAX_PAUSE_S, REQUEUE_FIRST_PAUSE_S * 2 ** min(count, 16))
+                self._log.warning(
+                    f"{what}_not_confirmed",
+                    error=str(error),
+                    message_id=delivery.properties.message_id,
+                    delivery_count=count,
+                    requeue_in_s=pause,
+                )
+                timer = threading.Timer(pause, requeue)
+                timer.daemon = True
+                timer.start()
 
         future.add_done_callback(settle)

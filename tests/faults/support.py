@@ -27,8 +27,8 @@ import pika
 import pika.exceptions
 import psutil
 
+from flaap_mq.executor import wait_until_gone
 from flaap_mq.testing.workers import WorkerFleet
-from flaap_mq.worker.executor_service import wait_until_gone
 
 # Outcomes that mean the request really ran on the executor.
 EXECUTED = frozenset({"ok", "executor_error", "deadline_exceeded", "executor_unavailable"})
@@ -160,15 +160,26 @@ def message_count(url: str, queue: str) -> int | None:
 
 
 def dead_letter_reason(properties: Any) -> str | None:
-    """Why a message is in the dead-letter queue: the worker's reason, else the broker's."""
+    """Why the broker dead-lettered a message (`x-death`): rejected, expired, delivery_limit.
+
+    A worker rejects a task it cannot run and logs the detail
+    (`logged_dead_letters`); the message carries only the broker's reason.
+    """
     headers = properties.headers or {}
-    if headers.get("x-flaap-reason"):
-        return str(headers["x-flaap-reason"])
     deaths = headers.get("x-death") or []
     if deaths:
         reason = deaths[0].get("reason")
         return reason.decode() if isinstance(reason, bytes) else str(reason)
     return None
+
+
+def logged_dead_letters(events: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """message_id -> the reason the worker logged (`task_dead_lettered`) for rejecting it."""
+    return {
+        str(e.get("message_id")): str(e.get("reason"))
+        for e in events
+        if e.get("event") == "task_dead_lettered"
+    }
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

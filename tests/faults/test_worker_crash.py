@@ -14,8 +14,8 @@ import time
 import pytest
 
 import flaap_mq
+from flaap_mq.executor import wait_until_gone
 from flaap_mq.protocol import topology
-from flaap_mq.worker.executor_service import wait_until_gone
 from tests.faults import comps, support
 from tests.faults.rounds import BackgroundRound, pending_requests, wait_for_pending
 

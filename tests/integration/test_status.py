@@ -64,7 +64,7 @@ def test_status_shows_active_and_standby_workers_offline_silos_and_dead_letters(
     ]
     try:
         _wait_for(lambda: all('"worker_standby"' in w.log_text() for w in workers))
-        # A dead letter with a reason: a malformed task.
+        # A dead letter: a malformed task, which the worker rejects (reason in its log).
         connection = pika.BlockingConnection(pika.URLParameters(node.url))
         channel = connection.channel()
         topology.declare_blocking(
@@ -73,6 +73,13 @@ def test_status_shows_active_and_standby_workers_offline_silos_and_dead_letters(
         channel.basic_publish("st.tasks", "a", b"garbage", pika.BasicProperties(delivery_mode=2))
         connection.close()
         _wait_for(lambda: '"task_dead_lettered"' in "".join(w.log_text() for w in workers))
+        logged = [
+            line
+            for w in workers
+            for line in w.log_text().splitlines()
+            if "task_dead_lettered" in line
+        ]
+        assert len(logged) == 1 and '"reason": "malformed: ' in logged[0], logged
 
         def consumers_listed() -> bool:
             code, out = _status(node, "a")
@@ -87,10 +94,11 @@ def test_status_shows_active_and_standby_workers_offline_silos_and_dead_letters(
         assert report["offline"] == ["offline"]
         assert sorted(w["active"] for w in a["workers"]) == [False, True]
         assert report["dead_letter_depth"] == 1
-        assert report["dead_letter_reasons"] == [["malformed", 1]]
+        # The broker's reason (x-death): the worker rejected it.
+        assert report["dead_letter_reasons"] == [["rejected", 1]]
         code, text = _status(node, "a", json_output=False)
         assert code == 0
-        assert "active" in text and "standby" in text and "malformed x1" in text
+        assert "active" in text and "standby" in text and "rejected x1" in text
         # Sampling the reasons did not take the dead letter away.
         assert json.loads(_status(node, "a")[1])["dead_letter_depth"] == 1
     finally:

@@ -6,6 +6,7 @@ These talk to the worker with raw pika, as a coordinator of another version
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -20,10 +21,13 @@ from tensorflow_federated.python.core.impl.types import placements
 
 from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.testing.workers import WorkerProcess
 
 
 class RawCoordinator:
     """A reply queue and a publisher, with nothing of flaap-mq's coordinator."""
+
+    worker: WorkerProcess | None = None  # silo a's worker, where a test started one
 
     def __init__(self, broker_url: str, prefix: str) -> None:
         self.names = topology.Names(prefix)
@@ -100,11 +104,44 @@ class RawCoordinator:
     def close(self) -> None:
         self.connection.close()
 
+    def dead_letter(self, message_id: str, timeout_s: float = 20.0) -> pika.BasicProperties:
+        """The properties of task `message_id` once it is in the dead-letter queue."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            method, properties, _ = self.channel.basic_get(
+                self.names.dead_letter_queue, auto_ack=True
+            )
+            if method is not None and properties.message_id == message_id:
+                return properties
+            if method is None:
+                time.sleep(0.1)
+        pytest.fail(f"task {message_id} did not reach the dead-letter queue")
+
+
+def logged_dead_letter_reason(log_text: str, message_id: str) -> str:
+    """The reason a worker logged (`task_dead_lettered`) for rejecting `message_id`."""
+    for line in log_text.splitlines():
+        if '"task_dead_lettered"' in line:
+            event = json.loads(line)
+            if event.get("message_id") == message_id:
+                return event["reason"]
+    pytest.fail(f"the worker logged no task_dead_lettered for {message_id}")
+
+
+def assert_rejected_by_the_worker(properties: pika.BasicProperties, silo_queue: str) -> None:
+    """Dead-lettered by the broker on the worker's reject, from the silo queue."""
+    deaths = properties.headers["x-death"]
+    assert deaths[0]["reason"] == "rejected"
+    assert deaths[0]["queue"] == silo_queue
+    # Nothing the worker could have added: a reject carries no headers.
+    assert not [h for h in properties.headers if h.startswith("x-flaap-")]
+
 
 @pytest.fixture
 def raw(broker_url, prefix, workers):
-    workers(["a"])
+    fleet = workers(["a"])
     coordinator = RawCoordinator(broker_url, prefix)
+    coordinator.worker = fleet.workers["a"]
     yield coordinator
     coordinator.close()
 
@@ -180,14 +217,18 @@ def test_malformed_task_gets_an_error_reply_and_is_dead_lettered(raw):
     _, result = raw.reply()
     assert result.error.code == envelope.ErrorCode.MALFORMED_TASK
     assert "could not read the task" in result.error.message
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        method, properties, _ = raw.channel.basic_get(raw.names.dead_letter_queue, auto_ack=True)
-        if method is not None and properties.message_id == "bad-6":
-            assert properties.headers["x-flaap-reason"].startswith("malformed")
-            return
-        time.sleep(0.1)
-    pytest.fail("the malformed task did not reach the dead-letter queue")
+    assert_rejected_by_the_worker(raw.dead_letter("bad-6"), raw.names.silo_queue("a"))
+    assert logged_dead_letter_reason(raw.worker.log_text(), "bad-6").startswith("malformed: ")
+
+
+def test_a_task_past_its_deadline_on_arrival_is_rejected_not_run(raw):
+    """Expired on the way but not in the queue (no AMQP expiration): the worker rejects it."""
+    past = int(time.time() * 1000) - 1000
+    body = _get_executor_task("t8", deadline_unix_ms=past).SerializeToString()
+    raw.send("a", body, "t8", message_id="t8")
+    assert_rejected_by_the_worker(raw.dead_letter("t8"), raw.names.silo_queue("a"))
+    assert logged_dead_letter_reason(raw.worker.log_text(), "t8").startswith("expired: ")
+    assert raw.no_reply_within(1.0)  # nobody awaits it any more
 
 
 def test_expired_task_is_dead_lettered_by_the_broker_not_run(broker_url, prefix):
@@ -339,16 +380,6 @@ def test_a_disposal_never_overtakes_a_task_sent_before_it(raw):
     assert _computed_float(executor.compute(call)) == float(_BIG)
 
 
-def _dead_letter_reason(raw, message_id: str) -> str:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        method, properties, _ = raw.channel.basic_get(raw.names.dead_letter_queue, auto_ack=True)
-        if method is not None and properties.message_id == message_id:
-            return properties.headers["x-flaap-reason"]
-        time.sleep(0.1)
-    pytest.fail(f"task {message_id} did not reach the dead-letter queue")
-
-
 def test_a_compute_without_reply_to_is_dead_lettered_with_the_reason(raw):
     executor = _Executor(raw)
     raw.send_task(
@@ -356,7 +387,10 @@ def test_a_compute_without_reply_to_is_dead_lettered_with_the_reason(raw):
         "no-reply",
         incarnation=executor.incarnation,
     )
-    assert "Compute task needs a reply_to" in _dead_letter_reason(raw, "no-reply")
+    assert_rejected_by_the_worker(raw.dead_letter("no-reply"), raw.names.silo_queue("a"))
+    reason = logged_dead_letter_reason(raw.worker.log_text(), "no-reply")
+    assert reason.startswith("malformed_task: ")
+    assert "Compute task needs a reply_to" in reason
 
 
 def test_the_last_slice_without_the_others_is_answered_chunk_invalid(raw):

@@ -204,6 +204,6 @@ def secure_broker() -> Iterator[SecureBroker]:
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0):
     """`flaap-mq ARGS` without this run's FLAAP_MQ_* settings, plus `env`."""
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("FLAAP_MQ_")}
-    run_env["FLAAP_MQ_TEST_RUN"] = os.environ.get("FLAAP_MQ_TEST_RUN", "")
+    run_env["FLAAP_MQ_EXECUTOR_ENV"] = os.environ.get("FLAAP_MQ_EXECUTOR_ENV", "")
     run_env.update(env or {})
     return cli.run_cli(*args, env=run_env, timeout=timeout)

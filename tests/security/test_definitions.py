@@ -138,11 +138,12 @@ def test_permissions(tmp_path):
     def allowed(user: str, what: str) -> set[str]:
         return {r for r in everything if _may(d, user, what, r)}
 
-    # A silo consumes its own queue only, and publishes only replies (and
-    # malformed tasks to the dead-letter exchange); it declares nothing.
+    # A silo consumes its own queue only, and publishes only replies (its
+    # worker rejects a malformed task; the broker dead-letters it); it
+    # declares nothing.
     assert allowed("a", "read") == {"flaap.silo.a"}
     assert allowed("ab", "read") == {"flaap.silo.ab"}
-    assert allowed("a", "write") == {"flaap.replies", "flaap.dead-letter"}
+    assert allowed("a", "write") == {"flaap.replies"}
     assert allowed("a", "configure") == set()
     # Only the coordinator publishes tasks and reads replies; it configures
     # only its own reply queues.
@@ -155,6 +156,42 @@ def test_prefix_is_escaped_in_permissions(tmp_path):
     d = _build(tmp_path, prefix="acme.fl")
     assert _may(d, "a", "read", "acme.fl.silo.a")
     assert not _may(d, "a", "read", "acmeXfl.silo.a")
+
+
+def _policy_for(document: dict, queue: str) -> dict | None:
+    """The policy RabbitMQ applies to `queue`: the matching one of highest priority."""
+    matching = [p for p in document["policies"] if re.search(p["pattern"], queue)]
+    return max(matching, key=lambda p: p["priority"], default=None)
+
+
+def test_policies_bound_reply_silo_and_dead_letter_queues(tmp_path):
+    d = _build(tmp_path, prefix="acme.fl")
+    bounds = definitions.Bounds()
+    expected = {
+        "acme.fl.reply.job-1": (bounds.reply_queue_max_bytes, "reject-publish"),
+        "acme.fl.silo.a": (bounds.silo_queue_max_bytes, "reject-publish"),
+        "acme.fl.dead-letter": (bounds.dead_letter_max_bytes, "drop-head"),
+    }
+    for queue, (max_bytes, overflow) in expected.items():
+        policy = _policy_for(d, queue)
+        assert policy is not None, f"no policy bounds {queue}"
+        assert policy["definition"] == {"max-length-bytes": max_bytes, "overflow": overflow}
+        assert policy["apply-to"] == "queues" and policy["vhost"] == "fed"
+    for queue in ("acmeXfl.reply.job-1", "other.silo.a", "acme.fl.dead-letter.x"):
+        assert _policy_for(d, queue) is None, queue
+    # None repeats a key the clients declare: declared arguments would win
+    # over it, and nothing here may change what the code declares.
+    declared = {k for q in d["queues"] for k in q["arguments"]}
+    assert not {f"x-{k}" for p in d["policies"] for k in p["definition"]} & declared
+    # The largest message the broker takes fits in an empty reply queue.
+    assert bounds.reply_queue_max_bytes >= 128 * 1024 * 1024
+
+
+def test_every_user_has_connection_and_channel_limits(tmp_path):
+    d = _build(tmp_path, bounds=definitions.Bounds(silo_max_connections=2))
+    limits = {u["name"]: u["limits"] for u in d["users"]}
+    assert limits["a"] == limits["b"] == {"max-connections": 2, "max-channels": 8}
+    assert limits["coord"] == {"max-connections": 16, "max-channels": 32}
 
 
 def test_cli_prints_the_document_and_fails_in_one_line(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,30 +25,49 @@ import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2
 
 import flaap_mq
+from flaap_mq.admin import definitions
 from flaap_mq.broker.link import BrokerRefused
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.examples import temperature_average
 from flaap_mq.protocol import envelope, topology
+from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.testing.workers import WorkerProcess
-from tests.security.conftest import COORDINATOR, IDLE_SILO, PREFIX, SILOS, SecureBroker
+from tests.security.conftest import COORDINATOR, IDLE_SILO, PREFIX, SILOS, VHOST, SecureBroker
 
 pytestmark = pytest.mark.broker_node
 
 NAMES = topology.Names(PREFIX)
 
 
+# One connection per user for `_refused`, kept for the module: each user may
+# hold only a few connections (the generated user limits), and RabbitMQ 3.10
+# counts a TLS connection its client closed for 30 s more.
+_CONNECTIONS: dict[str, pika.BlockingConnection] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_connections() -> Iterator[None]:
+    yield
+    for connection in _CONNECTIONS.values():
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            connection.close()
+    _CONNECTIONS.clear()
+
+
 def _refused(
     broker: SecureBroker, user: str, action: Callable[[pika.adapters.BlockingConnection], object]
 ) -> pika.exceptions.ChannelClosedByBroker:
-    """Runs `action` on a fresh connection of `user`; returns how the broker refused it."""
-    connection = broker.connect(broker.url(user))
-    try:
-        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
-            action(connection)
-        return refused.value
-    finally:
-        if connection.is_open:
-            connection.close()
+    """Runs `action` on a connection of `user`; returns how the broker refused it.
+
+    The broker refuses on the channel (403, 406), which `action` opens; the
+    connection stays open for the next.
+    """
+    connection = _CONNECTIONS.get(user)
+    if connection is None or not connection.is_open:
+        connection = _CONNECTIONS[user] = broker.connect(broker.url(user))
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+        action(connection)
+    return refused.value
 
 
 def _consumers(broker: SecureBroker, queue: str) -> int:
@@ -112,22 +132,48 @@ def test_round_over_tls_with_generated_credentials(secure_broker, silo_workers):
         assert '"event": "task"' in log, f"silo {silo} ran nothing"
 
 
-def test_worker_dead_letters_a_malformed_task_with_its_permissions(secure_broker, silo_workers):
-    """The silo's write permission on the dead-letter exchange is what this needs."""
+def test_worker_dead_letters_a_malformed_task_without_writing_to_the_dead_letter_exchange(
+    secure_broker, silo_workers
+):
+    """The worker rejects; the broker dead-letters; the sender hears why; the log says why.
+
+    Silo b's user may not publish to the dead-letter exchange (see the next
+    test), so the task can only get there through the broker's own
+    dead-lettering of a reject.
+    """
     message_id = f"garbage-{uuid.uuid4().hex[:8]}"
+    job = f"job-{uuid.uuid4().hex[:8]}"
     coordinator = secure_broker.connect(secure_broker.url(COORDINATOR))
     try:
         channel = coordinator.channel()
+        topology.declare_blocking(channel, topology.reply_declarations(NAMES, job), passive=True)
         channel.confirm_delivery()
         channel.basic_publish(
             NAMES.tasks_exchange,
             "b",
             b"\xff not a task",
-            pika.BasicProperties(delivery_mode=2, message_id=message_id),
+            pika.BasicProperties(
+                delivery_mode=2, message_id=message_id, correlation_id=message_id, reply_to=job
+            ),
             mandatory=True,
         )
+        reply = None
+        deadline = time.monotonic() + 30
+        while reply is None and time.monotonic() < deadline:
+            method, props, body = channel.basic_get(NAMES.reply_queue(job), auto_ack=True)
+            if method is None:
+                time.sleep(0.2)
+            else:
+                reply = (props, task_pb2.TaskResult.FromString(body))
+        channel.queue_delete(NAMES.reply_queue(job))
     finally:
         coordinator.close()
+    assert reply is not None, "the sender of the malformed task was not answered"
+    props, result = reply
+    assert props.correlation_id == message_id and props.user_id == "b"
+    assert result.error.code == envelope.ErrorCode.MALFORMED_TASK
+    assert "could not read the task" in result.error.message
+
     admin = secure_broker.connect(secure_broker.admin_url())
     try:
         channel = admin.channel()
@@ -142,9 +188,37 @@ def test_worker_dead_letters_a_malformed_task_with_its_permissions(secure_broker
     finally:
         admin.close()
     assert found is not None, "the malformed task never reached the dead-letter queue"
-    assert found.headers["x-flaap-reason"].startswith("malformed")
-    assert found.headers["x-flaap-silo"] == "b"
+    death = found.headers["x-death"][0]
+    assert (death["reason"], death["queue"]) == ("rejected", NAMES.silo_queue("b"))
+    logged = [
+        json.loads(line)
+        for line in silo_workers["b"].log_text().splitlines()
+        if '"task_dead_lettered"' in line
+    ]
+    assert [e["reason"].split(":")[0] for e in logged if e["message_id"] == message_id] == [
+        "malformed"
+    ]
     assert silo_workers["b"].process.poll() is None
+
+
+def test_silo_cannot_publish_to_the_dead_letter_exchange(secure_broker):
+    """A forged dead letter (any headers, any reason) never reaches the dead-letter queue."""
+
+    def forge(connection: pika.BlockingConnection) -> None:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            NAMES.dead_letter_exchange,
+            "a",
+            b"a forged dead letter",
+            pika.BasicProperties(headers={"x-death": [{"reason": "expired"}]}),
+            mandatory=True,
+        )
+
+    refused = _refused(secure_broker, "a", forge)
+    assert refused.reply_code == 403
+    assert "ACCESS_REFUSED" in refused.reply_text
+    assert f"exchange '{NAMES.dead_letter_exchange}'" in refused.reply_text
 
 
 def test_silo_cannot_consume_another_silos_queue(secure_broker):
@@ -335,3 +409,114 @@ def test_worker_for_another_silo_exits_with_the_refusal(secure_broker, tmp_path)
     log = worker.log_text()
     assert "access to queue 'flaap.silo.b' in vhost 'federation' refused for user 'a'" in log
     assert "Traceback" not in log
+
+
+def test_reply_from_the_wrong_silo_is_dropped_by_default(secure_broker):
+    """No `silo_users` given and a login other than guest: each silo must answer as itself.
+
+    As `test_reply_from_the_wrong_silo_is_dropped`, through
+    `create_execution_context` with its defaults: silo b, logged in as b,
+    answers a task sent to d; the coordinator drops it and waits for d.
+    """
+    d = IDLE_SILO
+    with flaap_mq.create_execution_context(
+        secure_broker.url(COORDINATOR), [d, "b"], topology_prefix=PREFIX, task_timeout=60
+    ) as context:
+        client = context.client
+        assert client._silo_users == {d: d, "b": "b"}
+        captured = structlog.testing.LogCapture()
+        client._log = structlog.wrap_logger(None, processors=[captured])
+
+        async def ask_and_answer() -> object:
+            call = asyncio.ensure_future(
+                client.call(d, executor_pb2.GetExecutorRequest(), timeout_s=60)
+            )
+            task, props = await asyncio.to_thread(_take_task, secure_broker, d)
+            forged = envelope.result_ok(
+                task,
+                executor_pb2.GetExecutorResponse(
+                    executor=executor_pb2.ExecutorId(id="from-b")
+                ).SerializeToString(),
+                incarnation="x",
+                duration_us=1,
+            )
+            await asyncio.to_thread(_reply_as, secure_broker, "b", props, forged, "b")
+            await asyncio.sleep(1.0)
+            assert not call.done(), "by default, a reply from silo b was accepted for silo d"
+            genuine = envelope.result_ok(
+                task,
+                executor_pb2.GetExecutorResponse(
+                    executor=executor_pb2.ExecutorId(id="from-d")
+                ).SerializeToString(),
+                incarnation="x",
+                duration_us=1,
+            )
+            await asyncio.to_thread(_reply_as, secure_broker, d, props, genuine, d)
+            return await asyncio.wait_for(call, 30)
+
+        result = asyncio.run(ask_and_answer())
+    assert result.executor.id == "from-d"
+    dropped = [e for e in captured.entries if e["event"] == "reply_from_wrong_user"]
+    assert [(e["expected_user"], e["user"]) for e in dropped] == [(d, "b")]
+
+
+def test_a_silo_cannot_open_more_connections_or_channels_than_its_limits(secure_broker):
+    """The generated user limits hold on the broker (silo d: no worker holds its login)."""
+    bounds = definitions.Bounds()
+    url = secure_broker.url(IDLE_SILO)
+    opened: list[pika.BlockingConnection] = []
+    # RabbitMQ 3.10 counts a TLS connection its client closed for 30 s more:
+    # wait until those of earlier tests are gone.
+    deadline = time.monotonic() + 60
+    while IDLE_SILO in secure_broker.node.rabbitmqctl("list_connections", "-q", "user").split():
+        assert time.monotonic() < deadline, "silo d's earlier connections still count"
+        time.sleep(1)
+    try:
+        opened = [secure_broker.connect(url) for _ in range(bounds.silo_max_connections)]
+        with pytest.raises(pika.exceptions.AMQPConnectionError) as refused:
+            opened.append(secure_broker.connect(url))
+        assert f"user connection limit ({bounds.silo_max_connections}) is reached" in str(
+            refused.value
+        )
+        channels = [opened[i % len(opened)].channel() for i in range(bounds.silo_max_channels)]
+        assert all(c.is_open for c in channels)
+        with pytest.raises(pika.exceptions.AMQPError) as refused_channel:
+            opened[0].channel()
+        assert refused_channel.value.args[0] == 530
+        assert f"maximum allowed user limit of ({bounds.silo_max_channels})" in str(
+            refused_channel.value
+        )
+    finally:
+        for connection in opened:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                connection.close()
+
+
+def test_the_generated_policies_bound_every_queue_of_the_topology(secure_broker):
+    """Loaded with the definitions, each silo queue and the dead-letter queue has its bound."""
+    bounds = definitions.Bounds()
+    ctl = secure_broker.node.rabbitmqctl
+    applied = dict(
+        line.split("\t")
+        for line in ctl("list_queues", "-p", VHOST, "name", "policy", "-q").splitlines()[1:]
+    )
+    loaded = {
+        # The definition comes as JSON text inside the JSON listing.
+        p["name"]: json.loads(p["definition"])
+        for p in json.loads(ctl("list_policies", "-p", VHOST, "--formatter", "json", "-q"))
+    }
+    expected = {NAMES.silo_queue(s): f"{PREFIX}-silo-queues" for s in [*SILOS, IDLE_SILO]}
+    expected[NAMES.dead_letter_queue] = f"{PREFIX}-dead-letter"
+    assert {q: applied[q] for q in expected} == expected
+    assert loaded[f"{PREFIX}-silo-queues"] == {
+        "max-length-bytes": bounds.silo_queue_max_bytes,
+        "overflow": "reject-publish",
+    }
+    assert loaded[f"{PREFIX}-dead-letter"] == {
+        "max-length-bytes": bounds.dead_letter_max_bytes,
+        "overflow": "drop-head",
+    }
+    assert loaded[f"{PREFIX}-reply-queues"] == {
+        "max-length-bytes": bounds.reply_queue_max_bytes,
+        "overflow": "reject-publish",
+    }

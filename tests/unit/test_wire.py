@@ -55,3 +55,13 @@ def test_the_last_occurrence_of_a_field_wins_as_in_protobuf():
 def test_bytes_that_are_not_a_message_are_refused(garbage):
     with pytest.raises(wire.WireError):
         wire.split_off(garbage, REQUEST)
+
+
+def test_a_body_of_countless_tiny_fields_is_refused_at_once():
+    """64 MiB of 2-byte fields would hold a reading thread for seconds: refused early."""
+    task = task_pb2.Task(task_id="t", request=b"x").SerializeToString()
+    flood = task + b"\x28\x01" * (32 * 1024 * 1024)  # field 5 (attempt) again and again
+    with pytest.raises(wire.WireError, match="top-level fields"):
+        wire.split_off(flood, REQUEST)
+    # A real envelope is far below the limit.
+    assert len(list(wire.fields(task))) < wire.MAX_FIELDS

@@ -1,0 +1,78 @@
+"""Connects each connection accepted on a Unix socket to the executor's TCP port.
+
+The executor (TFF's `worker_binary`) can only listen on TCP, on every
+interface; inside the sandbox's network namespace "every interface" is a
+loopback nobody else shares. The worker outside reaches it through a Unix
+socket in a private directory, and this relay joins the two.
+
+Bytes are moved with `splice(2)` through a pipe, so they are never copied
+into Python: a 64 MB value costs two kernel page moves per hop, and a small
+message one wake-up per direction. Each connection gets two threads (gRPC
+keeps one long-lived connection per channel, so there are few of them);
+blocking system calls release the GIL, so directions and connections do not
+wait for each other.
+
+Standard library only (see `__main__.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import threading
+
+_F_SETPIPE_SZ = 1031
+# Bytes moved per splice call; the pipe is asked to hold as much (the
+# kernel's default cap for unprivileged users, /proc/sys/fs/pipe-max-size).
+_CHUNK = 1 << 20
+_SPLICE_F_MOVE = 1
+
+
+def _pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):  # a smaller pipe still works, in smaller steps
+        fcntl.fcntl(write_end, _F_SETPIPE_SZ, _CHUNK)
+    return read_end, write_end
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    """Moves bytes from `source` to `sink` until `source` ends, then ends `sink`."""
+    read_end, write_end = _pipe()
+    try:
+        while True:
+            moved = os.splice(source.fileno(), write_end, _CHUNK, flags=_SPLICE_F_MOVE)
+            if moved == 0:
+                break
+            while moved:
+                moved -= os.splice(read_end, sink.fileno(), moved, flags=_SPLICE_F_MOVE)
+    except OSError:
+        pass  # a reset on either side ends this direction; the other notices
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def _join(client: socket.socket, port: int) -> None:
+    try:
+        upstream = socket.create_connection(("127.0.0.1", port))
+    except OSError:
+        client.close()  # the executor is gone; the caller sees the connection close
+        return
+    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+    back.start()
+    _pump(client, upstream)
+    back.join()
+    client.close()
+    upstream.close()
+
+
+def serve(listener: socket.socket, port: int) -> None:
+    """Accepts connections on `listener` forever, each joined to `127.0.0.1:port`."""
+    while True:
+        client, _ = listener.accept()
+        threading.Thread(target=_join, args=(client, port), daemon=True).start()
