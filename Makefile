@@ -11,13 +11,17 @@ install: $(STAMP)
 
 # The lock holds every package at an exact version and is installed with
 # --no-deps: TFF 0.87.0's own metadata pins a jaxlib that is not on the index
-# (see docs/install.md), so pip must not re-resolve it.
+# (see docs/install.md), so pip must not re-resolve it. The editable install
+# keeps setuptools' `compat` mode (the repository root on sys.path) without
+# the notice, printed on every install, that the mode is transitional; the
+# import check without TensorFlow's start-up chatter (a failure still shows).
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23.2"
 	$(PY) -m pip install --quiet --no-deps -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=compat
-	$(PY) -c "import tensorflow_federated, pika, flaap_mq"
+	PYTHONWARNINGS="ignore:Compat editable installs" \
+	  $(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=compat
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -c "import tensorflow_federated, pika, flaap_mq"
 	touch $(STAMP)
 
 demo: install

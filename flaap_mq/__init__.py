@@ -30,6 +30,7 @@ _PUBLIC = {
     "SiloRetryableError": "flaap_mq.coordinator.errors",
     "SiloTimeoutError": "flaap_mq.coordinator.errors",
     "read_broker_url_file": "flaap_mq.broker.urls",
+    "load_config": "flaap_mq.config",
 }
 
 __all__ = sorted(_PUBLIC)

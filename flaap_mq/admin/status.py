@@ -9,9 +9,15 @@ Two sources, so that it works on any broker:
   standby, the age of the oldest task where the broker tells it, and the
   coordinators' reply queues. AMQP alone cannot list queues or consumers.
 
+With no `--silo` named, the silos are every queue `PREFIX.silo.*` the
+management API lists; without the API, AMQP cannot list queues, and the
+report says to name the silos. A management API that does not answer (or
+refuses the login) does not fail the command: the report holds what AMQP
+tells, with a note saying what is missing and why.
+
 A silo is online when at least one worker consumes its queue. The command
-exits 1 when a silo named with `--silo` is offline, so scripts and health
-checks can use it.
+exits 1 when a silo it reports on is offline, so scripts and health checks
+can use it.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from flaap_mq.broker.urls import BrokerAddress, parse_broker_urls, redact_url
+from flaap_mq.admin.housekeeping import reason_of
+from flaap_mq.broker.urls import BrokerAddress, open_connection, parse_broker_urls, redact_url
 from flaap_mq.executor.service import HOST_NETWORK_MARK
 from flaap_mq.protocol import topology
 
@@ -68,6 +75,8 @@ class Status:
     dead_letter_depth: int
     dead_letter_reasons: list[tuple[str, int]]
     reply_queues: list[dict[str, Any]] | None  # None: needs the management API
+    # What the report lacks and why (no silos named, management API unreachable).
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def offline(self) -> list[str]:
@@ -91,29 +100,54 @@ def collect_status(
         if management_url
         else None
     )
-    connection = _connect(address)
+    # The same one line as every command when the broker cannot be reached.
+    connection = open_connection([address])
+    notes: list[str] = []
     try:
+        silo_ids = list(silo_ids)
+        if not silo_ids:
+            silo_ids, api = _listed_silos(api, names, notes)
         silos = [_silo_over_amqp(connection, names, s) for s in silo_ids]
         dlq_depth, reasons = _dead_letters(connection, names)
     finally:
         connection.close()
     reply_queues = None
     if api is not None:
-        for silo in silos:
-            api.fill_silo(silo)
-        reply_queues = api.reply_queues(f"{prefix}.reply.")
-    return Status(address.redacted, silos, dlq_depth, reasons, reply_queues)
+        try:
+            for silo in silos:
+                api.fill_silo(silo)
+            reply_queues = api.reply_queues(f"{prefix}.reply.")
+        except ManagementUnavailable as e:
+            notes.append(_degraded(e))
+    return Status(address.redacted, silos, dlq_depth, reasons, reply_queues, notes)
 
 
-def _connect(address: BrokerAddress) -> pika.BlockingConnection:
+def _listed_silos(
+    api: ManagementApi | None, names: topology.Names, notes: list[str]
+) -> tuple[list[str], ManagementApi | None]:
+    """Every silo with a queue under the prefix, from the management API, and the API still usable.
+
+    Without the API (or when it does not answer), no silos, and a note
+    saying to name them: AMQP cannot list queues.
+    """
+    name_silos = "no silos named: give --silo ID (repeatable) to report on them"
+    if api is None:
+        notes.append(
+            f"{name_silos}, or --management-url to list every silo queue {names.silo_queue('*')}"
+        )
+        return [], None
     try:
-        return pika.BlockingConnection(address.parameters())
-    except pika.exceptions.ProbableAuthenticationError:
-        raise ValueError(f"broker at {address.redacted} refused the login") from None
-    except pika.exceptions.ProbableAccessDeniedError:
-        raise ValueError(f"broker at {address.redacted} refused access to the vhost") from None
-    except pika.exceptions.AMQPConnectionError as e:
-        raise ValueError(f"no broker answered at {address.redacted}: {e!r}") from None
+        return api.silo_ids(names), api
+    except ManagementUnavailable as e:
+        notes.append(f"{_degraded(e)}; {name_silos}")
+        return [], None
+
+
+def _degraded(error: ManagementUnavailable) -> str:
+    return (
+        f"{error}: showing what AMQP tells (no standby workers, task ages or "
+        "coordinators' reply queues)"
+    )
 
 
 def _passive(connection: pika.BlockingConnection, queue: str) -> Any | None:
@@ -161,31 +195,21 @@ def _dead_letters(
         if got is None:
             break
         tags.append(got.delivery_tag)
-        reasons[_reason(properties)] += 1
+        reasons[reason_of(properties)] += 1
     if tags:
         channel.basic_nack(tags[-1], multiple=True, requeue=True)
     channel.close()
     return method.message_count, reasons.most_common(5)
 
 
-def _reason(properties: pika.BasicProperties) -> str:
-    """The broker's dead-lettering reason (`x-death`, most recent first).
+class ManagementUnavailable(ValueError):
+    """The management API did not answer, or refused the request: status goes on without it.
 
-    `rejected`: a worker refused the task (malformed, another silo's or
-    protocol version, or past its deadline when it arrived; the worker's
-    `task_dead_lettered` log line has the detail); `expired`: its deadline
-    passed while it waited in the queue; `delivery_limit`: redelivered too
-    often (a worker crashed on it, or its reply was never confirmed).
+    Not raised for what is a configuration error to fix before anything is
+    sent (plain http to another host, credentials in the URL), nor for a
+    certificate the client does not trust or a redirect elsewhere: those
+    still stop the command.
     """
-    headers = properties.headers or {}
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        reason = deaths[0].get("reason", "unknown")
-        return reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
-    if "x-flaap-reason" in headers:
-        # Dead-lettered by a worker before 2026-12 (it published them itself).
-        return str(headers["x-flaap-reason"]).split(":", 1)[0]
-    return "unknown"
 
 
 class ManagementRedirected(ValueError):
@@ -303,7 +327,7 @@ class ManagementApi:
             e.close()
             if e.code == 404:
                 return None
-            raise ValueError(
+            raise ManagementUnavailable(
                 f"management API at {self._base} answered {e.code}: {e.reason}"
             ) from None
         except urllib.error.URLError as e:
@@ -313,9 +337,13 @@ class ManagementApi:
                     f"management API at {self._base} presented a certificate this client does "
                     f"not trust ({e.reason.verify_message}); trusted: {trusted} (--ca-file)"
                 ) from None
-            raise ValueError(f"management API at {self._base} did not answer: {e.reason}") from None
+            raise ManagementUnavailable(
+                f"management API at {self._base} did not answer: {e.reason}"
+            ) from None
         except OSError as e:
-            raise ValueError(f"management API at {self._base} did not answer: {e}") from None
+            raise ManagementUnavailable(
+                f"management API at {self._base} did not answer: {e}"
+            ) from None
 
     def fill_silo(self, silo: SiloStatus) -> None:
         queue = self._get(f"queues/{self._vhost}/{urllib.parse.quote(silo.queue, safe='')}")
@@ -324,7 +352,9 @@ class ManagementApi:
         details = queue.get("consumer_details") or []
         silo.workers = []
         for d in details:
-            connection = (d.get("channel_details") or {}).get("connection_name", "?")
+            connection = self._client_connection_name(
+                (d.get("channel_details") or {}).get("connection_name", "?")
+            )
             silo.workers.append(
                 Consumer(
                     tag=d.get("consumer_tag", "?"),
@@ -338,6 +368,22 @@ class ManagementApi:
         head = queue.get("head_message_timestamp")
         if head:
             silo.oldest_task_age_s = max(0.0, time.time() - float(head))
+
+    def _client_connection_name(self, name: str) -> str:
+        """The name the client gave its connection (e.g. `flaap-worker-a`), else the broker's."""
+        connection = self._get(f"connections/{urllib.parse.quote(name, safe='')}") or {}
+        given = (connection.get("client_properties") or {}).get("connection_name")
+        return given or name
+
+    def silo_ids(self, names: topology.Names) -> list[str]:
+        """The silo of every queue `PREFIX.silo.*` in the vhost, sorted."""
+        start = names.silo_queue("")
+        queues = self._get(f"queues/{self._vhost}?columns=name") or []
+        return sorted(
+            q["name"][len(start) :]
+            for q in queues
+            if q.get("name", "").startswith(start) and len(q["name"]) > len(start)
+        )
 
     def reply_queues(self, prefix: str) -> list[dict[str, Any]]:
         queues = self._get(f"queues/{self._vhost}") or []
@@ -388,13 +434,15 @@ def render_text(status: Status) -> str:
         f"  dead letters: {status.dead_letter_depth}" + (f" ({reasons})" if reasons else "")
     )
     if status.reply_queues is None:
-        lines.append("  coordinators: (give --management-url to list reply queues)")
+        if not status.notes:  # a note says why, when there is one
+            lines.append("  coordinators: (give --management-url to list reply queues)")
     else:
         for q in status.reply_queues:
             lines.append(
                 f"  coordinator reply queue {q['queue']}: {q['messages']} messages, "
                 f"{q['consumers']} consumers"
             )
+    lines.extend(f"  note: {note}" for note in status.notes)
     return "\n".join(lines)
 
 

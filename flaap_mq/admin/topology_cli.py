@@ -12,7 +12,7 @@ import sys
 import pika
 import pika.exceptions
 
-from flaap_mq.broker.urls import explain_connect_failure, parse_broker_urls, root_cause
+from flaap_mq.broker.urls import open_connection, parse_broker_urls
 from flaap_mq.protocol import topology
 
 
@@ -22,13 +22,8 @@ def show_topology(broker_url: str, silo_ids: list[str], prefix: str, queue_type:
         names, silo_ids, topology.QueueType(queue_type)
     )
     address = parse_broker_urls(broker_url, connection_name="flaap-mq-topology")[0]
-    try:
-        connection = pika.BlockingConnection(address.parameters())
-    except (pika.exceptions.AMQPConnectionError, OSError) as e:
-        refusal = explain_connect_failure(address, e)
-        if refusal is not None:
-            raise ValueError(refusal) from None
-        raise ValueError(f"no broker answered at {address.redacted}: {root_cause(e)!r}") from None
+    # The same one line as every command when the broker cannot be reached.
+    connection = open_connection([address])
     try:
         channel = connection.channel()
         passive = False

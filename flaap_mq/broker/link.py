@@ -13,7 +13,8 @@ The guarantees the link makes, each in one place:
   (publisher confirms). A message the broker cannot route (mandatory flag)
   fails its future with `Unroutable`. A message not yet confirmed when the
   connection drops is published again on the next connection, so a publish is
-  at-least-once; receivers deduplicate by task id.
+  at-least-once; receivers deduplicate by task id. `all_settled` tells an
+  owner about to close when no publish awaits its confirm any more.
 * **consume** hands each delivery to the owner with the channel generation it
   came from; `ack` of a delivery from an older channel is dropped, because
   the broker has already requeued it.
@@ -50,13 +51,18 @@ import pika
 import pika.adapters.select_connection
 import pika.exceptions
 import pika.spec
-import structlog
 import tenacity
 
-from flaap_mq.broker.urls import BrokerAddress, explain_connect_failure, root_cause
+from flaap_mq.broker.urls import (
+    BrokerAddress,
+    describe_unreachable,
+    explain_connect_failure,
+    root_cause,
+)
+from flaap_mq.logs import get_logger
 from flaap_mq.protocol import topology
 
-log = structlog.get_logger("flaap_mq.broker")
+log = get_logger("flaap_mq.broker")
 
 # RabbitMQ's default max_message_size (3.10): a bigger message closes the
 # channel, taking every other message in flight with it, so it is refused
@@ -103,6 +109,14 @@ class Delivery:
     queue: str
     # Which channel the delivery came on; see `BrokerLink.ack`.
     generation: int
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueCounts:
+    """What a passive declare tells of a queue (`BrokerLink.queue_counts`)."""
+
+    messages: int
+    consumers: int
 
 
 @dataclasses.dataclass
@@ -181,6 +195,7 @@ class BrokerLink:
 
         self._consumers: list[_Consumer] = []
         self._cancel_waiters: list[concurrent.futures.Future[None]] = []
+        self._settled_waiters: list[concurrent.futures.Future[None]] = []  # see `all_settled`
         self._outbox: deque[_Outgoing] = deque()
         self._unconfirmed: dict[int, _Outgoing] = {}
         self._next_tag = 1
@@ -281,6 +296,31 @@ class BrokerLink:
         self._ioloop.add_callback_threadsafe(lambda: self._cancel_consumers(done))
         return done
 
+    def all_settled(self) -> concurrent.futures.Future[None]:
+        """Resolves once no publish waits for the broker's confirm any more.
+
+        For an owner about to `close()`: closing first fails every publish
+        not yet confirmed with `LinkClosed`, although the broker may have
+        taken it (a worker then logged `reply_not_confirmed` for a reply its
+        coordinator did receive, and left the task unacked). Checked on the
+        I/O thread, after the sends of every earlier `publish`, and the done
+        callbacks of confirmed publishes run before it resolves, so whatever
+        they queue (an ack) reaches the broker before a later close. Also
+        resolves once a lost broker has failed what was pending, and at once
+        on a closed link; the caller bounds the wait.
+        """
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if self._stopped.is_set():
+            done.set_result(None)
+            return done
+
+        def check() -> None:
+            self._settled_waiters.append(done)
+            self._wake_settled_waiters()
+
+        self._ioloop.add_callback_threadsafe(check)
+        return done
+
     def ack(self, delivery: Delivery) -> None:
         self._ioloop.add_callback_threadsafe(lambda: self._settle(delivery, ack=True))
 
@@ -288,6 +328,22 @@ class BrokerLink:
         self._ioloop.add_callback_threadsafe(
             lambda: self._settle(delivery, ack=False, requeue=requeue)
         )
+
+    def queue_counts(self, queue: str) -> concurrent.futures.Future[QueueCounts]:
+        """How many messages wait in `queue` and how many consumers it has, from the broker.
+
+        A passive `queue.declare` on a channel of its own, opened and closed
+        for this one question, so that a missing queue (which closes the
+        channel asking) never disturbs the channel tasks and replies use. The
+        future fails with `BrokerError` when the queue is missing or the link
+        is not connected.
+        """
+        future: concurrent.futures.Future[QueueCounts] = concurrent.futures.Future()
+        if self._stopped.is_set():
+            future.set_exception(LinkClosed(f"link {self._name} is closed"))
+            return future
+        self._ioloop.add_callback_threadsafe(lambda: self._ask_queue_counts(queue, future))
+        return future
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Runs `fn` on the I/O thread (for owners that need its ordering)."""
@@ -317,6 +373,7 @@ class BrokerLink:
             for waiter in self._cancel_waiters:
                 if not waiter.done():
                     waiter.set_result(None)  # no connection, no consumers
+            self._wake_settled_waiters()  # nothing is pending any more
             self._stopped.set()
             self._started.set()
             self._ioloop.close()
@@ -388,7 +445,12 @@ class BrokerLink:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, _connection: Any, error: BaseException) -> None:
-        self._last_error = _describe(root_cause(error))
+        # The same line a command prints for this failure (`describe_unreachable`).
+        self._last_error = (
+            describe_unreachable(self._address, error)
+            if self._address
+            else _describe(root_cause(error))
+        )
         # A wrong password or vhost, or an untrusted certificate: retrying
         # will not help, so say what is wrong, once, and stop.
         refusal = explain_connect_failure(self._address, error) if self._address else None
@@ -570,6 +632,35 @@ class BrokerLink:
                 self._log.warning("broker_message_size_limit", limit_bytes=limit)
                 self.max_message_bytes = limit
 
+    def _ask_queue_counts(self, queue: str, future: concurrent.futures.Future[QueueCounts]) -> None:
+        connection = self._connection
+        if future.done():
+            return
+        if connection is None or not connection.is_open or not self._ready:
+            future.set_exception(BrokerError(f"not connected to the broker; {queue} not checked"))
+            return
+
+        def on_closed(_channel: Any, reason: BaseException) -> None:
+            if not future.done():
+                future.set_exception(BrokerError(f"{queue} not checked: {_describe(reason)}"))
+
+        def on_open(channel: Any) -> None:
+            def on_declare_ok(frame: Any) -> None:
+                method = frame.method
+                if not future.done():
+                    future.set_result(QueueCounts(method.message_count, method.consumer_count))
+                if channel.is_open:
+                    channel.close()
+
+            channel.add_on_close_callback(on_closed)
+            channel.queue_declare(queue, passive=True, callback=on_declare_ok)
+
+        try:
+            connection.channel(on_open_callback=on_open)
+        except pika.exceptions.AMQPError as e:
+            if not future.done():
+                future.set_exception(BrokerError(f"{queue} not checked: {_describe(e)}"))
+
     def _add_consumer(self, consumer: _Consumer) -> None:
         self._consumers.append(consumer)
         if self._ready:
@@ -703,6 +794,7 @@ class BrokerLink:
                 out.future.set_exception(Unroutable(out.returned))
             else:
                 out.future.set_result(None)
+        self._wake_settled_waiters()
 
     def _fail_everything(self, error: BaseException) -> None:
         pending = list(self._outbox) + list(self._unconfirmed.values())
@@ -712,6 +804,16 @@ class BrokerLink:
         for out in pending:
             if not out.future.done():
                 out.future.set_exception(error)
+        self._wake_settled_waiters()
+
+    def _wake_settled_waiters(self) -> None:
+        """Resolves the `all_settled` futures when nothing awaits a confirm."""
+        if self._outbox or self._unconfirmed or not self._settled_waiters:
+            return
+        waiters, self._settled_waiters = self._settled_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _begin_close(self) -> None:
         self._closing = True
@@ -772,6 +874,7 @@ __all__ = [
     "Delivery",
     "LinkClosed",
     "MessageTooLarge",
+    "QueueCounts",
     "Unroutable",
     "all_confirmed",
     "default_properties",

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import os
 import re
+import socket
 import ssl
 import stat
 import urllib.parse
@@ -44,9 +45,11 @@ from collections.abc import Mapping, Sequence
 
 import pika
 import pika.exceptions
-import structlog
+from pika.adapters.utils import connection_workflow
 
-log = structlog.get_logger("flaap_mq.broker")
+from flaap_mq.logs import get_logger
+
+log = get_logger("flaap_mq.broker")
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 BROKER_URL_ENV = "FLAAP_MQ_BROKER_URL"
@@ -447,6 +450,78 @@ def explain_connect_failure(address: BrokerAddress, error: BaseException) -> str
                 return f"the broker at {where} has no vhost {vhost!r} ({text})"
             return f"the broker at {where} refused user {user!r} on vhost {vhost!r} ({text})"
     return None
+
+
+def describe_unreachable(
+    address: BrokerAddress, error: BaseException, *, timeout_s: float | None = None
+) -> str:
+    """One line saying why no connection to `address` opened, naming its host and port.
+
+    The same words on every command and in the library's `BrokerUnavailable`,
+    so that an operator recognises the failure whichever command met it: an
+    unknown host name, a port where nothing listens, a host that does not
+    answer in time, or the error the system gave.
+    """
+    try:
+        params = address._pika_parameters()
+        host, where = params.host, f"{params.host}:{params.port}"
+    except ValueError:
+        host, where = "?", address.redacted
+    prefix = f"cannot connect to the broker at {where}"
+    for e in _causes(error):
+        if isinstance(e, socket.gaierror):
+            return (
+                f"{prefix}: unknown host {host!r} ({e.strerror or e}); check the host name "
+                "in the broker URL"
+            )
+        if isinstance(e, ConnectionRefusedError):
+            return (
+                f"{prefix}: connection refused (nothing listens on that port: is RabbitMQ "
+                "running there, and is that its AMQP port, 5672, or 5671 for amqps?)"
+            )
+        if isinstance(e, TimeoutError | connection_workflow.AMQPConnectorStackTimeout):
+            return (
+                f"{prefix}: no answer within {timeout_s or address.socket_timeout_s:g} s "
+                "(is the host up, "
+                "and does a firewall let the port through?)"
+            )
+    cause = root_cause(error)
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"{prefix}: {cause.strerror}"
+    text = str(cause) or type(cause).__name__
+    return f"{prefix}: {text}"
+
+
+def connect_failure_message(address: BrokerAddress, error: BaseException) -> str:
+    """What to tell an operator when a connection to `address` failed: refused, or unreachable."""
+    return explain_connect_failure(address, error) or describe_unreachable(address, error)
+
+
+def open_connection(
+    addresses: Sequence[BrokerAddress], timeout_s: float = 10.0
+) -> pika.BlockingConnection:
+    """A blocking connection to the first node that answers, or a `ValueError` saying why none did.
+
+    For commands, which fail at once (one line, from `connect_failure_message`)
+    rather than retry: a refusal (login, vhost, TLS) stops at its node; an
+    unreachable node moves on to the next; when none answers, the error names
+    every node tried. The library's `BrokerLink` retries instead, for a bounded
+    time.
+    """
+    failures: list[str] = []
+    for address in addresses:
+        params = address.parameters()
+        params.socket_timeout = params.stack_timeout = timeout_s
+        try:
+            return pika.BlockingConnection(params)
+        except (pika.exceptions.AMQPError, OSError) as e:
+            refusal = explain_connect_failure(address, e)
+            if refusal is not None:
+                raise ValueError(refusal) from None
+            failures.append(describe_unreachable(address, e, timeout_s=timeout_s))
+    if not failures:
+        raise ValueError("no broker URL given")
+    raise ValueError("; ".join(failures))
 
 
 def check_login(addresses: list[BrokerAddress], timeout_s: float = 10.0) -> None:

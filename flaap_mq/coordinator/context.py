@@ -21,10 +21,10 @@ times and then raises the silo's error.
 from __future__ import annotations
 
 import atexit
+import os
 import weakref
 from collections.abc import Mapping, Sequence
 
-import structlog
 import tenacity
 from tensorflow_federated.python.core.backends.native import compiler, mergeable_comp_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import (
@@ -36,6 +36,7 @@ from tensorflow_federated.python.core.impl.executor_stacks import python_executo
 from tensorflow_federated.python.core.impl.executors import executors_errors
 from tensorflow_federated.python.core.impl.types import placements
 
+from flaap_mq import config as federation_config
 from flaap_mq.broker.link import DEFAULT_MAX_MESSAGE_BYTES
 from flaap_mq.broker.urls import resolve_broker_url, with_tls_options
 from flaap_mq.coordinator.local_merge import LocalMergeContext, create_local_merge_context
@@ -44,9 +45,10 @@ from flaap_mq.coordinator.silo_executor import SiloExecutor
 from flaap_mq.coordinator.silo_users import SiloUsers, reply_users
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.executor import ExecutorNetwork
+from flaap_mq.logs import get_logger
 from flaap_mq.protocol import chunking, topology
 
-log = structlog.get_logger("flaap_mq.coordinator")
+log = get_logger("flaap_mq.coordinator")
 
 # TFF's own retry loop, without its unbounded retry decorator.
 _tff_invoke_once = async_execution_context.AsyncExecutionContext.invoke.__wrapped__
@@ -161,14 +163,15 @@ def _silo_context(
 
 
 def create_execution_context(
-    broker_url: str | None,
-    silos: Sequence[str],
+    broker_url: str | None = None,
+    silos: Sequence[str] | None = None,
     *,
+    config: str | os.PathLike[str] | federation_config.Settings | None = None,
     task_timeout: float = 600.0,
     clients_per_silo: int | Mapping[str, int] = 1,
     job_id: str | None = None,
-    topology_prefix: str = "flaap",
-    queue_type: str = "quorum",
+    topology_prefix: str | None = None,
+    queue_type: str | None = None,
     max_attempts: int = 4,
     connect_timeout: float = 30.0,
     chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES,
@@ -189,14 +192,24 @@ def create_execution_context(
         `read_broker_url_file(path)` reads any other file).
       silos: the silo ids; each must have a worker (`flaap-mq worker`).
         Tasks for a silo whose worker is not up yet wait in its queue.
+        None: the config file's `silos`.
+      config: the federation's config file (`flaap_mq.config`), or the
+        `Settings` `flaap_mq.load_config()` returned: the broker URL (or
+        its file), silos, prefix, queue type and TLS files not given here
+        come from it. An argument given here wins, then the environment
+        (`FLAAP_MQ_BROKER_URL_FILE`, ...), then the file. None (default):
+        no config file is read, not even `$FLAAP_MQ_CONFIG`; pass
+        `config=flaap_mq.load_config()` to look for one as the CLI does.
       task_timeout: seconds a silo may take to answer one executor request
         before the call fails with `SiloTimeoutError` naming the silo.
       clients_per_silo: how many clients each silo hosts when a computation's
         argument does not say (no CLIENTS-placed argument); one number for all
         silos or a mapping silo id -> number.
       job_id: names this coordinator's reply queue; random by default.
-      topology_prefix: prefix of every exchange and queue name.
-      queue_type: "quorum" (default) or "classic" silo queues.
+      topology_prefix: prefix of every exchange and queue name (default: the
+        config's `prefix`, else "flaap").
+      queue_type: "quorum" or "classic" silo queues (default: the config's
+        `queue_type`, else "quorum").
       max_attempts: how often an invocation that failed with a retryable
         error (lost worker state, broker unavailable) is run in all.
       connect_timeout: seconds to wait for the broker at start.
@@ -228,6 +241,32 @@ def create_execution_context(
         sandbox's namespaces, and logged as a warning.
     """
     network = ExecutorNetwork(executor_network)
+    if config is not None:
+        if not isinstance(config, federation_config.Settings):
+            # The arguments given win; the rest: environment, then the file.
+            config = federation_config.load_config(
+                config,
+                broker_url=broker_url,
+                silos=silos or None,
+                prefix=topology_prefix,
+                queue_type=queue_type,
+                ca_file=ca_file,
+                cert_file=cert_file,
+                key_file=key_file,
+            )
+        broker_url = broker_url if broker_url is not None else config.broker_url
+        silos = silos if silos else config.silos
+        topology_prefix = topology_prefix or config.prefix
+        queue_type = queue_type or config.queue_type
+        ca_file, cert_file, key_file = (
+            ca_file or config.ca_file,
+            cert_file or config.cert_file,
+            key_file or config.key_file,
+        )
+    if silos is None or (config is not None and not silos):
+        raise ValueError("no silos given (silos=, or silos = [...] in the config file)")
+    topology_prefix = topology_prefix or federation_config.DEFAULT_PREFIX
+    queue_type = queue_type or federation_config.DEFAULT_QUEUE_TYPE
     if isinstance(clients_per_silo, Mapping):
         missing = [s for s in silos if s not in clients_per_silo]
         if missing:
@@ -267,7 +306,7 @@ def create_execution_context(
 
 
 def set_execution_context(
-    broker_url: str | None, silos: Sequence[str], **options: object
+    broker_url: str | None = None, silos: Sequence[str] | None = None, **options: object
 ) -> FederatedSilosContext:
     """Like `create_execution_context`, and installs it as TFF's default context."""
     context = create_execution_context(broker_url, silos, **options)  # type: ignore[arg-type]

@@ -39,7 +39,8 @@ This module provides:
 * :func:`_invoke_merge_on_coordinator`, TFF's ``_invoke_merge_in_async_pool``
   with every ``merge`` run in a coordinator-local context (see
   ``flaap_mq.coordinator.local_merge``) instead of on a silo, so that no silo
-  receives another silo's partial aggregate.
+  receives another silo's partial aggregate, and in part order, so that the
+  same inputs give the same bits whichever silo finishes first.
 * :class:`SiloSplittingContext`, TFF's ``MergeableCompExecutionContext`` with
   only the argument splitting, the result ordering and (given a
   ``merge_context``) where ``merge`` runs replaced.
@@ -339,28 +340,59 @@ async def _invoke_merge_on_coordinator(
 
     Replaces TFF 0.87's `_invoke_merge_in_async_pool`, which runs each `merge`
     on the silo context that has just finished, sending it another silo's
-    partial aggregate.  Everything else is TFF's: `up_to_merge` is scheduled by
+    partial aggregate.  `up_to_merge` is scheduled by TFF's
     `_run_in_async_context_pool` (part `i` on context `i`, extra parts on
-    whichever context finishes first), and each partial result is folded into
-    the running merge as its part finishes.  Returns the merged result and, as
-    TFF does, the silo context that finished last (where an all-equal
+    whichever context finishes first).  The partial results are merged in
+    *part* order, `((p0 + p1) + p2) + ...`, whatever order the silos finish
+    in: a part is merged as soon as every part before it has been, so merging
+    still overlaps the slower silos.  Merging is order-insensitive by contract
+    but floating-point sums are not associative, and merging in finishing
+    order (as TFF does) gave runs on the same inputs results differing in
+    their last bits (`make demo`'s FedAvg loss).  Returns the merged result
+    and, as TFF does, the silo context that finished last (where an all-equal
     `after_merge` then runs, on the merged result only).
     """
 
-    def task_fn(part: object, context: context_base.AsyncContext) -> asyncio.Task:
-        return asyncio.create_task(_invoke_up_to_merge_and_return_context(comp, part, context))
+    async def run_part(
+        index: int, part: object, context: context_base.AsyncContext
+    ) -> tuple[int, object]:
+        return index, await _invoke_up_to_merge_and_return_context(comp, part, context)
+
+    def task_fn(
+        indexed_part: tuple[int, object], context: context_base.AsyncContext
+    ) -> asyncio.Task:
+        index, part = indexed_part
+        return asyncio.create_task(run_part(index, part, context))
+
+    finished: dict[int, object] = {}  # partial results of parts not merged yet
+    next_part = 0  # the next part to fold into the running merge
 
     async def postprocessing(
-        result: object, partial_result: object, context: context_base.AsyncContext
+        result: object, indexed_partial: tuple[int, object], context: context_base.AsyncContext
     ) -> object:
-        del context  # the silo that computed `partial_result`: it must not merge
-        if result is _NO_RESULT_YET:
-            return partial_result
-        return await _merge_results(comp, result, partial_result, merge_context)
+        nonlocal next_part
+        del context  # the silo that computed the partial result: it must not merge
+        index, partial_result = indexed_partial
+        finished[index] = partial_result
+        while next_part in finished:
+            partial_result = finished.pop(next_part)
+            next_part += 1
+            if result is _NO_RESULT_YET:
+                result = partial_result
+            else:
+                result = await _merge_results(comp, result, partial_result, merge_context)
+        return result
 
-    return await _run_in_async_context_pool(
-        task_fn, arg_list, execution_contexts, _NO_RESULT_YET, postprocessing
+    merged, last_context = await _run_in_async_context_pool(
+        task_fn, list(enumerate(arg_list)), execution_contexts, _NO_RESULT_YET, postprocessing
     )
+    if finished or next_part != len(arg_list):
+        # Cannot happen: every part is run exactly once.  Checked so that a
+        # change in TFF's pool fails loudly instead of dropping a part.
+        raise AssertionError(
+            f"merged {next_part} of {len(arg_list)} parts; left unmerged: {sorted(finished)}"
+        )
+    return merged, last_context
 
 
 async def _invoke_mergeable_comp_form_in_order(
@@ -375,9 +407,9 @@ async def _invoke_mergeable_comp_form_in_order(
     `after_merge` runs through `_invoke_after_merge_in_order` instead of TFF's
     `_invoke_after_merge_in_async_pool`.  TFF's version concatenates the
     CLIENTS-placed results of the parts in the order the silos *finish*, so a
-    per-client result `[0, 9, 19]` could come back as `[19, 0, 9]`.  `merge`
-    still sees the partial results in finishing order, as in TFF: merging is
-    order-insensitive by contract.
+    per-client result `[0, 9, 19]` could come back as `[19, 0, 9]`.  Without a
+    `merge_context`, `merge` sees the partial results in finishing order, as in
+    TFF; with one, in part order (`_invoke_merge_on_coordinator`).
 
     With a `merge_context`, every `merge` runs there (on the coordinator)
     instead of on a silo, by way of `_invoke_merge_on_coordinator`, and so does

@@ -43,19 +43,36 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 
-import structlog
 from google.protobuf import message as protobuf_message
 
 from flaap_mq.broker import link as broker_link
 from flaap_mq.broker.link import BrokerLink, Delivery, default_properties
 from flaap_mq.broker.urls import credential_files, parse_broker_urls
 from flaap_mq.coordinator import errors
+from flaap_mq.logs import get_logger
 from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 
-log = structlog.get_logger("flaap_mq.coordinator")
+log = get_logger("flaap_mq.coordinator")
 
 TASK_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.Task"
+# While a call waits, its silo's queue is asked for its consumers this often
+# (at most; one question per silo, shared by all its calls): a silo whose
+# worker is gone is reported within this many seconds, not at the timeout.
+CONSUMER_CHECK_INTERVAL_S = 5.0
+# How long a timed-out call waits for the broker to say whether anyone
+# consumes its silo's queue, for its error message (only on that path).
+_CONSUMER_CHECK_TIMEOUT_S = 2.0
+
+
+@dataclasses.dataclass
+class _SiloWatch:
+    """What this coordinator knows of whether a silo's queue has a consumer."""
+
+    probe: concurrent.futures.Future[broker_link.QueueCounts] | None = None
+    probed_at: float = float("-inf")  # time.monotonic() the last probe started
+    consumers: int | None = None  # None: not known (yet)
+    warned: bool = False  # `silo_has_no_worker` logged since a consumer was last seen
 
 
 @dataclasses.dataclass
@@ -147,6 +164,8 @@ class TaskClient:
         self._collector = chunking.Collector(chunk_limits)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
+        self._watches = {s: _SiloWatch() for s in self.silo_ids}
+        self.consumer_check_interval_s = CONSUMER_CHECK_INTERVAL_S
         self._log = log.bind(job=self.job_id)
         addresses = parse_broker_urls(
             broker_url, connection_name=f"flaap-coordinator-{self.job_id}"
@@ -180,6 +199,10 @@ class TaskClient:
             reply_queue=self._names.reply_queue(self.job_id),
             reply_users=self._silo_users or "any (no silo_users given)",
         )
+        # A silo with no worker is said at once (`silo_has_no_worker`), not
+        # after the first call to it has waited out its timeout.
+        for silo_id in self.silo_ids:
+            self._check_silo(silo_id)
 
     @property
     def transfer_bytes(self) -> int:
@@ -273,14 +296,104 @@ class TaskClient:
         return Answer(response, result.worker_incarnation)
 
     async def _wait(self, pending: _Pending, task_id: str, timeout_s: float) -> _Reply:
-        try:
-            return await asyncio.wait_for(pending.future, timeout_s)
-        except TimeoutError:
-            raise errors.SiloTimeoutError(
-                pending.silo_id,
-                pending.request,
-                f"no answer within the task timeout of {timeout_s:g} s",
-            ) from None
+        """The call's reply, or `SiloTimeoutError` after `timeout_s`.
+
+        While it waits, the silo's queue is checked for a consumer every
+        `consumer_check_interval_s` (`_check_silo`, which warns), without
+        delaying the reply or moving the deadline.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            done, _ = await asyncio.wait(
+                {pending.future}, timeout=min(remaining, self.consumer_check_interval_s)
+            )
+            if done:
+                return pending.future.result()
+            if loop.time() < deadline:
+                self._check_silo(pending.silo_id)
+        if not pending.future.done():
+            pending.future.cancel()
+        message = f"no answer within the task timeout of {timeout_s:g} s"
+        if await self._has_no_consumer(pending.silo_id):
+            message += "; " + self._no_worker_hint(pending.silo_id)
+        raise errors.SiloTimeoutError(pending.silo_id, pending.request, message)
+
+    # ------------------------------------------------------- silo consumers
+
+    def _no_worker_hint(self, silo_id: str) -> str:
+        """What a silo without a worker means, and the commands that fix and check it."""
+        prefix = "" if self._names.prefix == "flaap" else f" --prefix {self._names.prefix}"
+        return (
+            f"no worker is consuming {self._names.silo_queue(silo_id)}: start one on that "
+            f"silo (flaap-mq worker --silo-id {silo_id}{prefix}) and check with "
+            f"`flaap-mq status --silo {silo_id}{prefix}`"
+        )
+
+    def _check_silo(
+        self, silo_id: str, *, fresh: bool = False
+    ) -> concurrent.futures.Future[broker_link.QueueCounts]:
+        """Asks the broker (passive declare) how many consumers the silo's queue has.
+
+        One question per silo at a time, at most one per
+        `consumer_check_interval_s` unless `fresh`: the future of the
+        question in flight or just answered is shared. When the answer is no
+        consumer, logs `silo_has_no_worker` (a warning naming the queue and
+        the command to run), once until a consumer is seen again.
+        """
+        now = time.monotonic()
+        with self._lock:
+            watch = self._watches[silo_id]
+            probe = watch.probe
+            if probe is not None and (
+                not probe.done()
+                or (not fresh and now - watch.probed_at < self.consumer_check_interval_s)
+            ):
+                return probe
+            probe = self._link.queue_counts(self._names.silo_queue(silo_id))
+            watch.probe, watch.probed_at = probe, now
+        probe.add_done_callback(lambda done: self._on_silo_checked(silo_id, done))
+        return probe
+
+    def _on_silo_checked(
+        self, silo_id: str, done: concurrent.futures.Future[broker_link.QueueCounts]
+    ) -> None:
+        error = "cancelled" if done.cancelled() else done.exception()
+        if error is not None:
+            self._log.debug("silo_check_failed", silo=silo_id, error=str(error))
+            return
+        counts = done.result()
+        with self._lock:
+            watch = self._watches[silo_id]
+            watch.consumers = counts.consumers
+            warn = counts.consumers == 0 and not watch.warned
+            came_back = counts.consumers > 0 and watch.warned
+            watch.warned = counts.consumers == 0
+        if warn:
+            self._log.warning(
+                "silo_has_no_worker",
+                silo=silo_id,
+                queue=self._names.silo_queue(silo_id),
+                tasks_waiting=counts.messages,
+                fix=self._no_worker_hint(silo_id),
+            )
+        elif came_back:
+            self._log.info("silo_worker_consuming", silo=silo_id, consumers=counts.consumers)
+
+    async def _has_no_consumer(self, silo_id: str) -> bool:
+        """True if the broker says (now, else in its last answer) that nobody consumes the queue."""
+        probe = self._check_silo(silo_id, fresh=True)
+        with contextlib.suppress(Exception):
+            # Shielded: the probe is shared, and a cancelled one could not be answered.
+            counts = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(probe)), _CONSUMER_CHECK_TIMEOUT_S
+            )
+            return counts.consumers == 0
+        with self._lock:
+            return self._watches[silo_id].consumers == 0
 
     def _forget(self, task_id: str) -> None:
         """Ends a call: its pending entry goes, and with it any partial transfer for it.

@@ -41,11 +41,11 @@ from pathlib import Path
 
 import grpc
 import portpicker
-import structlog
 
 from flaap_mq.executor.environment import minimal_environment
+from flaap_mq.logs import get_logger
 
-log = structlog.get_logger("flaap_mq.executor")
+log = get_logger("flaap_mq.executor")
 
 _SERVICE = "/tensorflow_federated.v0.ExecutorGroup/"
 _MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000  # as TFF's own launcher
@@ -277,13 +277,22 @@ class ExecutorService:
         process, self._process = self._process, None
         if process is not None:
             if process.poll() is None:
+                # Asked to stop: its -15 (SIGTERM) is the normal end, not logged
+                # as an exit code, which would read like a crash.
                 process.send_signal(signal.SIGTERM)  # worker_binary ignores SIGINT
                 try:
                     process.wait(grace_s)
+                    log.info("executor_service_stopped", pid=process.pid)
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(grace_s)
-            log.info("executor_service_stopped", pid=process.pid)
+                    log.warning("executor_service_killed", pid=process.pid, grace_s=grace_s)
+            else:
+                log.info(
+                    "executor_service_stopped",
+                    pid=process.pid,
+                    ended_before_asked=_describe_exit(process.returncode),
+                )
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
@@ -295,6 +304,16 @@ class ExecutorService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _describe_exit(returncode: int) -> str:
+    """`exit status N`, or `signal SIGNAME` for Popen's negative return codes."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        return f"signal {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"signal {-returncode}"
 
 
 def _remove_stale_socket_dirs(base: str) -> None:

@@ -75,7 +75,12 @@ def _is_sandbox(process: psutil.Process) -> bool:
 
 
 class WorkerProcess:
-    """One `flaap-mq worker` subprocess."""
+    """One `flaap-mq worker` subprocess.
+
+    With `own_process_group` it leads a process group of its own, as a
+    command started from a terminal does, so that `interrupt` can signal that
+    whole group the way Ctrl-C does without reaching the caller.
+    """
 
     def __init__(
         self,
@@ -86,6 +91,7 @@ class WorkerProcess:
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
+        own_process_group: bool = False,
     ) -> None:
         self.silo_id = silo_id
         self.broker_url = broker_url
@@ -110,8 +116,13 @@ class WorkerProcess:
             run_env.pop("FLAAP_MQ_BROKER_URL_FILE", None)
         self._log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            args, env=run_env, stdout=self._log_file, stderr=subprocess.STDOUT
+            args,
+            env=run_env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            process_group=0 if own_process_group else None,
         )
+        self._own_process_group = own_process_group
 
     @property
     def pid(self) -> int:
@@ -134,6 +145,16 @@ class WorkerProcess:
                 self.process.wait(10)
         self._close_log()
         return self.process.returncode
+
+    def interrupt(self) -> None:
+        """SIGINT to the worker's whole process group, as a terminal's Ctrl-C.
+
+        Needs `own_process_group`: the group would otherwise be the caller's.
+        """
+        if not self._own_process_group:
+            raise RuntimeError("interrupt() needs a worker started with own_process_group=True")
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
 
     def kill(self) -> None:
         """SIGKILL: a crash. The executor dies with it (PDEATHSIG)."""

@@ -52,7 +52,10 @@ def add_train_parser(sub: argparse._SubParsersAction, add_broker_args, add_log_a
     add_broker_args(train)
     add_log_args(train)
     train.add_argument(
-        "--silo", action="append", required=True, help="silo id (repeatable), in order"
+        "--silo",
+        action="append",
+        default=None,
+        help="silo id (repeatable), in order (default: the config file's silos)",
     )
     train.add_argument("--rounds", type=int, default=defaults.rounds)
     train.add_argument("--data-name", default=defaults.data_name, help="the silos' dataset name")

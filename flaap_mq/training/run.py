@@ -28,15 +28,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import structlog
 import tensorflow_federated as tff
 from tqdm import tqdm
 
+from flaap_mq.logs import get_logger, redirect_cli_output
 from flaap_mq.training import model as model_lib
 from flaap_mq.training.fedavg import SiloFedAvg, flat_weights
 from flaap_mq.training.meter import PayloadCounts, PayloadMeter
 
-log = structlog.get_logger("flaap_mq.training")
+log = get_logger("flaap_mq.training")
 
 METRICS_FILE = "metrics.csv"
 PLOT_FILE = "accuracy.png"
@@ -109,11 +109,8 @@ class TqdmStream:
 
 
 def route_logs_above_progress_bars() -> None:
-    """Structlog events are printed with `tqdm.write`, so they do not tear the bar.
-
-    Call it before the loggers are first used (they are cached on first use).
-    """
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(TqdmStream()))
+    """The CLI's log lines are printed with `tqdm.write`, so they do not tear the bar."""
+    redirect_cli_output(TqdmStream())
 
 
 @contextlib.contextmanager

@@ -32,12 +32,11 @@ import itertools
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import cachetools
 import grpc
-import structlog
 from google.protobuf import message as protobuf_message
 from tensorflow_federated.proto.v0 import executor_pb2
 
@@ -55,12 +54,13 @@ from flaap_mq.executor import (
     ExecutorNetwork,
     ExecutorService,
 )
+from flaap_mq.logs import get_logger
 from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.worker.incarnation import Incarnation, StateLost
 from flaap_mq.worker.values import ValueTable, ValueUnavailable
 
-log = structlog.get_logger("flaap_mq.worker")
+log = get_logger("flaap_mq.worker")
 
 RESULT_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.TaskResult"
 # A task whose reply the broker did not confirm (nacked: the coordinator's
@@ -70,6 +70,12 @@ RESULT_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.TaskResult"
 # and the task ends at its deadline or at the delivery limit, never spinning.
 REQUEUE_FIRST_PAUSE_S = 1.0
 REQUEUE_MAX_PAUSE_S = 30.0
+# How long a draining worker waits for the broker to confirm the replies of
+# the tasks it finished before it closes its link (see `shutdown`).
+CONFIRM_TIMEOUT_S = 10.0
+# Exit code after a Ctrl-C (SIGINT), as shells report an interrupted command
+# and as `flaap-mq train` returns.
+EXIT_INTERRUPTED = 130
 # Outcomes of a task no worker can run as it was sent; see `_refuse`.
 _REFUSED = frozenset({"unsupported_protocol", "wrong_silo", "malformed_task"})
 
@@ -156,7 +162,13 @@ class SiloWorker:
         self._in_flight: set[int] = set()
         self._in_flight_cv = threading.Condition()
         self._sequence = itertools.count()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # set once shutting down
+        # What `stop` was asked with, one entry per request (the signal, or
+        # None): the first drains, a second stops at once. Appended to
+        # without a lock, so that a signal handler can.
+        self._stop_requests: list[signal.Signals | None] = []
+        # Stopping at once: tasks still running are left to the broker.
+        self._stopping_now = False
         self._active_generation = -1  # channel generation of the first task seen
         self._link: BrokerLink | None = None
         self._log = log.bind(silo=self.silo_id)
@@ -192,12 +204,12 @@ class SiloWorker:
         )
         # The silo queue has a single active consumer: the broker delivers to
         # one worker of the silo at a time. RabbitMQ 3.10 does not tell a
-        # consumer which it is, so a worker says "standby" until its first
-        # task arrives, and "active" from then on.
+        # consumer which it is, so a worker says only what it knows until its
+        # first task arrives ("worker_active" from then on); a lone worker is
+        # the active consumer at once, a second one is a standby.
         self._log.info(
             "worker_standby",
-            detail="consuming; tasks go to this silo's active worker, if another is running; "
-            "this one takes over when it goes away",
+            detail="consuming; receives tasks when it is its silo's active consumer",
         )
 
     def _declarations(self) -> list[topology.Declaration]:
@@ -205,52 +217,155 @@ class SiloWorker:
             self._names, [self.silo_id], self._queue_type
         )
 
-    def stop(self) -> None:
-        """Asks `run_until_stopped` to drain and return (signal-safe)."""
-        self._stop.set()
+    def stop(self, signum: int | None = None) -> None:
+        """Asks `run_until_stopped` to stop: the first request drains, a second stops at once.
+
+        `signum` is the signal that asked (SIGINT or SIGTERM), which sets the
+        exit code and the wording of the `worker_draining` line. Safe in a
+        signal handler: it only appends to a list. Setting a
+        `threading.Event` there (as this did) can deadlock, for the handler
+        runs on the main thread, which may hold that event's lock just then.
+        """
+        self._stop_requests.append(signal.Signals(signum) if signum is not None else None)
+
+    @property
+    def _stop_now_asked(self) -> bool:
+        return len(self._stop_requests) > 1
 
     def run_until_stopped(self, install_signal_handlers: bool = True) -> int:
-        """Serves until SIGTERM/SIGINT or `stop()`, then drains; returns the exit code."""
+        """Serves until SIGTERM/SIGINT or `stop()`, then shuts down; returns the exit code.
+
+        The first SIGINT (Ctrl-C) or SIGTERM drains, a second stops at once
+        (`shutdown`). The executor runs in its own session, so a terminal's
+        Ctrl-C reaches this process alone, which decides when the executor
+        stops. Exit code: 130 after a Ctrl-C, 0 after SIGTERM (systemd's
+        stop) or `stop()`, 1 when the broker refused the worker for good.
+        """
+        previous: dict[signal.Signals, signal.Handlers | Callable[..., object] | int | None] = {}
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self._stop.set())
-        self.start()
-        exit_code = 0
+                previous[sig] = signal.signal(sig, lambda signum, _frame: self.stop(signum))
         try:
-            while not self._stop.wait(0.5):
-                failure = self._link.failure if self._link else None
-                if failure is not None:
-                    # Retrying cannot fix this (a refused login or topology):
-                    # exit non-zero so the operator, or systemd, sees it.
-                    self._log.error("worker_giving_up", error=str(failure))
-                    exit_code = 1
-                    break
+            self.start()
+            exit_code = 0
+            try:
+                # Polled: a signal handler may not wake a waiting Event (see `stop`).
+                while not self._stop_requests:
+                    failure = self._link.failure if self._link else None
+                    if failure is not None:
+                        # Retrying cannot fix this (a refused login or topology):
+                        # exit non-zero so the operator, or systemd, sees it.
+                        self._log.error("worker_giving_up", error=str(failure))
+                        exit_code = 1
+                        break
+                    time.sleep(0.2)
+            finally:
+                self.shutdown()
         finally:
-            self.shutdown()
+            # Handlers stay during `shutdown`, for the second Ctrl-C.
+            for sig, handler in previous.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+        if exit_code == 0 and signal.SIGINT in self._stop_requests:
+            return EXIT_INTERRUPTED
         return exit_code
 
     def shutdown(self) -> None:
-        """Stops consuming, finishes what is in flight, and stops everything."""
+        """Stops consuming, drains unless asked to stop now, and stops everything.
+
+        Draining finishes the tasks in flight, then waits (at most
+        `CONFIRM_TIMEOUT_S`) until the broker has confirmed their replies and
+        so the tasks are acked, and only then closes the link: closing at
+        once failed a reply its coordinator did receive
+        (`reply_not_confirmed ... is closed`) and left its task unacked, to
+        run again. A second stop request, or a drain past
+        `drain_timeout_s`, stops at once instead (`_stop_at_once`).
+        """
+        self._stop.set()
         link = self._link
-        if link is not None:
-            try:
-                link.stop_consuming().result(10)
-            except Exception as e:
-                self._log.warning("stop_consuming_failed", error=str(e))
-            with self._in_flight_cv:
-                drained = self._in_flight_cv.wait_for(
-                    lambda: not self._in_flight, timeout=self._drain_timeout_s
-                )
-            if not drained:
+        drained = True
+        if link is not None and not self._stop_now_asked:
+            drained = self._drain(link)
+        if self._stop_now_asked or not drained:
+            self._stop_at_once(link)
+        else:
+            # Wakes any task still waiting for a value, so the pool can stop.
+            self._values.clear(envelope.Failure.EXECUTOR_UNAVAILABLE, "the worker is stopping")
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            if link is not None:
+                link.close()
+            self._service.close()
+        self._link = None
+        self._log.info("worker_stopped", tasks_handled=self.tasks_handled)
+
+    def _drain(self, link: BrokerLink) -> bool:
+        """Stops consuming, finishes the tasks in flight and awaits their confirms.
+
+        False when a stop-now request or the drain timeout cut it short.
+        """
+        cancelled = link.stop_consuming()
+        if self._wait_unless_stopped_now(cancelled.done, 10.0) and cancelled.exception():
+            self._log.warning("stop_consuming_failed", error=str(cancelled.exception()))
+        elif not cancelled.done() and not self._stop_now_asked:
+            self._log.warning("stop_consuming_failed", error="no answer from the broker in 10 s")
+        count = len(self._in_flight)
+        again = (
+            "Ctrl-C again to stop now"
+            if self._stop_requests and self._stop_requests[0] is signal.SIGINT
+            else "SIGINT or SIGTERM again to stop now"
+        )
+        self._log.info(
+            "worker_draining",
+            in_flight=count,
+            detail=f"draining {count} task{'' if count == 1 else 's'}; {again}",
+        )
+        if not self._wait_unless_stopped_now(lambda: not self._in_flight, self._drain_timeout_s):
+            if not self._stop_now_asked:
                 self._log.warning("drain_timed_out", in_flight=len(self._in_flight))
-        # Wakes any task still waiting for a value, so the pool can stop.
-        self._values.clear(envelope.Failure.EXECUTOR_UNAVAILABLE, "the worker is stopping")
-        self._pool.shutdown(wait=True, cancel_futures=True)
+            return False
+        settled = link.all_settled()
+        if not self._wait_unless_stopped_now(settled.done, CONFIRM_TIMEOUT_S):
+            if self._stop_now_asked:
+                return False
+            # Closed anyway: those tasks are redelivered, and run again.
+            self._log.warning("replies_unconfirmed_at_stop", timeout_s=CONFIRM_TIMEOUT_S)
+        return True
+
+    def _stop_at_once(self, link: BrokerLink | None) -> None:
+        """Returns the tasks in flight to the broker and stops the executor.
+
+        The link closes first, without acking them, so that the broker
+        requeues them for a standby or the next start; then the executor
+        stops, which fails the calls still running, and the pool ends.
+        Nothing those tasks still do reaches the broker.
+        """
+        self._stopping_now = True
+        count = len(self._in_flight)
+        self._log.warning(
+            "worker_stopping_now",
+            in_flight=count,
+            detail=f"returning {count} task{'' if count == 1 else 's'} to the queue unanswered",
+        )
         if link is not None:
             link.close()
-            self._link = None
-        self._service.close()
-        self._log.info("worker_stopped", tasks_handled=self.tasks_handled)
+        self._values.clear(envelope.Failure.EXECUTOR_UNAVAILABLE, "the worker is stopping")
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._service_lock:  # see `_execute`: no restart after this
+            self._service.close()
+        self._pool.shutdown(wait=True)
+
+    def _wait_unless_stopped_now(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        """Waits until `done()`: True, or False after `timeout_s` or a stop-now request.
+
+        Polls, so that a second Ctrl-C cuts the wait short: its handler may
+        not notify a condition (see `stop`).
+        """
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if self._stop_now_asked or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     # ----------------------------------------------------------- task handling
 
@@ -476,6 +591,12 @@ class SiloWorker:
         spec = envelope.KINDS[task.kind]
         with self._service_lock:
             if not self._service.alive():
+                if self._stopping_now:  # stopped on purpose: do not start another
+                    return self._error(
+                        task,
+                        envelope.Failure.EXECUTOR_UNAVAILABLE,
+                        f"the worker of silo {self.silo_id!r} is stopping",
+                    )
                 self._restart_service()
             incarnation = self._incarnation
         try:
@@ -789,6 +910,10 @@ class SiloWorker:
                 # nobody will read this result, so the task is done.
                 self._log.warning(f"{what}_unroutable", reason=str(error))
                 self._link.ack(delivery)
+            elif self._stopping_now:
+                # Stopping at once: the link closed without acking the task,
+                # so the broker has requeued it, as intended.
+                self._log.debug(f"{what}_abandoned", error=str(error))
             else:
                 # Not confirmed: nacked (the reply queue is over its
                 # max-length-bytes, overflow reject-publish), or the link was

@@ -104,3 +104,37 @@ def test_status_shows_active_and_standby_workers_offline_silos_and_dead_letters(
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_status_with_no_silo_named_lists_every_silo_queue_under_the_prefix(node):
+    connection = pika.BlockingConnection(pika.URLParameters(node.url))
+    names = topology.Names("listed")
+    topology.declare_blocking(
+        connection.channel(),
+        topology.shared_declarations(names) + topology.silo_declarations(names, ["x", "y-2"]),
+    )
+    connection.close()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flaap_mq.cli",
+            "status",
+            "--broker-url",
+            node.url,
+            "--prefix",
+            "listed",
+            "--management-url",
+            node.management_url,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ,
+    )
+    report = json.loads(done.stdout)
+    # Only this prefix's silo queues (not "st"'s, not the dead-letter queue).
+    assert [s["silo_id"] for s in report["silos"]] == ["x", "y-2"]
+    assert report["offline"] == ["x", "y-2"] and done.returncode == 1
+    assert report["notes"] == []

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-import structlog.testing
 
 from flaap_mq import cli
 from flaap_mq.broker.urls import (
@@ -86,19 +85,23 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
     [(0o600, False), (0o400, False), (0o640, False), (0o644, True), (0o660, True), (0o606, True)],
 )
 def test_a_file_others_may_read_or_change_is_warned_about(
-    tmp_path: Path, mode: int, warned: bool
+    tmp_path: Path, mode: int, warned: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     f = _private(tmp_path / "broker-url", URL)
     f.chmod(mode)
-    with structlog.testing.capture_logs() as logs:
-        assert read_broker_url_file(str(f)) == URL
-    events = [e for e in logs if e["event"] == "broker_url_file_not_private"]
+    assert read_broker_url_file(str(f)) == URL
+    events = [e for e in _events(caplog) if e["event"] == "broker_url_file_not_private"]
     assert bool(events) == warned
     for e in events:
         assert SECRET not in repr(e) and e["mode"] == f"{mode:04o}"
 
 
-def test_precedence(tmp_path: Path) -> None:
+def _events(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    """flaap-mq's structured events (a record's `msg` is its event dict) from `caplog`."""
+    return [dict(r.msg) for r in caplog.records if isinstance(r.msg, dict)]
+
+
+def test_precedence(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     flag_file = _private(tmp_path / "flag", "amqp://from-flag-file@h/")
     env_file = _private(tmp_path / "env", "amqp://from-env-file@h/")
     env = {BROKER_URL_FILE_ENV: str(env_file), BROKER_URL_ENV: "amqp://from-env@h/"}
@@ -113,9 +116,9 @@ def test_precedence(tmp_path: Path) -> None:
         str(flag_file),
         "--broker-url-file",
     )
-    with structlog.testing.capture_logs() as logs:
-        assert resolved() == ("amqp://from-env-file@h/", str(env_file), f"${BROKER_URL_FILE_ENV}")
-    assert [e["event"] for e in logs] == ["broker_url_env_ignored"]
+    caplog.clear()
+    assert resolved() == ("amqp://from-env-file@h/", str(env_file), f"${BROKER_URL_FILE_ENV}")
+    assert [e["event"] for e in _events(caplog)] == ["broker_url_env_ignored"]
     assert resolved(environ={BROKER_URL_ENV: "amqp://from-env@h/"})[:2] == (
         "amqp://from-env@h/",
         None,
