@@ -8,6 +8,7 @@ broker password, the worker's credential files and the silo's data.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -24,6 +26,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import flaap_mq
+import flaap_mq.executor
 from flaap_mq.coordinator.errors import SiloExecutionError
 from flaap_mq.testing.workers import SANDBOX_PROGRAM, WorkerFleet
 
@@ -306,3 +309,57 @@ def test_host_network_is_explicit_and_warned(workers):
     pids = {p.pid for p in _tree(worker.pid)}
     assert _host_listeners(pids), "with --executor-network host the executor listens on the host"
     assert worker.stop() == 0
+
+
+def test_the_executor_cannot_reach_a_unix_socket_of_the_host(tmp_path):
+    """A read-only mount does not stop connect(2) to a socket: the seccomp filter does.
+
+    The sandbox program (the same one ExecutorService starts) runs a probe in
+    the executor's place: it tries the host's listening Unix socket, and a
+    TCP socket (which must still work: the executor listens on TCP).
+    """
+    host_socket = tmp_path / "host-service.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(host_socket))
+    listener.listen(1)
+    probe = (
+        "import socket\n"
+        "try:\n"
+        "    s = socket.socket(socket.AF_UNIX)\n"
+        f"    s.connect({str(host_socket)!r})\n"
+        "    print('UNIX CONNECTED')\n"
+        "except OSError as e:\n"
+        "    print('unix refused:', e.errno)\n"
+        "socket.socket(socket.AF_INET).close()\n"
+        "print('inet ok')\n"
+    )
+    (tmp_path / "data").mkdir()
+    status_read, status_write = os.pipe()
+    config = {
+        "mode": "sandbox",
+        "parent_pid": os.getpid(),
+        "binary": sys.executable,
+        "args": ["-I", "-S", "-c", probe],
+        "port": 18790,
+        "socket": str(tmp_path / "executor.sock"),
+        "data_dir": str(tmp_path / "data"),
+        "hidden": [],
+        "status_fd": status_write,
+        "startup_timeout_s": 5,
+    }
+    sandbox = Path(flaap_mq.executor.__file__).with_name("inside")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", str(sandbox), json.dumps(config)],
+            pass_fds=(status_write,),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(status_write)
+        os.close(status_read)
+        listener.close()
+    assert "unix refused: 1" in done.stdout, done.stdout + done.stderr  # EPERM
+    assert "UNIX CONNECTED" not in done.stdout
+    assert "inet ok" in done.stdout

@@ -15,7 +15,8 @@
 Nothing in the host's network namespace listens, and no process outside
 this tree shares the executor's loopback. Every mount is read-only to the
 executor (the silo's data directory included), the worker's credential files
-read as empty, and its /proc shows no process but its own. Each process dies
+read as empty, its /proc shows no process but its own, and it may not create
+Unix sockets (seccomp), so no service of the host listening on one is in reach. Each process dies
 with its parent (PR_SET_PDEATHSIG), so nothing outlives the worker however it
 dies.
 
@@ -78,6 +79,7 @@ def _keep(config: dict, status: IO[str], relay_pid: int) -> None:
             # the keeper's death before this line cannot be checked here.
             namespaces.die_with_parent(signal.SIGKILL)
             namespaces.mount_proc()
+            namespaces.refuse_unix_sockets()
             status.close()  # the executor inherits no descriptor of ours
             _exec_executor(config)
         except BaseException as e:

@@ -55,6 +55,7 @@ _CAP_SYS_ADMIN = 21
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+_libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 
 
 class SandboxError(Exception):
@@ -202,3 +203,62 @@ def check_read_only(path: str) -> None:
 def die_with_parent(signal_number: int) -> None:
     """The kernel sends `signal_number` when the thread that forked us exits."""
     _check(_libc.prctl(_PR_SET_PDEATHSIG, signal_number, 0, 0, 0), "prctl")
+
+
+# seccomp: the executor may not create Unix sockets. A read-only mount does
+# not stop connect(2) to a socket on the file system, and the network
+# namespace does not cover path-named sockets: without this, a gRPC service
+# of the host listening on a Unix socket the worker's user may open would be
+# reachable from a computation (tf.data service and RPC ops speak gRPC).
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_SECCOMP_RET_ERRNO = 0x00050000
+_AF_UNIX = 1
+# (audit architecture, socket, socketpair) by machine.
+_SYSCALLS = {
+    "x86_64": (0xC000003E, 41, 53),
+    "aarch64": (0xC00000B7, 198, 199),
+}
+
+
+def _bpf(code: int, jt: int, jf: int, k: int) -> bytes:
+    return struct.pack("HBBI", code, jt, jf, k)
+
+
+def refuse_unix_sockets() -> None:
+    """Installs a seccomp filter: socket() and socketpair() of AF_UNIX fail with EPERM.
+
+    Inherited by the executor across exec. Raises `SandboxError` on a
+    machine whose system call numbers are not known here.
+    """
+    machine = os.uname().machine
+    if machine not in _SYSCALLS:
+        raise SandboxError(
+            f"no seccomp filter for {machine} machines: the executor could open Unix sockets"
+        )
+    arch, socket_nr, socketpair_nr = _SYSCALLS[machine]
+    ld_w_abs, jeq_k, ret_k = 0x20, 0x15, 0x06
+    program = b"".join(
+        [
+            _bpf(ld_w_abs, 0, 0, 4),  # seccomp_data.arch
+            _bpf(jeq_k, 1, 0, arch),
+            _bpf(ret_k, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM),  # another ABI: refused
+            _bpf(ld_w_abs, 0, 0, 0),  # seccomp_data.nr
+            _bpf(jeq_k, 1, 0, socket_nr),
+            _bpf(jeq_k, 0, 3, socketpair_nr),
+            _bpf(ld_w_abs, 0, 0, 16),  # seccomp_data.args[0], the domain
+            _bpf(jeq_k, 0, 1, _AF_UNIX),
+            _bpf(ret_k, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM),
+            _bpf(ret_k, 0, 0, _SECCOMP_RET_ALLOW),
+        ]
+    )
+    filters = ctypes.create_string_buffer(program)
+    fprog = struct.pack("HxxxxxxP", len(program) // 8, ctypes.addressof(filters))
+    fprog_buffer = ctypes.create_string_buffer(fprog)
+    _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    _check(
+        _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog_buffer), 0, 0),
+        "prctl(PR_SET_SECCOMP)",
+    )
