@@ -329,6 +329,7 @@ def _remove_stale_socket_dirs(base: str) -> None:
             if info.st_uid != os.getuid() or time.time() - info.st_mtime < 60:
                 continue
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)  # a full backlog would block: then it is alive
                 probe.connect(str(directory / _SOCKET_NAME))
         except (ConnectionRefusedError, FileNotFoundError):
             shutil.rmtree(directory, ignore_errors=True)

@@ -311,12 +311,15 @@ def test_host_network_is_explicit_and_warned(workers):
     assert worker.stop() == 0
 
 
-def test_the_executor_cannot_reach_a_unix_socket_of_the_host(tmp_path):
-    """A read-only mount does not stop connect(2) to a socket: the seccomp filter does.
+def test_what_runs_in_the_executors_place_can_change_nothing_and_reach_no_socket(tmp_path):
+    """Code that escapes TensorFlow (native code) finds no way out either.
 
     The sandbox program (the same one ExecutorService starts) runs a probe in
-    the executor's place: it tries the host's listening Unix socket, and a
-    TCP socket (which must still work: the executor listens on TCP).
+    the executor's place. A read-only mount does not stop connect(2) to a
+    socket: the seccomp filter does (TCP must still work: the executor
+    listens on TCP). It has no capability, so it cannot unmount the masks or
+    remount the file system; /proc is read-only, so even as the host's root
+    (this suite runs as root) it cannot write host-wide settings in /proc/sys.
     """
     host_socket = tmp_path / "host-service.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -332,6 +335,19 @@ def test_the_executor_cannot_reach_a_unix_socket_of_the_host(tmp_path):
         "    print('unix refused:', e.errno)\n"
         "socket.socket(socket.AF_INET).close()\n"
         "print('inet ok')\n"
+        "status = open('/proc/self/status').read()\n"
+        "caps = [status.split(f'{k}:')[1].split()[0] for k in ('CapEff', 'CapBnd')]\n"
+        "print('caps', *caps)\n"
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('umount', libc.umount2(b'/proc', 0), ctypes.get_errno())\n"
+        "print('remount', libc.mount(None, b'/', None, 32 | 4096, None), ctypes.get_errno())\n"
+        "hostname = open('/proc/sys/kernel/hostname').read()\n"
+        "try:\n"
+        "    open('/proc/sys/kernel/hostname', 'w').write(hostname)  # the same value\n"
+        "    print('PROC WRITTEN')\n"
+        "except OSError as e:\n"
+        "    print('proc refused:', e.errno)\n"
     )
     (tmp_path / "data").mkdir()
     status_read, status_write = os.pipe()
@@ -363,3 +379,6 @@ def test_the_executor_cannot_reach_a_unix_socket_of_the_host(tmp_path):
     assert "unix refused: 1" in done.stdout, done.stdout + done.stderr  # EPERM
     assert "UNIX CONNECTED" not in done.stdout
     assert "inet ok" in done.stdout
+    assert "caps 0000000000000000 0000000000000000" in done.stdout
+    assert "umount -1 1" in done.stdout and "remount -1 1" in done.stdout  # EPERM
+    assert "proc refused: 30" in done.stdout and "PROC WRITTEN" not in done.stdout  # EROFS

@@ -80,6 +80,7 @@ def _keep(config: dict, status: IO[str], relay_pid: int) -> None:
             namespaces.die_with_parent(signal.SIGKILL)
             namespaces.mount_proc()
             namespaces.refuse_unix_sockets()
+            namespaces.drop_capabilities()
             status.close()  # the executor inherits no descriptor of ours
             _exec_executor(config)
         except BaseException as e:

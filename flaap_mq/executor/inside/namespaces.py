@@ -190,8 +190,46 @@ def seal_filesystem(hidden: list[str]) -> None:
 
 
 def mount_proc() -> None:
-    """A /proc that shows only this PID namespace: no other process's environment."""
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    """A read-only /proc that shows only this PID namespace: no other process's environment.
+
+    Read-only, like every other mount: the executor is root in its user
+    namespace, and when the owner is root that is the host's uid 0, whom
+    the kernel lets write /proc/sys (host-wide settings such as
+    kernel.core_pattern) and /proc/sysrq-trigger whatever the namespace.
+    """
+    _mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+_PR_SET_SECUREBITS = 28
+_PR_CAPBSET_DROP = 24
+_SECBIT_NOROOT = 1 << 0
+_SECBIT_NOROOT_LOCKED = 1 << 1
+_SECBIT_NO_SETUID_FIXUP = 1 << 2
+_SECBIT_NO_SETUID_FIXUP_LOCKED = 1 << 3
+_SECBIT_KEEP_CAPS_LOCKED = 1 << 5
+_LAST_CAP = 63  # higher than any capability a kernel knows; unknown ones are skipped
+
+
+def drop_capabilities() -> None:
+    """The executor keeps no capability, not even in its own namespaces, across exec.
+
+    It runs as root of its user namespace, and exec would give root every
+    capability there: enough for code that escapes TensorFlow (native code)
+    to unmount the masks over the credentials or remount the file system
+    read-write. The bounding set is emptied and `SECBIT_NOROOT` (locked)
+    stops exec from granting capabilities to uid 0.
+    """
+    for cap in range(_LAST_CAP + 1):
+        if _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+            _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
+    bits = (
+        _SECBIT_NOROOT
+        | _SECBIT_NOROOT_LOCKED
+        | _SECBIT_NO_SETUID_FIXUP
+        | _SECBIT_NO_SETUID_FIXUP_LOCKED
+        | _SECBIT_KEEP_CAPS_LOCKED
+    )
+    _check(_libc.prctl(_PR_SET_SECUREBITS, bits, 0, 0, 0), "prctl(PR_SET_SECUREBITS)")
 
 
 def check_read_only(path: str) -> None:

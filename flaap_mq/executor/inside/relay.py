@@ -22,12 +22,14 @@ import fcntl
 import os
 import socket
 import threading
+import time
 
 _F_SETPIPE_SZ = 1031
 # Bytes moved per splice call; the pipe is asked to hold as much (the
 # kernel's default cap for unprivileged users, /proc/sys/fs/pipe-max-size).
 _CHUNK = 1 << 20
 _SPLICE_F_MOVE = 1
+MAX_CONNECTIONS = 64
 
 
 def _pipe() -> tuple[int, int]:
@@ -56,23 +58,39 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
             sink.shutdown(socket.SHUT_WR)
 
 
-def _join(client: socket.socket, port: int) -> None:
+def _join(client: socket.socket, port: int, slots: threading.BoundedSemaphore) -> None:
     try:
-        upstream = socket.create_connection(("127.0.0.1", port))
-    except OSError:
-        client.close()  # the executor is gone; the caller sees the connection close
-        return
-    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
-    back.start()
-    _pump(client, upstream)
-    back.join()
-    client.close()
-    upstream.close()
+        try:
+            upstream = socket.create_connection(("127.0.0.1", port))
+        except OSError:
+            return  # the executor is gone; the caller sees the connection close
+        try:
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+            back.start()
+            _pump(client, upstream)
+            back.join()
+        finally:
+            upstream.close()
+    finally:
+        client.close()
+        slots.release()
 
 
 def serve(listener: socket.socket, port: int) -> None:
-    """Accepts connections on `listener` forever, each joined to `127.0.0.1:port`."""
+    """Accepts connections on `listener` forever, each joined to `127.0.0.1:port`.
+
+    At most `MAX_CONNECTIONS` at once (the owner opens one or two; only its
+    user may connect at all), and a failed accept (out of descriptors) is
+    retried after a pause rather than ending the relay.
+    """
+    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     while True:
-        client, _ = listener.accept()
-        threading.Thread(target=_join, args=(client, port), daemon=True).start()
+        slots.acquire()
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            slots.release()
+            time.sleep(0.1)
+            continue
+        threading.Thread(target=_join, args=(client, port, slots), daemon=True).start()
