@@ -30,7 +30,7 @@ def node():
         yield broker
 
 
-def _status(node, *silos: str, json_output: bool = True) -> tuple[int, str]:
+def _status(node, *silos: str, json_output: bool = True, prefix: str = "st") -> tuple[int, str]:
     args = [
         sys.executable,
         "-m",
@@ -39,7 +39,7 @@ def _status(node, *silos: str, json_output: bool = True) -> tuple[int, str]:
         "--broker-url",
         node.url,
         "--prefix",
-        "st",
+        prefix,
         "--management-url",
         node.management_url,
     ]
@@ -114,27 +114,35 @@ def test_status_with_no_silo_named_lists_every_silo_queue_under_the_prefix(node)
         topology.shared_declarations(names) + topology.silo_declarations(names, ["x", "y-2"]),
     )
     connection.close()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flaap_mq.cli",
-            "status",
-            "--broker-url",
-            node.url,
-            "--prefix",
-            "listed",
-            "--management-url",
-            node.management_url,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ,
-    )
-    report = json.loads(done.stdout)
+    code, out = _status(node, prefix="listed")
+    report = json.loads(out)
     # Only this prefix's silo queues (not "st"'s, not the dead-letter queue).
     assert [s["silo_id"] for s in report["silos"]] == ["x", "y-2"]
-    assert report["offline"] == ["x", "y-2"] and done.returncode == 1
+    assert report["offline"] == ["x", "y-2"] and code == 1
     assert report["notes"] == []
+
+
+def test_status_marks_a_worker_run_with_executor_network_host(node, tmp_path):
+    sealed = WorkerProcess(node.url, "s", prefix="en", log_path=tmp_path / "sealed.log")
+    exposed = WorkerProcess(
+        node.url,
+        "s",
+        prefix="en",
+        extra_args=["--executor-network", "host"],
+        log_path=tmp_path / "exposed.log",
+    )
+    try:
+
+        def workers_listed() -> list[dict]:
+            _, out = _status(node, "s", prefix="en")  # exit 1 while the silo is offline
+            return json.loads(out)["silos"][0]["workers"]
+
+        _wait_for(lambda: len(workers_listed()) == 2)  # the API's statistics lag
+        assert sorted(w["executor_network"] for w in workers_listed()) == ["host", "sandbox"]
+        code, text = _status(node, "s", prefix="en", json_output=False)
+        assert code == 0, text
+        assert "INSECURE: its executor listens on the network" in text
+        assert text.count("INSECURE") == 1
+    finally:
+        sealed.stop()
+        exposed.stop()
