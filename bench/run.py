@@ -15,7 +15,10 @@ Rows (see docs/benchmarks.md):
 4. and 5. what the executor's sandbox costs (`bench.sandbox`): the tiny
    call and the 64 MiB model through TFF's own path to a sandboxed
    `worker_binary` and to one on the host's network; goals: at most 0.5 ms
-   more, and 90% of the throughput.
+   more, and 90% of the throughput;
+6. a silo's worker SIGKILLed mid-round (`bench.dropout`, 2 silos,
+   `min_silos=1`, `silo_grace` 3 s): seconds from the kill to the round
+   completing without it; goal: within `silo_grace` + 3 s.
 
 flaap-mq runs on real `flaap-mq worker` processes through the broker, under
 a topology prefix of this run's own, deleted afterwards. TFF's direct path
@@ -45,7 +48,7 @@ from typing import Any
 import psutil
 import tensorflow_federated as tff
 
-from bench import computations, cpu, measure, report, sandbox
+from bench import computations, cpu, dropout, measure, report, sandbox
 from bench.baseline import DirectSilos
 from bench.cpu import CpuMeter
 from bench.mq import MqSilos
@@ -67,6 +70,7 @@ class Settings:
     model_elements: int
     model_repeats: int
     large_model_elements: int  # 0: no 512 MB row (quick mode)
+    dropout_repeats: int
     output: Path
 
 
@@ -99,6 +103,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         model_repeats=1 if args.quick else 5,
         # Over RabbitMQ's default 128 MiB message limit: travels in chunks.
         large_model_elements=0 if args.quick else 512 * 1024 * 1024 // 4,
+        dropout_repeats=1 if args.quick else 2,
         output=args.output or BENCH_DIR / name,
     )
 
@@ -224,6 +229,8 @@ def print_report(rows: dict[str, Any], s: Settings, verdicts: list[report.Verdic
     if "model_512" in rows:
         print(report.format_model(rows["model_512"], 1))
         print()
+    print(dropout.format_dropout(rows["dropout"]))
+    print()
     print(report.format_verdicts(verdicts))
 
 
@@ -238,11 +245,16 @@ def benchmark(s: Settings, broker_url: str) -> dict[str, Any]:
             prefix = mq.prefix
             meter = cpu_meter(url, mq, direct)
             rows = run_rows(measure.Paths(mq, direct, meter), s)
+        start = time.monotonic()
+        # Its own two workers: one is killed.
+        rows["dropout"] = dropout.measure_dropout(url, log_dir, s.dropout_repeats)
+        print(f"  dropout: measured in {time.monotonic() - start:.0f} s", flush=True)
     verdicts = [
         report.round_verdict(rows["round"]),
         report.tiny_verdict(rows["tiny"]),
         report.model_verdict(rows["model"]),
         *sandbox.sandbox_verdicts(rows["sandbox"]),
+        dropout.dropout_verdict(rows["dropout"]),
     ]
     print_report(rows, s, verdicts)
     return {

@@ -499,6 +499,8 @@ def _apply_config(args: argparse.Namespace) -> None:
         key_file=args.key_file,
         management_url=getattr(args, "management_url", None),
         silo_id=getattr(args, "silo_id", None),
+        min_silos=getattr(args, "min_silos", None),
+        silo_grace=getattr(args, "silo_grace", None),
     )
     args.broker_url, args.broker_url_file = settings.broker_url, settings.broker_url_file
     args.prefix, args.queue_type = settings.prefix, settings.queue_type
@@ -513,6 +515,8 @@ def _apply_config(args: argparse.Namespace) -> None:
         args.management_url = settings.management_url
     if hasattr(args, "silo_id"):
         args.silo_id = settings.silo_id
+    if hasattr(args, "min_silos"):  # train: silos that drop out
+        args.min_silos, args.silo_grace = settings.min_silos, settings.silo_grace
     # A config file holding a password is as secret as a URL file.
     args.secret_files = [
         str(f)

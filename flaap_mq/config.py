@@ -13,6 +13,8 @@ lower-case names as the code's arguments) says them once:
     queue_type = "quorum"
     ca_file = "ca.pem"
     management_url = "https://broker.example.org:15671"
+    min_silos = 2        # a round completes over at least 2 silos (default: all must answer)
+    silo_grace = 60      # seconds a silo's queue may have no worker before it is lost
 
 Several federations in one file, as Flower's `[tool.flwr.federations]`:
 top-level keys are shared, `[federations.NAME]` tables add or override, and
@@ -93,7 +95,12 @@ _STRING_KEYS = {
 _PATH_KEYS = ("broker_url_file", "ca_file", "cert_file", "key_file")
 # Values never quoted in an error: they may hold a password.
 _SECRET_KEYS = ("broker_url", "management_url")
-KEYS = (*_STRING_KEYS, "silos")
+# Numbers: silos that drop out (`create_execution_context`'s `min_silos`, `silo_grace`).
+_NUMBER_KEYS = {
+    "min_silos": "a whole number of silos, at least 1",
+    "silo_grace": "a positive number of seconds",
+}
+KEYS = (*_STRING_KEYS, "silos", *_NUMBER_KEYS)
 _PREFIX = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 _GUEST_LOGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://guest:guest@", re.IGNORECASE)
 
@@ -264,6 +271,14 @@ def _check_value(path: Path, dotted: str, key: str, value: Any) -> Any:
         if len(set(silos)) != len(silos):
             raise ValueError(f"config file {path}: {dotted} names a silo twice")
         return tuple(silos)
+    if key in _NUMBER_KEYS:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        number = whole or isinstance(value, float)
+        if (key == "min_silos" and not (whole and value >= 1)) or not number or value <= 0:
+            raise ValueError(
+                f"config file {path}: {dotted} must be {_NUMBER_KEYS[key]}, got {value!r}"
+            )
+        return value
     if not isinstance(value, str) or not value.strip():
         shown = "" if key in _SECRET_KEYS else f", got {value!r}"
         raise ValueError(
@@ -312,6 +327,8 @@ class Settings:
     key_file: str | None = None
     management_url: str | None = dataclasses.field(default=None, repr=False)
     silo_id: str | None = None
+    min_silos: int | None = None  # None: every silo must answer
+    silo_grace: float | None = None  # None: the library's default (60 s)
     config_file: Path | None = None
     # Whether the config file itself holds a password (kept from executors).
     config_holds_secret: bool = False
@@ -343,6 +360,8 @@ def resolve_settings(
     key_file: str | None = None,
     management_url: str | None = None,
     silo_id: str | None = None,
+    min_silos: int | None = None,
+    silo_grace: float | None = None,
 ) -> Settings:
     """Each setting from the first of: its flag (the argument), its variable, `config`, default.
 
@@ -388,6 +407,8 @@ def resolve_settings(
         key_file=pick(key_file, KEY_FILE_ENV, "key_file"),
         management_url=pick(management_url, MANAGEMENT_URL_ENV, "management_url"),
         silo_id=pick(silo_id, SILO_ID_ENV, "silo_id"),
+        min_silos=pick(min_silos, None, "min_silos"),
+        silo_grace=pick(silo_grace, None, "silo_grace"),
         config_file=config.path,
         config_holds_secret=any(
             config.get(k) and _holds_password(config.get(k)) for k in _SECRET_KEYS

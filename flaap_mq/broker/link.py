@@ -10,8 +10,10 @@ polls on a timer.
 The guarantees the link makes, each in one place:
 
 * **publish** resolves its future only when the broker confirms the message
-  (publisher confirms). A message the broker cannot route (mandatory flag)
-  fails its future with `Unroutable`. A message not yet confirmed when the
+  (publisher confirms), and fails it when the broker refuses it (nack), or
+  has said nothing for `confirm_timeout` seconds (a quorum queue without
+  its majority; `trouble` then says so). A message the broker cannot route
+  (mandatory flag) fails its future with `Unroutable`. A message not yet confirmed when the
   connection drops is published again on the next connection, so a publish is
   at-least-once; receivers deduplicate by task id. `all_settled` tells an
   owner about to close when no publish awaits its confirm any more.
@@ -32,7 +34,10 @@ The guarantees the link makes, each in one place:
   `declare="passive"` starts that way, `"active"` never falls back.
 * **refusals** retrying cannot fix (a wrong password, an unknown vhost, an
   untrusted broker certificate, a permission the user lacks) stop the link
-  with one `BrokerRefused` line naming what is wrong.
+  with one `BrokerRefused` line naming what is wrong. A queue whose node or
+  majority is down is an outage, retried like a lost connection, and
+  reported as what it is, not as an unreachable broker. Which close is
+  which is `flaap_mq.broker.refusals.classify`.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
-import re
 import threading
 import time
 from collections import deque
@@ -53,6 +57,7 @@ import pika.exceptions
 import pika.spec
 import tenacity
 
+from flaap_mq.broker import refusals
 from flaap_mq.broker.urls import (
     BrokerAddress,
     describe_unreachable,
@@ -68,12 +73,13 @@ log = get_logger("flaap_mq.broker")
 # channel, taking every other message in flight with it, so it is refused
 # before it is sent.
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+# A publish the broker has neither confirmed nor refused this long after it
+# was sent fails (`_sweep_overdue`). A quorum queue whose leader is up but
+# whose majority is down can commit nothing, and says nothing either: the
+# publisher would wait forever. A healthy broker confirms within milliseconds;
+# a 16 MiB slice within a second here.
+DEFAULT_CONFIRM_TIMEOUT_S = 30.0
 _PUBLISH_ID_HEADER = "x-flaap-publish-id"
-# RabbitMQ's reply texts (404) for a durable classic queue whose node is down,
-# or still stopping.
-_HOME_NODE_DOWN = re.compile(r"is down or inaccessible|process is stopped by supervisor")
-# RabbitMQ's reply text when a message is over its max_message_size.
-_SIZE_REFUSED = re.compile(r"larger than configured max size (\d+)")
 
 
 class BrokerError(Exception):
@@ -128,6 +134,7 @@ class _Outgoing:
     mandatory: bool
     future: concurrent.futures.Future[None]
     returned: str | None = None
+    sent_at: float = 0.0  # time.monotonic() of the last basic_publish, for `_sweep_overdue`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +166,7 @@ class BrokerLink:
         on_unavailable: Callable[[BaseException], None] | None = None,
         on_returned: Callable[[pika.spec.BasicProperties, str], None] | None = None,
         declare: str = "auto",
+        confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT_S,
     ) -> None:
         if not addresses:
             raise ValueError("at least one broker address is needed")
@@ -172,6 +180,15 @@ class BrokerLink:
         self._declarations = declarations
         self._prefetch = prefetch
         self._unavailable_after = unavailable_after
+        self._confirm_timeout = confirm_timeout
+        self._sweep_timer: Any = None
+        # Routing key -> why: set when a publish to it went unconfirmed past
+        # `confirm_timeout` (`_sweep_overdue`), cleared by the next confirm of
+        # a message to that key, and on a new channel.
+        self._not_confirming: dict[str, str] = {}
+        # When the broker last confirmed anything on this channel (or the
+        # channel opened): a backlog the broker works through is no outage.
+        self._last_confirm_at = 0.0
         self.max_message_bytes = max_message_bytes
         self._on_unavailable = on_unavailable
         self._on_returned = on_returned
@@ -188,8 +205,11 @@ class BrokerLink:
         self._fatal: BaseException | None = None
         self._last_error = ""
         self._down_since: float | None = None
-        self._was_open = False
-        self._home_node_down_reported = False  # see `_on_channel_closed`
+        self._was_ready = False  # this connection got as far as consuming
+        # Why the last attempt failed when the broker answered but a queue we
+        # need was down (`_on_outage`); None when no broker answered.
+        self._outage: refusals.Refusal | None = None
+        self._home_node_down_reported = False  # see `_on_outage`
         self._started = threading.Event()
         self._stopped = threading.Event()
 
@@ -197,6 +217,7 @@ class BrokerLink:
         self._cancel_waiters: list[concurrent.futures.Future[None]] = []
         self._settled_waiters: list[concurrent.futures.Future[None]] = []  # see `all_settled`
         self._outbox: deque[_Outgoing] = deque()
+        self._deletes: list[concurrent.futures.Future[None]] = []
         self._unconfirmed: dict[int, _Outgoing] = {}
         self._next_tag = 1
         self._publish_ids = itertools.count(1)
@@ -214,8 +235,11 @@ class BrokerLink:
         self._thread = threading.Thread(target=self._run, name=f"amqp-{self._name}", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):
+            outage = self._outage
             error = self._fatal or BrokerUnavailable(
-                f"no broker answered at {self.describe_addresses()} within {timeout:.0f} s"
+                f"{outage.explain()}; not ready within {timeout:.0f} s"
+                if outage is not None
+                else f"no broker answered at {self.describe_addresses()} within {timeout:.0f} s"
                 + (f" (last error: {self._last_error})" if self._last_error else "")
             )
             self.close()
@@ -225,13 +249,22 @@ class BrokerLink:
             raise self._fatal
 
     def close(self, timeout: float = 10.0) -> None:
-        """Cancels consumers, closes the connection and joins the I/O thread."""
+        """Cancels consumers, closes the connection and joins the I/O thread.
+
+        A broker that does not answer the close within `timeout` (one busy
+        with queues that lost their quorum, say) is left: the I/O loop is
+        stopped under the connection, whose socket goes with it.
+        """
         if self._thread is None:
             return
         self._ioloop.add_callback_threadsafe(self._begin_close)
         self._thread.join(timeout)
         if self._thread.is_alive():
-            self._log.warning("amqp_thread_did_not_stop", timeout_s=timeout)
+            self._log.warning("broker_close_unanswered", timeout_s=timeout)
+            self._ioloop.add_callback_threadsafe(self._ioloop.stop)
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._log.warning("amqp_thread_did_not_stop", timeout_s=2 * timeout)
         self._thread = None
 
     def describe_addresses(self) -> str:
@@ -240,6 +273,24 @@ class BrokerLink:
     @property
     def connected(self) -> bool:
         return self._ready
+
+    def trouble(self, routing_key: str | None = None) -> str | None:
+        """Why the broker is not taking this link's messages right now; None when it is.
+
+        A queue we need down with its node or its quorum (`_on_outage`), or
+        publishes left unconfirmed past `confirm_timeout` (to `routing_key`,
+        or to any key when None). Owners use it to not blame a peer for the
+        broker's outage (a silo whose queue shows no consumer because the
+        queue has no quorum is not a silo whose worker is gone). Safe from
+        any thread: each attribute is read once.
+        """
+        outage = self._outage
+        if outage is not None:
+            return outage.explain()
+        stuck = dict(self._not_confirming)
+        if routing_key is not None:
+            return stuck.get(routing_key)
+        return next(iter(stuck.values()), None)
 
     @property
     def failure(self) -> BaseException | None:
@@ -345,6 +396,20 @@ class BrokerLink:
         self._ioloop.add_callback_threadsafe(lambda: self._ask_queue_counts(queue, future))
         return future
 
+    def delete_queue(self, queue: str) -> concurrent.futures.Future[None]:
+        """Deletes `queue` (one the owner declared for itself); resolves on the broker's ok.
+
+        Stop consuming it first (`stop_consuming`): the broker cancels a
+        consumer of a deleted queue, and a cancelled consumer makes the link
+        open a new channel, which declares the queue again.
+        """
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if self._stopped.is_set():
+            future.set_exception(LinkClosed(f"link {self._name} is closed; {queue} not deleted"))
+            return future
+        self._ioloop.add_callback_threadsafe(lambda: self._delete_queue(queue, future))
+        return future
+
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Runs `fn` on the I/O thread (for owners that need its ordering)."""
         self._ioloop.add_callback_threadsafe(fn)
@@ -402,10 +467,16 @@ class BrokerLink:
             error=self._last_error,
         )
         if down_for >= self._unavailable_after and self._unavailable is None:
-            error = BrokerUnavailable(
-                f"no broker reachable at {self.describe_addresses()} for {down_for:.0f} s "
-                f"(last error: {self._last_error}); still retrying"
-            )
+            if self._outage is not None:
+                # A broker answered: saying none is reachable would send the
+                # operator to the network instead of the cluster's nodes.
+                what = f"{self._outage.explain()} (for {down_for:.0f} s)"
+            else:
+                what = (
+                    f"no broker reachable at {self.describe_addresses()} for {down_for:.0f} s "
+                    f"(last error: {self._last_error})"
+                )
+            error = BrokerUnavailable(f"{what}; still retrying")
             self._unavailable = error
             self._log.error("broker_unavailable", down_for_s=round(down_for, 1))
             self._fail_everything(error)
@@ -416,7 +487,7 @@ class BrokerLink:
         """Runs one connection until it closes; raises to say how it ended."""
         if self._closing:
             return
-        self._was_open = False
+        self._was_ready = False
         self._address = address
         try:
             parameters = address.parameters()
@@ -436,15 +507,17 @@ class BrokerLink:
         self._ready = False
         if self._closing or self._fatal is not None:
             return
-        if self._was_open:
+        if self._was_ready:
             raise _ConnectionDropped()
+        # Never ready (no broker, or one that refused what we need): a failed
+        # attempt, so the outage clock keeps running across attempts.
         raise _ConnectFailed(self._last_error)
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        self._was_open = True
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, _connection: Any, error: BaseException) -> None:
+        self._outage = None  # this attempt found no broker: say that, not an older outage
         # The same line a command prints for this failure (`describe_unreachable`).
         self._last_error = (
             describe_unreachable(self._address, error)
@@ -459,9 +532,16 @@ class BrokerLink:
         self._ioloop.stop()
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
-        if not isinstance(reason, pika.exceptions.ConnectionClosedByClient):
-            # When we closed it (see `_on_channel_closed`), the reason worth
+        refusal = refusals.from_close(reason)
+        if refusal is not None and refusal.is_outage:
+            # E.g. declaring a quorum queue without a majority of nodes up
+            # closes the connection (541 ... cluster_not_formed).
+            self._outage = refusal
+            self._last_error = refusal.explain()
+        elif not isinstance(reason, pika.exceptions.ConnectionClosedByClient):
+            # When we closed it (see `_on_outage`), the reason worth
             # reporting is the one that made us close it.
+            self._outage = None
             self._last_error = _describe(reason)
         if not self._closing:
             self._log.warning("broker_connection_lost", reason=self._last_error)
@@ -470,6 +550,8 @@ class BrokerLink:
 
     def _on_channel_open(self, channel: Any) -> None:
         self._channel = channel
+        self._last_confirm_at = time.monotonic()
+        self._not_confirming.clear()
         self._generation += 1
         self._next_tag = 1
         channel.add_on_close_callback(self._on_channel_closed)
@@ -496,7 +578,8 @@ class BrokerLink:
     def _on_qos(self, _frame: Any) -> None:
         for consumer in self._consumers:
             self._start_consumer(consumer)
-        self._ready = True
+        self._ready = self._was_ready = True
+        self._outage = None
         if self._unavailable is not None or self._down_since is not None:
             self._log.info("broker_reconnected", url=self._connection_url())
         self._unavailable = None
@@ -514,79 +597,99 @@ class BrokerLink:
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
         if channel is not self._channel:
             return
+        if isinstance(reason, pika.exceptions.ConnectionClosed):
+            # pika closes every channel with the connection's own reason
+            # first: that close is `_on_connection_closed`'s to handle (a 320
+            # while declaring is a reconnect, not a refused topology).
+            self._channel_lost()
+            return
         self._last_error = _describe(reason)
         declaring = not self._ready
-        self._learn_size_limit(reason)
+        refusal = refusals.from_close(reason)
+        if refusal is not None and refusal.cause is refusals.Cause.TOO_LARGE:
+            self._learn_size_limit(refusal)  # before `_channel_lost` sorts out what was too large
         self._channel_lost()
         if self._closing:
             return
-        refused = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
-        if declaring and refused and _HOME_NODE_DOWN.search(reason.reply_text or ""):
-            # A durable classic queue (a coordinator's reply queue) whose cluster
-            # node is down: it comes back with its node, so this is an outage,
-            # not a refusal. Retry with backoff as for a failed connection
-            # attempt; after `unavailable_after` callers get BrokerUnavailable.
-            # It used to stop the link for good, and every call then waited
-            # out its task timeout (found by tests/faults/test_cluster_node_loss.py).
-            self._log.warning("topology_unavailable", reason=reason.reply_text)
-            self._was_open = False  # a failed attempt: the outage clock keeps running
-            if self._on_unavailable is not None and not self._home_node_down_reported:
-                # The broker confirms, then drops, what is routed to a queue on a
-                # node that is down: replies owed to pending calls may be gone.
-                # Fail those now (retryable); new calls wait for the queue.
-                self._home_node_down_reported = True
-                self._on_unavailable(
-                    BrokerUnavailable(f"{reason.reply_text}; replies sent meanwhile are lost")
+        if refusal is None:  # closed by pika (e.g. a consumer cancelled): a new channel
+            self._log.warning("channel_closed", reason=self._last_error)
+            self._reopen_channel()
+            return
+        match refusal.cause:
+            case refusals.Cause.QUEUE_HOME_DOWN | refusals.Cause.NO_QUORUM:
+                self._on_outage(refusal)
+            case refusals.Cause.PERMISSION if (
+                declaring and self._declare_mode == "auto" and not self._passive
+            ):
+                # No configure permission: the administrator owns the topology.
+                self._passive = True
+                self._log.info(
+                    "topology_declared_passively",
+                    reason=refusal.text,
+                    note="this user may not declare the shared topology; checking that it exists",
                 )
-            if self._connection is not None and self._connection.is_open:
-                self._connection.close()
-            return
+                self._reopen_channel()
+            case refusals.Cause.PERMISSION:
+                # A new channel would be refused the same way.
+                self._stop_for_good(
+                    f"broker refused user {self._username()!r}: {refusal.text}", "broker_refused"
+                )
+            case refusals.Cause.NOT_FOUND if self._passive:
+                # Topology this user may not create, and nobody loaded.
+                self._stop_for_good(topology.missing_message(refusal.text), "broker_refused")
+            case refusals.Cause.TOO_LARGE:
+                self._reopen_channel()
+            case _ if declaring:
+                # A refused declaration (e.g. a queue that exists with other
+                # arguments) would be refused again: report it, do not loop.
+                self._stop_for_good(
+                    f"broker refused the topology: {refusal.text} (a queue or exchange exists "
+                    "with other settings; see docs/topology.md on migrating)"
+                    if refusal.cause is refusals.Cause.MISMATCH
+                    else f"broker closed the channel while declaring: {self._last_error}",
+                    "topology_refused",
+                )
+            case _:
+                self._log.warning("channel_closed", reason=self._last_error)
+                self._reopen_channel()
+
+    def _on_outage(self, refusal: refusals.Refusal) -> None:
+        """The broker answers, but a queue we need is down with its node(s).
+
+        It comes back with them, so this is an outage, not a refusal: the
+        connection is closed and the attempt counts as a failed connection
+        (backoff, and after `unavailable_after` callers get a
+        `BrokerUnavailable` that names the queue and the cause). It used to
+        stop the link for good, and every call then waited out its task
+        timeout (found by tests/faults/test_cluster_node_loss.py).
+        """
+        self._outage = refusal
+        self._last_error = refusal.explain()
+        self._log.warning("queue_unavailable", cause=refusal.cause.value, reason=refusal.text)
         if (
-            declaring
-            and refused
-            and topology.is_access_refused(reason)
-            and self._declare_mode == "auto"
-            and not self._passive
+            refusal.cause is refusals.Cause.QUEUE_HOME_DOWN
+            and self._on_unavailable is not None
+            and not self._home_node_down_reported
         ):
-            # No configure permission: the administrator owns the topology.
-            self._passive = True
-            self._log.info(
-                "topology_declared_passively",
-                reason=reason.reply_text,
-                note="this user may not declare the shared topology; checking that it exists",
+            # A classic queue: the broker confirms, then drops, what is routed
+            # to it while its node is down, so replies owed to pending calls
+            # may be gone. Fail those now (retryable); new calls wait for the
+            # queue. (A quorum queue keeps what it confirmed: nothing to fail.)
+            self._home_node_down_reported = True
+            self._on_unavailable(
+                BrokerUnavailable(f"{self._last_error}; replies sent meanwhile are lost")
             )
-            if self._connection is not None and self._connection.is_open:
-                self._connection.channel(on_open_callback=self._on_channel_open)
-            return
-        if refused and (
-            topology.is_access_refused(reason) or (self._passive and topology.is_not_found(reason))
-        ):
-            # A permission this user lacks, or topology it may not create and
-            # nobody loaded: a new channel would be refused the same way.
-            self._fatal = BrokerRefused(
-                topology.missing_message(reason.reply_text)
-                if topology.is_not_found(reason)
-                else f"broker refused user {self._username()!r}: {reason.reply_text}"
-            )
-            self._log.error("broker_refused", reason=self._last_error)
-            self._begin_close()
-            return
-        if declaring and refused:
-            # A refused declaration (e.g. a queue that exists with other
-            # arguments) would be refused again: report it, do not loop.
-            self._fatal = BrokerRefused(
-                f"broker refused the topology: {reason.reply_text} "
-                "(a queue or exchange exists with other settings; see docs/topology.md "
-                "on migrating)"
-                if reason.reply_code == 406
-                else f"broker closed the channel while declaring: {self._last_error}"
-            )
-            self._log.error("topology_refused", reason=self._last_error)
-            self._begin_close()
-            return
-        self._log.warning("channel_closed", reason=self._last_error)
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+    def _reopen_channel(self) -> None:
         if self._connection is not None and self._connection.is_open:
             self._connection.channel(on_open_callback=self._on_channel_open)
+
+    def _stop_for_good(self, message: str, event: str) -> None:
+        self._fatal = BrokerRefused(message)
+        self._log.error(event, reason=self._last_error)
+        self._begin_close()
 
     def _username(self) -> str:
         return self._address.username if self._address else "?"
@@ -595,6 +698,10 @@ class BrokerLink:
         """Queues every unconfirmed message to go out again on the next channel."""
         self._ready = False
         self._channel = None
+        deletes, self._deletes = self._deletes, []
+        for future in deletes:
+            if not future.done():
+                future.set_exception(BrokerError("the channel closed before the queue was deleted"))
         pending = [self._unconfirmed[tag] for tag in sorted(self._unconfirmed)]
         self._unconfirmed.clear()
         self._by_publish_id.clear()
@@ -614,23 +721,20 @@ class BrokerLink:
         pending = [out for out in pending if len(out.body) <= self.max_message_bytes]
         self._outbox.extendleft(reversed(pending))
 
-    def _learn_size_limit(self, reason: BaseException) -> None:
+    def _learn_size_limit(self, refusal: refusals.Refusal) -> None:
         """Lowers `max_message_bytes` to the broker's own limit when it refused a message.
 
         A broker configured with a `max_message_size` below what we were told
         closes the channel on a bigger message. Without this, that message was
         published again on every new channel and its caller waited for its
-        timeout; now it fails with `MessageTooLarge` and later ones are refused
-        before sending (found by tests/faults/test_message_size.py).
+        timeout; now it fails with `MessageTooLarge` (`_channel_lost`) and
+        later ones are refused before sending (found by
+        tests/faults/test_message_size.py).
         """
-        if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            return
-        match = _SIZE_REFUSED.search(reason.reply_text or "")
-        if reason.reply_code == 406 and match:
-            limit = int(match.group(1))
-            if limit < self.max_message_bytes:
-                self._log.warning("broker_message_size_limit", limit_bytes=limit)
-                self.max_message_bytes = limit
+        limit = refusal.limit_bytes
+        if limit is not None and limit < self.max_message_bytes:
+            self._log.warning("broker_message_size_limit", limit_bytes=limit)
+            self.max_message_bytes = limit
 
     def _ask_queue_counts(self, queue: str, future: concurrent.futures.Future[QueueCounts]) -> None:
         connection = self._connection
@@ -660,6 +764,21 @@ class BrokerLink:
         except pika.exceptions.AMQPError as e:
             if not future.done():
                 future.set_exception(BrokerError(f"{queue} not checked: {_describe(e)}"))
+
+    def _delete_queue(self, queue: str, future: concurrent.futures.Future[None]) -> None:
+        channel = self._channel
+        if channel is None or not self._ready or not channel.is_open:
+            future.set_exception(BrokerError(f"not connected to the broker; {queue} not deleted"))
+            return
+        self._deletes.append(future)  # failed by `_channel_lost` if the channel goes first
+
+        def on_deleted(_frame: Any) -> None:
+            if future in self._deletes:
+                self._deletes.remove(future)
+            if not future.done():
+                future.set_result(None)
+
+        channel.queue_delete(queue, callback=on_deleted)
 
     def _add_consumer(self, consumer: _Consumer) -> None:
         self._consumers.append(consumer)
@@ -735,6 +854,9 @@ class BrokerLink:
         self._next_tag += 1
         self._unconfirmed[tag] = out
         self._by_publish_id[publish_id] = out
+        out.sent_at = time.monotonic()
+        if self._sweep_timer is None:
+            self._sweep_timer = self._ioloop.call_later(1.0, self._sweep_overdue)
         try:
             self._channel.basic_publish(
                 out.exchange, out.routing_key, out.body, properties, mandatory=out.mandatory
@@ -759,6 +881,57 @@ class BrokerLink:
                 BrokerError(f"message for {out.routing_key!r} could not be encoded: {_describe(e)}")
             )
 
+    def _sweep_overdue(self) -> None:
+        """Fails publishes the broker has left unconfirmed; runs every second while any waits.
+
+        A publish fails once it has waited `confirm_timeout` s and the
+        broker has confirmed nothing on this channel for as long: a broker
+        working through a backlog (large slices, flow control) keeps
+        confirming, one that cannot take messages (a quorum queue without its
+        majority, a memory alarm) says nothing. The broker may still take
+        such a message later; the caller has been told it failed, and its
+        retry is a new task with a new id (a late copy runs until its own
+        deadline and its reply is dropped).
+        """
+        self._sweep_timer = None
+        now = time.monotonic()
+        overdue: list[_Outgoing] = []
+        if now - self._last_confirm_at > self._confirm_timeout:
+            for tag, out in list(self._unconfirmed.items()):
+                if now - out.sent_at > self._confirm_timeout:
+                    del self._unconfirmed[tag]
+                    self._by_publish_id.pop(
+                        (out.properties.headers or {}).get(_PUBLISH_ID_HEADER), None
+                    )
+                    overdue.append(out)
+        for out in overdue:
+            # Before the futures fail: their callbacks may ask `trouble`.
+            self._not_confirming[out.routing_key] = (
+                f"the broker has confirmed nothing for {self._confirm_timeout:g} s, messages "
+                f"to {out.exchange or 'amq.default'}/{out.routing_key} included: the queue "
+                "cannot take them now (a quorum queue without a majority of its nodes up, or "
+                "a broker in a memory or disk alarm)"
+            )
+        for out in overdue:
+            if not out.future.done():
+                out.future.set_exception(
+                    BrokerError(
+                        f"the broker has not confirmed a message for "
+                        f"{out.exchange or 'amq.default'}/{out.routing_key} within "
+                        f"{self._confirm_timeout:g} s: the queue it was routed to cannot take "
+                        "it now; a quorum queue does not when a majority of the cluster's "
+                        "nodes is down (it resumes when enough are back, see docs/deploy.md), "
+                        "nor does a broker in a memory or disk alarm"
+                    )
+                )
+        if overdue:
+            self._log.warning(
+                "publish_not_confirmed", messages=len(overdue), timeout_s=self._confirm_timeout
+            )
+            self._wake_settled_waiters()
+        if self._unconfirmed and not self._closing:
+            self._sweep_timer = self._ioloop.call_later(1.0, self._sweep_overdue)
+
     def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
         publish_id = (properties.headers or {}).get(_PUBLISH_ID_HEADER)
         out = self._by_publish_id.get(publish_id)
@@ -775,8 +948,11 @@ class BrokerLink:
             tags = [t for t in self._unconfirmed if t <= method.delivery_tag]
         else:
             tags = [method.delivery_tag] if method.delivery_tag in self._unconfirmed else []
+        self._last_confirm_at = time.monotonic()
         for tag in tags:
             out = self._unconfirmed.pop(tag)
+            if acked:
+                self._not_confirming.pop(out.routing_key, None)
             publish_id = (out.properties.headers or {}).get(_PUBLISH_ID_HEADER)
             self._by_publish_id.pop(publish_id, None)
             if out.future.done():
@@ -786,8 +962,10 @@ class BrokerLink:
                     BrokerError(
                         f"broker refused (nack) a message for {out.exchange or 'amq.default'}/"
                         f"{out.routing_key}: the queue it was routed to is full (its "
-                        "max-length-bytes policy rejects publishes) or could not take it; "
-                        "retry once its consumer has caught up"
+                        "max-length-bytes policy rejects publishes; retry once its consumer "
+                        "has caught up) or has no quorum (a majority of the cluster's nodes "
+                        "is down; it takes messages again when enough are back, see "
+                        "docs/deploy.md)"
                     )
                 )
             elif out.returned is not None:

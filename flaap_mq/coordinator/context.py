@@ -15,7 +15,11 @@
 Retries: TFF's `AsyncExecutionContext` retries an invocation that raises
 `RetryableError` forever (30 s apart at most); a silo that is gone for good
 would hang the program. `SiloExecutionContext` retries a bounded number of
-times and then raises the silo's error.
+times and then raises the silo's error. A silo *lost* to an invocation (no
+consumer on its queue for `silo_grace` seconds, or no answer by the
+invocation's deadline) raises `SiloLostError`, which is never retried:
+`flaap_mq.coordinator.participation` then completes the invocation over the
+silos that answered (`min_silos`), or fails it naming the lost silo.
 """
 
 from __future__ import annotations
@@ -40,10 +44,11 @@ from flaap_mq import config as federation_config
 from flaap_mq.broker.link import DEFAULT_MAX_MESSAGE_BYTES
 from flaap_mq.broker.urls import resolve_broker_url, with_tls_options
 from flaap_mq.coordinator.local_merge import LocalMergeContext, create_local_merge_context
+from flaap_mq.coordinator.participation import Participation, ParticipationPolicy
 from flaap_mq.coordinator.partitioning import SiloSplittingContext
 from flaap_mq.coordinator.silo_executor import SiloExecutor
 from flaap_mq.coordinator.silo_users import SiloUsers, reply_users
-from flaap_mq.coordinator.task_client import TaskClient
+from flaap_mq.coordinator.task_client import DEFAULT_SILO_GRACE_S, TaskClient
 from flaap_mq.executor import ExecutorNetwork
 from flaap_mq.logs import get_logger
 from flaap_mq.protocol import chunking, topology
@@ -106,6 +111,7 @@ class FederatedSilosContext(SiloSplittingContext):
         client: TaskClient,
         silo_contexts: Sequence[SiloExecutionContext],
         executor_network: ExecutorNetwork = ExecutorNetwork.SANDBOX,
+        participation: ParticipationPolicy | None = None,
     ) -> None:
         try:
             merge_context = create_local_merge_context(
@@ -120,6 +126,7 @@ class FederatedSilosContext(SiloSplittingContext):
                 compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
                 transform_result=tensorflow_computation.transform_result,
                 merge_context=merge_context,
+                participation=participation or ParticipationPolicy(client),
             )
         except BaseException:
             _close_all(client, merge_context)
@@ -132,6 +139,17 @@ class FederatedSilosContext(SiloSplittingContext):
     @property
     def job_id(self) -> str:
         return self.client.job_id
+
+    @property
+    def min_silos(self) -> int:
+        """How many silos must answer for an invocation to complete."""
+        return self._participation.min_silos
+
+    @property
+    def last_participation(self) -> Participation | None:
+        """Who took part in the last invocation that completed here (None: it failed,
+        or none has run): the silos that answered, and those dropped with the reason."""
+        return self._participation.last
 
     def close(self) -> None:
         self._finalizer()
@@ -182,6 +200,10 @@ def create_execution_context(
     cert_file: str | None = None,
     key_file: str | None = None,
     executor_network: str = "sandbox",
+    min_silos: int | None = None,
+    silo_grace: float | None = None,
+    invocation_timeout: float | None = None,
+    reply_queue_expires: float | None = None,
 ) -> FederatedSilosContext:
     """A TFF context that runs computations on the given silos' workers.
 
@@ -239,6 +261,31 @@ def create_execution_context(
         a Unix socket (`flaap_mq.executor`). "host" runs it on a TCP port of
         every interface, as TFF does; only for hosts that forbid the
         sandbox's namespaces, and logged as a warning.
+      min_silos: how many silos must answer for an invocation to complete.
+        None (default): every silo. Below the number of silos, an invocation
+        whose computation may do without a silo (no per-client part in its
+        argument or result: the clients' data lives on the silos, see
+        `flaap_mq.coordinator.participation` for the rule) runs on the silos
+        whose queue has a consumer at its start and completes over those
+        that answer, as if the others held no clients; with fewer than
+        `min_silos` it fails with `NotEnoughSilosError` naming the lost silos
+        and why. `context.last_participation` tells who took part. A
+        computation that breaks the rule needs every silo, and fails
+        clearly when one is lost. None also takes the config's `min_silos`.
+      silo_grace: seconds a silo's queue may have no consumer (its worker
+        gone; a standby taking over is no loss) before the silo is lost to
+        the invocations waiting for it: with every silo required, they fail
+        then with `SiloLostError` naming it, instead of after
+        `task_timeout`. None: the config's `silo_grace`, else 60.
+      invocation_timeout: seconds an invocation may take; every task it
+        sends expires (in the broker too) by then, and a silo that has not
+        answered is lost to it (`SiloLostError`, reason `deadline-<T>s`).
+        None (default): only `task_timeout` per request.
+      reply_queue_expires: seconds the broker keeps this coordinator's reply
+        queue once nothing consumes it (the coordinator died): then the queue
+        and any replies in it are deleted (`x-expires`). None (default):
+        `topology.DEFAULT_REPLY_QUEUE_EXPIRES_MS`, 120 s, long enough to ride
+        out a broker restart.
     """
     network = ExecutorNetwork(executor_network)
     if config is not None:
@@ -256,6 +303,8 @@ def create_execution_context(
             )
         broker_url = broker_url if broker_url is not None else config.broker_url
         silos = silos if silos else config.silos
+        min_silos = min_silos if min_silos is not None else config.min_silos
+        silo_grace = silo_grace if silo_grace is not None else config.silo_grace
         topology_prefix = topology_prefix or config.prefix
         queue_type = queue_type or config.queue_type
         ca_file, cert_file, key_file = (
@@ -299,10 +348,23 @@ def create_execution_context(
         max_message_bytes=max_message_bytes,
         chunk_limits=chunk_limits,
         silo_users=reply_users(broker_url, list(silos), silo_users),
+        silo_grace_s=DEFAULT_SILO_GRACE_S if silo_grace is None else silo_grace,
+        reply_queue_expires_ms=(
+            topology.DEFAULT_REPLY_QUEUE_EXPIRES_MS
+            if reply_queue_expires is None
+            else round(reply_queue_expires * 1000)
+        ),
     )
+    try:
+        participation = ParticipationPolicy(
+            client, min_silos=min_silos, invocation_timeout=invocation_timeout
+        )
+    except ValueError:
+        client.close()
+        raise
     client.start()
     contexts = [_silo_context(client, s, per_silo[s], max_attempts) for s in client.silo_ids]
-    return FederatedSilosContext(client, contexts, network)
+    return FederatedSilosContext(client, contexts, network, participation)
 
 
 def set_execution_context(

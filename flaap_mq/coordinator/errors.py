@@ -35,6 +35,36 @@ class SiloTimeoutError(SiloError, TimeoutError):
     """The silo did not answer within the task timeout."""
 
 
+class SiloLostError(SiloError):
+    """A silo was lost to an invocation: no consumer on its queue for `silo_grace`
+    seconds, or no answer by the invocation's deadline.
+
+    Never retried (it is not a `RetryableError`): the silo is gone for this
+    invocation. `reason` is short and stable, for logs and `metrics.csv`:
+    `no-consumer-60s` or `deadline-30s`.
+    """
+
+    def __init__(self, silo_id: str, request: str, reason: str, message: str) -> None:
+        super().__init__(silo_id, request, message)
+        self.reason = reason
+
+
+class NotEnoughSilosError(SiloLostError):
+    """Fewer silos than `min_silos` answered, or a lost silo's part could not be dropped.
+
+    `lost` maps every silo lost to the invocation to its reason; `answered`
+    lists those that answered. `silo_id` is the first silo lost.
+    """
+
+    def __init__(
+        self, lost: dict[str, str], answered: list[str], message: str, request: str = "invocation"
+    ) -> None:
+        first = next(iter(lost), "")
+        super().__init__(first, request, lost.get(first, ""), message)
+        self.lost = dict(lost)
+        self.answered = list(answered)
+
+
 class SiloRetryableError(SiloError, executors_errors.RetryableError):
     """Lost executor state or an unavailable executor or broker: TFF may retry."""
 

@@ -476,12 +476,16 @@ class SiloSplittingContext(mergeable_comp_execution_context.MergeableCompExecuti
         async_contexts: Sequence[context_base.AsyncContext],
         *args: Any,
         merge_context: context_base.AsyncContext | None = None,
+        participation: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(async_contexts, *args, **kwargs)
         if merge_context is not None:
             py_typecheck.check_type(merge_context, context_base.AsyncContext)
         self._merge_context = merge_context
+        # A `participation.ParticipationPolicy`: which silos an invocation
+        # runs on and must hear from; None: every silo, as in TFF.
+        self._participation = participation
 
     @property
     def merge_context(self) -> context_base.AsyncContext | None:
@@ -531,15 +535,22 @@ class SiloSplittingContext(mergeable_comp_execution_context.MergeableCompExecuti
                 self._num_subrounds,
             )
 
+        if self._participation is not None:
+            # Silos that drop out (`flaap_mq.coordinator.participation`): it
+            # runs `_invoke_mergeable_comp_form_in_order`, or the same steps
+            # over the silos that answer.
+            run = self._participation.invoke(
+                comp, arg, self._async_execution_contexts, self._merge_context
+            )
+        else:
+            # The second deliberate difference: TFF's
+            # `_invoke_mergeable_comp_form` returns CLIENTS-placed results in
+            # the order the silos finish; this keeps them in client order.
+            run = _invoke_mergeable_comp_form_in_order(
+                comp, arg, self._async_execution_contexts, self._merge_context
+            )
         result = type_conversions.type_to_py_container(
-            self._async_runner.run_coro_and_return_result(
-                # The second deliberate difference: TFF's
-                # `_invoke_mergeable_comp_form` returns CLIENTS-placed results in
-                # the order the silos finish; this keeps them in client order.
-                _invoke_mergeable_comp_form_in_order(
-                    comp, arg, self._async_execution_contexts, self._merge_context
-                )
-            ),
+            self._async_runner.run_coro_and_return_result(run),
             comp.after_merge.type_signature.result,
         )
 

@@ -16,6 +16,12 @@ The guarantees live here:
   dead-lettered rather than runs it;
 * the caller waits at most `timeout_s` and then gets a `SiloTimeoutError`
   naming the silo and the request;
+* a silo whose queue has had no consumer for `silo_grace_s` is *lost*: its
+  calls fail with `SiloLostError` (reason `no-consumer-<grace>s`) then, not at
+  the task timeout; a standby worker taking over keeps a consumer on the
+  queue and is no loss. Within `invocation_deadline(seconds)` every task
+  expires (in the broker too) by that deadline, and a call still waiting
+  then fails with `SiloLostError` (reason `deadline-<seconds>s`);
 * a reply is accepted only from the silo the task was sent to, and only if
   its body names the task its `correlation_id` does; late and duplicate
   replies (a task redelivered after its reply) are dropped;
@@ -37,11 +43,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from google.protobuf import message as protobuf_message
 
@@ -60,9 +67,28 @@ TASK_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.Task"
 # (at most; one question per silo, shared by all its calls): a silo whose
 # worker is gone is reported within this many seconds, not at the timeout.
 CONSUMER_CHECK_INTERVAL_S = 5.0
+# How long closing waits for each of the broker's answers (consumer
+# cancelled, reply queue deleted) before leaving the queue to expire.
+_CLOSE_STEP_TIMEOUT_S = 5.0
 # How long a timed-out call waits for the broker to say whether anyone
 # consumes its silo's queue, for its error message (only on that path).
 _CONSUMER_CHECK_TIMEOUT_S = 2.0
+# A silo whose queue has had no consumer this long is lost to the calls
+# waiting for it (`SiloLostError`), unless told otherwise (`silo_grace_s`).
+DEFAULT_SILO_GRACE_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deadline:
+    at: float  # time.monotonic()
+    seconds: float  # as given, for the reason (`deadline-30s`)
+
+
+# The deadline of the invocation the current task belongs to (see
+# `TaskClient.invocation_deadline`); asyncio tasks inherit it.
+_INVOCATION_DEADLINE: contextvars.ContextVar[_Deadline | None] = contextvars.ContextVar(
+    "flaap_mq_invocation_deadline", default=None
+)
 
 
 @dataclasses.dataclass
@@ -73,6 +99,9 @@ class _SiloWatch:
     probed_at: float = float("-inf")  # time.monotonic() the last probe started
     consumers: int | None = None  # None: not known (yet)
     warned: bool = False  # `silo_has_no_worker` logged since a consumer was last seen
+    # time.monotonic() of the first answer "no consumer" since one was last
+    # seen (None: a consumer was seen in the last answer, or nothing is known).
+    no_consumer_since: float | None = None
 
 
 @dataclasses.dataclass
@@ -142,6 +171,8 @@ class TaskClient:
         chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES,
         silo_users: Mapping[str, str] | None = None,
         chunk_limits: chunking.Limits | None = None,
+        silo_grace_s: float = DEFAULT_SILO_GRACE_S,
+        reply_queue_expires_ms: int = topology.DEFAULT_REPLY_QUEUE_EXPIRES_MS,
     ) -> None:
         if not silo_ids:
             raise ValueError("at least one silo id is needed")
@@ -156,6 +187,17 @@ class TaskClient:
         self.silo_ids = [topology.validate_id("silo", s) for s in silo_ids]
         self.job_id = topology.validate_id("job", job_id or f"job-{uuid.uuid4().hex[:12]}")
         self.task_timeout_s = task_timeout_s
+        if silo_grace_s <= 0:
+            raise ValueError(f"silo_grace must be positive, got {silo_grace_s}")
+        self.silo_grace_s = silo_grace_s
+        if reply_queue_expires_ms < 1:
+            raise ValueError(
+                "the reply queue's expiry must be at least 1 ms (the broker deletes it that "
+                f"long after its coordinator is gone), got {reply_queue_expires_ms} ms"
+            )
+        # How long the broker keeps the reply queue once nobody consumes it (this
+        # coordinator died): then it is deleted, with any replies still in it.
+        self._reply_queue_expires_ms = int(reply_queue_expires_ms)
         self._names = names or topology.Names()
         self._queue_type = queue_type
         self._connect_timeout_s = connect_timeout_s
@@ -186,7 +228,9 @@ class TaskClient:
         return (
             topology.shared_declarations(self._names)
             + topology.silo_declarations(self._names, self.silo_ids, self._queue_type)
-            + topology.reply_declarations(self._names, self.job_id)
+            + topology.reply_declarations(
+                self._names, self.job_id, expires_ms=self._reply_queue_expires_ms
+            )
         )
 
     def start(self) -> None:
@@ -214,7 +258,21 @@ class TaskClient:
         return self._collector.pinned_bytes
 
     def close(self) -> None:
+        """Fails what is pending, deletes the reply queue and closes the connection.
+
+        The reply queue would expire by itself (`x-expires`), as it does when
+        a coordinator dies; deleting it leaves the broker as it was at once.
+        A reply a worker sends after that is unroutable: the worker logs it
+        and acks its task (nobody awaits it any more).
+        """
         self._fail_all_pending(broker_link.LinkClosed("the coordinator was closed"))
+        reply_queue = self._names.reply_queue(self.job_id)
+        try:
+            self._link.stop_consuming().result(_CLOSE_STEP_TIMEOUT_S)
+            self._link.delete_queue(reply_queue).result(_CLOSE_STEP_TIMEOUT_S)
+        except (broker_link.BrokerError, concurrent.futures.TimeoutError) as e:
+            reason = str(e) or f"no answer within {_CLOSE_STEP_TIMEOUT_S:g} s"
+            self._log.info("reply_queue_left_to_expire", queue=reply_queue, reason=reason)
         self._link.close()
 
     # ------------------------------------------------------------------ calls
@@ -254,7 +312,7 @@ class TaskClient:
         """
         request = envelope.serialized(request)
         spec = request.spec
-        timeout_s = self.task_timeout_s if timeout_s is None else timeout_s
+        timeout_s, deadline = self._timeout_now(timeout_s)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_Reply] = loop.create_future()
         task_id = envelope.new_task_id()
@@ -269,7 +327,7 @@ class TaskClient:
             )
             for part in published:
                 part.add_done_callback(lambda f: self._on_published(task_id, f))
-            result, payload = await self._wait(pending, task_id, timeout_s)
+            result, payload = await self._wait(pending, task_id, timeout_s, deadline)
             if result.WhichOneof("outcome") == "error":
                 raise errors.error_from_result(silo_id, spec.name, result.error)
             if isinstance(payload, chunking.Parts):
@@ -295,21 +353,55 @@ class TaskClient:
         )
         return Answer(response, result.worker_incarnation)
 
-    async def _wait(self, pending: _Pending, task_id: str, timeout_s: float) -> _Reply:
+    def _timeout_now(self, timeout_s: float | None) -> tuple[float, _Deadline | None]:
+        """A task's timeout: `timeout_s` (default the task timeout), cut to the
+        invocation's deadline if that comes first (then also that deadline)."""
+        timeout_s = self.task_timeout_s if timeout_s is None else timeout_s
+        deadline = _INVOCATION_DEADLINE.get()
+        if deadline is not None:
+            remaining = deadline.at - time.monotonic()
+            if remaining < timeout_s:
+                return max(0.001, remaining), deadline
+        return timeout_s, None
+
+    @contextlib.contextmanager
+    def invocation_deadline(self, seconds: float | None) -> Iterator[None]:
+        """Every task sent from this context (and the asyncio tasks it starts)
+        expires `seconds` from now, in the broker too, and a call still
+        waiting then fails with `SiloLostError` (`deadline-<seconds>s`).
+        None: no deadline but each task's own timeout."""
+        if seconds is None:
+            yield
+            return
+        token = _INVOCATION_DEADLINE.set(_Deadline(time.monotonic() + seconds, seconds))
+        try:
+            yield
+        finally:
+            _INVOCATION_DEADLINE.reset(token)
+
+    async def _wait(
+        self, pending: _Pending, task_id: str, timeout_s: float, by: _Deadline | None = None
+    ) -> _Reply:
         """The call's reply, or `SiloTimeoutError` after `timeout_s`.
 
         While it waits, the silo's queue is checked for a consumer every
-        `consumer_check_interval_s` (`_check_silo`, which warns), without
-        delaying the reply or moving the deadline.
+        `check_interval_s` (`_check_silo`, which warns), without
+        delaying the reply or moving the deadline. Once the queue has had no
+        consumer for `silo_grace_s`, the call fails with `SiloLostError`; if
+        `by` (the invocation's deadline) ends the wait, likewise.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        if self.lost_reason(pending.silo_id) is not None:
+            # Known lost: ask again before saying so (its worker may be back).
+            await self._has_no_consumer(pending.silo_id)
         while True:
+            self._raise_if_lost(pending)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             done, _ = await asyncio.wait(
-                {pending.future}, timeout=min(remaining, self.consumer_check_interval_s)
+                {pending.future}, timeout=min(remaining, self.check_interval_s)
             )
             if done:
                 return pending.future.result()
@@ -317,12 +409,89 @@ class TaskClient:
                 self._check_silo(pending.silo_id)
         if not pending.future.done():
             pending.future.cancel()
+        if by is not None:
+            reason = f"deadline-{by.seconds:g}s"
+            self._log.warning(
+                "silo_lost", silo=pending.silo_id, reason=reason, request=pending.request
+            )
+            raise errors.SiloLostError(
+                pending.silo_id,
+                pending.request,
+                reason,
+                f"no answer by the invocation's deadline ({by.seconds:g} s): lost to this "
+                "invocation; its tasks expire with that deadline",
+            )
         message = f"no answer within the task timeout of {timeout_s:g} s"
         if await self._has_no_consumer(pending.silo_id):
             message += "; " + self._no_worker_hint(pending.silo_id)
         raise errors.SiloTimeoutError(pending.silo_id, pending.request, message)
 
     # ------------------------------------------------------- silo consumers
+
+    @property
+    def check_interval_s(self) -> float:
+        """How often a waiting call's silo is asked for its consumers: at most
+        `consumer_check_interval_s`, and often enough to tell a silo lost
+        within about a quarter of `silo_grace_s` after its grace."""
+        return min(self.consumer_check_interval_s, max(0.25, self.silo_grace_s / 4))
+
+    def lost_reason(self, silo_id: str) -> str | None:
+        """`no-consumer-<grace>s` if the silo's queue has had no consumer for
+        `silo_grace_s` (as far as the broker's last answer tells), else None."""
+        with self._lock:
+            since = self._watches[silo_id].no_consumer_since
+        if since is None or time.monotonic() - since < self.silo_grace_s:
+            return None
+        if self._link.trouble(silo_id) is not None:
+            # The broker is not taking messages (e.g. its queues lost their
+            # quorum): no worker can consume then, and the silo is not to
+            # blame. The calls fail with the broker's own cause instead.
+            return None
+        return f"no-consumer-{self.silo_grace_s:g}s"
+
+    def _raise_if_lost(self, pending: _Pending) -> None:
+        reason = self.lost_reason(pending.silo_id)
+        if reason is None:
+            return
+        if not pending.future.done():
+            pending.future.cancel()
+        self._log.warning("silo_lost", silo=pending.silo_id, reason=reason, request=pending.request)
+        raise errors.SiloLostError(
+            pending.silo_id,
+            pending.request,
+            reason,
+            f"lost ({reason}): no worker has consumed "
+            f"{self._names.silo_queue(pending.silo_id)} for {self.silo_grace_s:g} s "
+            "(silo_grace); its tasks expire by their deadline. "
+            + self._no_worker_hint(pending.silo_id),
+        )
+
+    def consumers(self, silo_id: str) -> int | None:
+        """The consumers of the silo's queue in the broker's last answer (None: unknown)."""
+        with self._lock:
+            return self._watches[silo_id].consumers
+
+    async def refresh_silos(self, silo_ids: Sequence[str]) -> None:
+        """Brings what is known of the silos' consumers up to date (`consumers`, `lost_reason`).
+
+        Asks the broker again about every silo not known to have a consumer
+        (so one whose worker came back is seen), waiting at most 2 s for
+        the answers; silos known to have one are refreshed in the background
+        (at most every `check_interval_s`).
+        """
+        asked = []
+        for silo_id in silo_ids:
+            with self._lock:
+                consumers = self._watches[silo_id].consumers
+            if consumers:
+                self._check_silo(silo_id)
+            else:
+                asked.append(asyncio.wrap_future(self._check_silo(silo_id, fresh=True)))
+        if asked:
+            # Shielded: the probes are shared; an unanswered one is judged by the last answer.
+            await asyncio.wait(
+                [asyncio.shield(a) for a in asked], timeout=_CONSUMER_CHECK_TIMEOUT_S
+            )
 
     def _no_worker_hint(self, silo_id: str) -> str:
         """What a silo without a worker means, and the commands that fix and check it."""
@@ -349,8 +518,7 @@ class TaskClient:
             watch = self._watches[silo_id]
             probe = watch.probe
             if probe is not None and (
-                not probe.done()
-                or (not fresh and now - watch.probed_at < self.consumer_check_interval_s)
+                not probe.done() or (not fresh and now - watch.probed_at < self.check_interval_s)
             ):
                 return probe
             probe = self._link.queue_counts(self._names.silo_queue(silo_id))
@@ -369,6 +537,10 @@ class TaskClient:
         with self._lock:
             watch = self._watches[silo_id]
             watch.consumers = counts.consumers
+            if counts.consumers > 0:
+                watch.no_consumer_since = None
+            elif watch.no_consumer_since is None:
+                watch.no_consumer_since = watch.probed_at
             warn = counts.consumers == 0 and not watch.warned
             came_back = counts.consumers > 0 and watch.warned
             watch.warned = counts.consumers == 0
@@ -425,8 +597,9 @@ class TaskClient:
         task_id = task_id or envelope.new_task_id()
         request = envelope.serialized(request)
         name = request.spec.name
+        timeout_s, _ = self._timeout_now(None)
         parts, size = self._publish(
-            silo_id, request, task_id, self.task_timeout_s, incarnation=incarnation, reply=False
+            silo_id, request, task_id, timeout_s, incarnation=incarnation, reply=False
         )
         self._observed(Exchange(silo_id, name, size, 0))
         sent: concurrent.futures.Future[None] = concurrent.futures.Future()

@@ -31,10 +31,17 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from flaap_mq.data.layout import DEFAULT_NAME, MANIFEST_FILE, TEST_FILE
+from flaap_mq.data.layout import DEFAULT_NAME, MANIFEST_FILE, TEST_FILE, load_test_set
 from flaap_mq.data.silo import save_silo_dataset
 
-__all__ = ["DEFAULT_NAME", "ELEMENT_SPEC", "MANIFEST_FILE", "TEST_FILE", "split_digits"]
+__all__ = [
+    "DEFAULT_NAME",
+    "ELEMENT_SPEC",
+    "MANIFEST_FILE",
+    "TEST_FILE",
+    "load_test_set",
+    "split_digits",
+]
 
 NUM_CLASSES = 10
 NUM_FEATURES = 64
@@ -102,12 +109,6 @@ def save_examples(
         raise ValueError(f"expected x [n, {NUM_FEATURES}] and y [n], got {x.shape}, {y.shape}")
     dataset = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y))
     return save_silo_dataset(dataset, data_dir, name)
-
-
-def load_test_set(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The coordinator's held-out set: x float32 [n, 64], y int32 [n]."""
-    with np.load(path) as test:
-        return test["x"].astype(np.float32), test["y"].astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)

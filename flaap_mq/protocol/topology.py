@@ -13,12 +13,23 @@ Names (prefix `flaap` by default):
 | `flaap.tasks`             | direct exchange      | tasks, routing key = silo id |
 | `flaap.silo.<silo>`       | quorum queue         | one silo's tasks; single active consumer |
 | `flaap.replies`           | direct exchange      | results, routing key = job id |
-| `flaap.reply.<job>`       | classic queue        | one coordinator's results; expires unused |
+| `flaap.reply.<job>`       | quorum queue         | one coordinator's results; expires unused |
 | `flaap.dead-letter`       | fanout exchange      | rejected, expired and malformed tasks |
 | `flaap.dead-letter`       | quorum queue         | where they wait for an operator |
 
 Replies go through their own exchange, never the default one: a silo that
 may write to the default exchange could write into any queue.
+
+**Nothing the federation needs lives on one node.** Every queue is a quorum
+queue (Raft-replicated on every node of a cluster, up to the broker's
+default group size): a cluster keeps each queue, with the messages it
+confirmed, through the loss of any minority of its nodes. A classic queue
+lives on one node, and while that node is down its queue is gone from the
+cluster (`404 home node ... is down`) and what is routed to it is dropped.
+The one exception is opt-in: `queue_type="classic"` silo queues, for a
+single-node broker whose operator wants the cheaper writes. A reply queue
+is a quorum queue too, and still expires once its coordinator is gone
+(`x-expires`, which quorum queues honour).
 
 On a locked-down broker the administrator loads this topology ahead of time
 (`flaap-mq admin definitions`, generated from these same declarations) and
@@ -164,9 +175,10 @@ def reply_declarations(
 ) -> list[Declaration]:
     queue = names.reply_queue(validate_id("job", job_id))
     return [
-        # Classic, not quorum: replies are consumed at once by their only
-        # reader, and a quorum queue would triple every result's writes.
-        Queue(queue, {"x-expires": expires_ms, "x-queue-type": "classic"}, shared=False),
+        # Quorum, like every queue (see the module docstring): a classic reply
+        # queue died with its node, and with it the coordinator's run. It
+        # costs a replicated write per reply (docs/benchmarks.md).
+        Queue(queue, {"x-expires": expires_ms, "x-queue-type": "quorum"}, shared=False),
         Binding(queue, names.replies_exchange, job_id, shared=False),
     ]
 

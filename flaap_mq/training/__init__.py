@@ -7,4 +7,7 @@
   progress bar, one `training_round` event per round, metrics.csv and
   accuracy.png.
 * `meter.PayloadMeter`: executor payload bytes per round and per silo.
+* `run_dir.RunDirectory`: the run's `--out` directory: state saved after every
+  round and metrics released with TFF's program API, a run resumed, a
+  directory of another configuration refused.
 """

@@ -60,7 +60,18 @@ def add_train_parser(sub: argparse._SubParsersAction, add_broker_args, add_log_a
     train.add_argument("--rounds", type=int, default=defaults.rounds)
     train.add_argument("--data-name", default=defaults.data_name, help="the silos' dataset name")
     train.add_argument("--seed", type=int, default=defaults.seed, help="initial weights")
-    train.add_argument("--out", default=DEFAULT_OUT_DIR, help=f"default {DEFAULT_OUT_DIR}")
+    train.add_argument(
+        "--out",
+        default=DEFAULT_OUT_DIR,
+        help="the run's directory: its state is saved there after every round, and the same "
+        "command run again resumes after the last saved round; one holding a run of other "
+        f"settings is refused (default {DEFAULT_OUT_DIR})",
+    )
+    train.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard what --out holds of a previous run and start from round 0",
+    )
     train.add_argument(
         "--test-set",
         default=os.path.join(DEFAULT_DATA_DIR, TEST_FILE),
@@ -75,6 +86,44 @@ def add_train_parser(sub: argparse._SubParsersAction, add_broker_args, add_log_a
     train.add_argument("--hidden-units", type=int, default=defaults.hidden_units)
     train.add_argument(
         "--task-timeout", type=float, default=600.0, help="seconds a silo may take per request"
+    )
+    train.add_argument(
+        "--reply-queue-expires",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds the broker keeps this coordinator's reply queue once nothing consumes "
+        "it (the coordinator died): then the queue and the replies in it are deleted "
+        "(default 120)",
+    )
+    dropout = train.add_argument_group(
+        "silos that drop out (each round runs on the silos online at its start and completes "
+        "over those that answer; a silo that comes back rejoins at the next round)"
+    )
+    dropout.add_argument(
+        "--min-silos",
+        type=int,
+        default=None,
+        metavar="K",
+        help="a round completes once at least K silos have answered, without the silos "
+        "lost to it (recorded in metrics.csv); with fewer it fails naming them "
+        "(default: the config's min_silos, else every silo must answer)",
+    )
+    dropout.add_argument(
+        "--silo-grace",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds a silo's queue may have no worker consuming it before the silo is "
+        "lost to the round (default: the config's silo_grace, else 60)",
+    )
+    dropout.add_argument(
+        "--round-timeout",
+        type=float,
+        default=None,
+        metavar="T",
+        help="seconds a round may take: a silo that has not answered by then is lost to it, "
+        "and the round's tasks expire then (default: none, only --task-timeout)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     who = train.add_argument_group(
@@ -121,10 +170,6 @@ def run_split_digits(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from flaap_mq.training import run as run_lib
-
-    if not args.no_progress:
-        run_lib.route_logs_above_progress_bars()
     config = TrainingConfig(
         data_name=args.data_name,
         rounds=args.rounds,
@@ -141,13 +186,24 @@ def run_train(args: argparse.Namespace) -> int:
             f"no held-out test set at {args.test_set} (give --test-set; "
             "`flaap-mq data split-digits` writes one)"
         )
+    from flaap_mq.data.layout import load_test_set
+    from flaap_mq.training import run_dir
+
+    test_set = load_test_set(args.test_set)
+    # Before TensorFlow loads: a directory of another run is refused at once.
+    identity = run_dir.run_identity(config, args.silo, test_set)
+    run_dir.claim(args.out, identity, fresh=args.fresh)
+
     import flaap_mq
     from flaap_mq.coordinator.silo_users import parse_silo_user_options
-    from flaap_mq.data.digits import load_test_set
+    from flaap_mq.training import run as run_lib
     from flaap_mq.training.fedavg import SiloFedAvg
 
+    if not args.no_progress:
+        run_lib.route_logs_above_progress_bars()
+    run_directory = run_dir.RunDirectory(args.out, identity)
+    run_directory.check_rounds(config.rounds)
     silo_users = parse_silo_user_options(args.silo_user, args.silo, any_user=args.any_silo_user)
-    test_set = load_test_set(args.test_set)
     algorithm = SiloFedAvg(config)
     from flaap_mq.coordinator.errors import SiloError
 
@@ -159,13 +215,17 @@ def run_train(args: argparse.Namespace) -> int:
         topology_prefix=args.prefix,
         queue_type=args.queue_type,
         silo_users=silo_users,
+        min_silos=args.min_silos,
+        silo_grace=args.silo_grace,
+        invocation_timeout=args.round_timeout,
+        reply_queue_expires=args.reply_queue_expires,
     ) as context:
         try:
             result = run_lib.train(
                 algorithm,
                 test_set,
                 context=context,
-                out_dir=args.out,
+                out_dir=run_directory,
                 progress=not args.no_progress,
             )
         except SiloError as e:
@@ -179,12 +239,27 @@ def run_train(args: argparse.Namespace) -> int:
             return 1
     reached = result.first_round_reaching(run_lib.TARGET_ACCURACY)
     last = result.records[-1]
+    if result.resumed_after is not None:
+        print(
+            f"resumed after round {result.resumed_after} "
+            f"(the state saved in {run_directory.path / run_dir.STATE_DIR})"
+        )
     print(
         f"final test accuracy: {result.final_accuracy:.4f} after {last.round} rounds "
         f"on {len(args.silo)} silos"
+        + (
+            f" ({dropped_rounds} rounds without some of them: see {run_lib.METRICS_FILE})"
+            if (dropped_rounds := sum(1 for r in result.records if r.dropped))
+            else ""
+        )
         + (f" (>= {run_lib.TARGET_ACCURACY:.2f} from round {reached})" if reached else "")
     )
-    files = (run_lib.METRICS_FILE, run_lib.PLOT_FILE, run_lib.WEIGHTS_FILE)
+    files = (
+        run_lib.METRICS_FILE,
+        run_lib.PLOT_FILE,
+        run_lib.WEIGHTS_FILE,
+        run_lib.TENSORBOARD_DIR + "/",
+    )
     print(f"wrote {', '.join(str(result.out_dir / f) for f in files)}")
     sys.stdout.flush()
     return 0

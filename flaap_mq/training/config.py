@@ -12,7 +12,10 @@ class TrainingConfig:
     """Weighted FedAvg on the silos' digits; the defaults reach 0.9 on 3 skewed silos.
 
     Measured in docs/training.md. `seed` fixes the initial weights; nothing
-    else in a run is random, so the same seed gives the same weights.
+    else in a run is random, so the same seed gives the same weights, and a
+    run resumed from its saved state (`run_dir`) those of an uninterrupted
+    one. Randomness added to a round (client sampling, shuffling) must be
+    seeded from the configuration and the round number alone.
     """
 
     data_name: str = DEFAULT_NAME

@@ -79,22 +79,19 @@ def test_stale_tasks_are_dead_lettered_expired_not_run(workers, broker_url, pref
 
 
 _COORDINATOR = """
-import functools, sys
+import sys
 sys.path.insert(0, {repo!r})
 from flaap_mq import logs
 logs.quiet_tensorflow()
 logs.configure("console", "warning")
-from flaap_mq.protocol import topology
-# The same reply queue as always, expiring after {expires_ms} ms unused
-# instead of the default 120 s, so the test need not wait two minutes.
-topology.reply_declarations = functools.partial(
-    topology.reply_declarations, expires_ms={expires_ms}
-)
 import tensorflow_federated as tff
 import flaap_mq
 from tests.faults import comps
+# The same reply queue as always, expiring after {expires_s} s unused
+# instead of the default 120 s, so the test need not wait two minutes.
 context = flaap_mq.create_execution_context(
-    {url!r}, ["a"], topology_prefix={prefix!r}, task_timeout=120, max_attempts=1
+    {url!r}, ["a"], topology_prefix={prefix!r}, task_timeout=120, max_attempts=1,
+    reply_queue_expires={expires_s},
 )
 print("JOB", context.job_id, flush=True)
 with tff.framework.get_context_stack().install(context):
@@ -109,7 +106,7 @@ def test_dead_coordinator_reply_queue_expires_and_worker_moves_on(
     names = topology.Names(prefix)
     fleet = workers(["a"])
     worker = fleet.workers["a"]
-    script = _COORDINATOR.format(repo=str(REPO), expires_ms=3000, url=broker_url, prefix=prefix)
+    script = _COORDINATOR.format(repo=str(REPO), expires_s=3, url=broker_url, prefix=prefix)
     coordinator = subprocess.Popen(
         [sys.executable, "-c", script],
         stdout=subprocess.PIPE,
@@ -136,9 +133,12 @@ def test_dead_coordinator_reply_queue_expires_and_worker_moves_on(
         # Asked with rabbitmqctl: a passive queue.declare counts as a use of
         # the queue and would keep it from expiring.
         assert reply_queue in list_queues(prefix)
+        killed_at = time.monotonic()
+        # A quorum queue checks its expiry on its periodic tick (5 s).
         support.wait_until(
             lambda: reply_queue not in list_queues(prefix), 30, "reply queue expired"
         )
+        expired_after = time.monotonic() - killed_at
 
         def unroutable_logged() -> bool:
             return any(
@@ -165,6 +165,7 @@ def test_dead_coordinator_reply_queue_expires_and_worker_moves_on(
     support.record(
         "dead_coordinator",
         reply_queue_expired=True,
+        reply_queue_expired_after_s=round(expired_after, 1),
         unroutable_replies_logged=len(unroutable),
         tasks=len(counted.task_ids),
         tasks_lost=0,

@@ -21,8 +21,11 @@ from tests.faults.rounds import BackgroundRound, wait_for_pending
 
 pytestmark = pytest.mark.broker_node
 
-DATA = [[1.0] * 6, [2.0] * 6]
-EXPECTED = 18.0
+# 24 readings of 250 ms per client: the task runs 6 s, well past the second or
+# two `rabbitmqctl close_connection` takes to act (with 6 readings it could
+# finish first, and there was nothing in flight to redeliver).
+DATA = [[1.0] * 24, [2.0] * 24]
+EXPECTED = 72.0
 
 
 def test_redelivered_task_is_answered_from_the_cache_not_run_twice(

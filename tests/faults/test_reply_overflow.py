@@ -34,7 +34,12 @@ SILO = "a"
 def _declare_reply_queue(
     channel: object, names: topology.Names, queue: str, job: str, *, full: bool
 ) -> None:
-    """A queue for `job`'s replies; `full`: one that refuses every message."""
+    """A queue for `job`'s replies; `full`: one that refuses every message.
+
+    Classic, unlike the reply queue a coordinator declares: a quorum queue
+    takes a message while it is under its bound, so `x-max-length: 0` only
+    refuses the second one.
+    """
     arguments: dict[str, object] = {"x-queue-type": "classic", "x-expires": 120_000}
     if full:
         arguments |= {"x-max-length": 0, "x-overflow": "reject-publish"}
