@@ -13,7 +13,7 @@ Names (prefix `flaap` by default):
 | `flaap.tasks`             | direct exchange      | tasks, routing key = silo id |
 | `flaap.silo.<silo>`       | quorum queue         | one silo's tasks; single active consumer |
 | `flaap.replies`           | direct exchange      | results, routing key = job id |
-| `flaap.reply.<job>`       | classic queue        | one coordinator's results; expires unused |
+| `flaap.reply.<job>`       | quorum queue         | one coordinator's results; expires unused |
 | `flaap.dead-letter`       | fanout exchange      | rejected, expired and malformed tasks |
 | `flaap.dead-letter`       | quorum queue         | where they wait for an operator |
 
@@ -27,8 +27,12 @@ confirmed, through the loss of any minority of its nodes. A classic queue
 lives on one node, and while that node is down its queue is gone from the
 cluster (`404 home node ... is down`) and what is routed to it is dropped.
 The one exception is opt-in: `queue_type="classic"` silo queues, for a
-single-node broker whose operator wants the cheaper writes. The reply queue
-is still classic (see `reply_declarations`): the one exception left.
+single-node broker whose operator wants the cheaper writes. A reply queue
+is a quorum queue too, and still expires once its coordinator is gone
+(`x-expires`, which quorum queues honour). What that costs: a quorum queue
+applies its length bound (the broker's policy) once its Raft log has applied
+the bytes over it, so a flooding silo gets one burst past it, where a
+classic queue held it exactly (docs/security.md, Known weaknesses).
 
 On a locked-down broker the administrator loads this topology ahead of time
 (`flaap-mq admin definitions`, generated from these same declarations) and
@@ -174,12 +178,10 @@ def reply_declarations(
 ) -> list[Declaration]:
     queue = names.reply_queue(validate_id("job", job_id))
     return [
-        # Classic, for now: as a quorum queue it survives a node's loss
-        # (tests/faults/test_cluster_node_loss.py), but a flooding silo then
-        # overfills it 3-4x its bound and raised a broker alarm in 1 of 3
-        # runs of tests/security/test_flood.py. Until that is bounded, the
-        # reply queue lives on one node (docs/reliability.md).
-        Queue(queue, {"x-expires": expires_ms, "x-queue-type": "classic"}, shared=False),
+        # Quorum, like every queue (see the module docstring): a classic reply
+        # queue died with its node, and with it the coordinator's run. It
+        # costs a replicated write per reply (docs/benchmarks.md).
+        Queue(queue, {"x-expires": expires_ms, "x-queue-type": "quorum"}, shared=False),
         Binding(queue, names.replies_exchange, job_id, shared=False),
     ]
 

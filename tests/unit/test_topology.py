@@ -33,9 +33,9 @@ def test_classic_silo_queues_are_selectable():
     assert "x-delivery-limit" not in queue.arguments
 
 
-def test_reply_queue_expires_and_is_bound_to_the_replies_exchange():
+def test_reply_queue_is_a_quorum_queue_that_expires_bound_to_the_replies_exchange():
     decls = topology.reply_declarations(topology.Names("p"), "job1", expires_ms=5000)
-    assert topology.Queue("p.reply.job1", {"x-expires": 5000, "x-queue-type": "classic"}) in decls
+    assert topology.Queue("p.reply.job1", {"x-expires": 5000, "x-queue-type": "quorum"}) in decls
     assert topology.Binding("p.reply.job1", "p.replies", "job1") in decls
 
 
@@ -45,14 +45,14 @@ def test_ids_that_would_break_names_are_refused(bad):
         topology.validate_id("silo", bad)
 
 
-def test_every_shared_queue_is_a_quorum_queue():
-    """Silo queues and the dead-letter queue live on every node (the reply queue: not yet)."""
+def test_every_queue_the_federation_needs_is_a_quorum_queue():
+    """No queue lives on one node: the cluster keeps each through a minority's loss."""
     names = topology.Names("p")
     decls = (
         topology.shared_declarations(names)
         + topology.silo_declarations(names, ["a", "b"])
         + topology.reply_declarations(names, "job1")
     )
-    queues = [d for d in decls if isinstance(d, topology.Queue) and d.shared]
-    assert {q.name for q in queues} == {"p.dead-letter", "p.silo.a", "p.silo.b"}
+    queues = [d for d in decls if isinstance(d, topology.Queue)]
+    assert {q.name for q in queues} == {"p.dead-letter", "p.silo.a", "p.silo.b", "p.reply.job1"}
     assert all(q.arguments["x-queue-type"] == "quorum" and q.durable for q in queues), queues
