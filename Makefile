@@ -48,11 +48,13 @@ lint: install
 bench: install
 	$(PY) -m bench.run
 
-# Regenerates the envelope code; the result is committed.
+# Regenerates the envelope code and the worker's view of TFF's executor
+# messages; the result is committed.
 protos: install
 	$(eval TMP := $(shell mktemp -d))
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(TMP) --pyi_out=$(TMP) protos/flaap_mq/v1/task.proto
-	cp $(TMP)/flaap_mq/v1/task_pb2.py $(TMP)/flaap_mq/v1/task_pb2.pyi flaap_mq/protocol/v1/
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(TMP) --pyi_out=$(TMP) \
+	  protos/flaap_mq/v1/task.proto protos/flaap_mq/v1/tff_executor.proto
+	cp $(TMP)/flaap_mq/v1/*_pb2.py $(TMP)/flaap_mq/v1/*_pb2.pyi flaap_mq/protocol/v1/
 	rm -rf $(TMP)
 
 clean:

@@ -18,7 +18,10 @@ Rows (see docs/benchmarks.md):
    more, and 90% of the throughput;
 6. a silo's worker SIGKILLed mid-round (`bench.dropout`, 2 silos,
    `min_silos=1`, `silo_grace` 3 s): seconds from the kill to the round
-   completing without it; goal: within `silo_grace` + 3 s.
+   completing without it; goal: within `silo_grace` + 3 s;
+7. a silo worker's start (`bench.worker_start`): importing it, resident
+   memory and seconds until it consumes (its executor started first), and
+   what it does to each request; goals: under 100 MB and 3 s.
 
 flaap-mq runs on real `flaap-mq worker` processes through the broker, under
 a topology prefix of this run's own, deleted afterwards. TFF's direct path
@@ -48,7 +51,7 @@ from typing import Any
 import psutil
 import tensorflow_federated as tff
 
-from bench import computations, cpu, dropout, measure, report, sandbox
+from bench import computations, cpu, dropout, measure, report, sandbox, worker_start
 from bench.baseline import DirectSilos
 from bench.cpu import CpuMeter
 from bench.mq import MqSilos
@@ -71,6 +74,7 @@ class Settings:
     model_repeats: int
     large_model_elements: int  # 0: no 512 MB row (quick mode)
     dropout_repeats: int
+    worker_start_repeats: int
     output: Path
 
 
@@ -104,6 +108,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         # Over RabbitMQ's default 128 MiB message limit: travels in chunks.
         large_model_elements=0 if args.quick else 512 * 1024 * 1024 // 4,
         dropout_repeats=1 if args.quick else 2,
+        worker_start_repeats=2 if args.quick else 5,
         output=args.output or BENCH_DIR / name,
     )
 
@@ -231,6 +236,8 @@ def print_report(rows: dict[str, Any], s: Settings, verdicts: list[report.Verdic
         print()
     print(dropout.format_dropout(rows["dropout"]))
     print()
+    print(worker_start.format_worker_start(rows["worker_start"]))
+    print()
     print(report.format_verdicts(verdicts))
 
 
@@ -249,12 +256,18 @@ def benchmark(s: Settings, broker_url: str) -> dict[str, Any]:
         # Its own two workers: one is killed.
         rows["dropout"] = dropout.measure_dropout(url, log_dir, s.dropout_repeats)
         print(f"  dropout: measured in {time.monotonic() - start:.0f} s", flush=True)
+        start = time.monotonic()
+        rows["worker_start"] = worker_start.measure_worker_start(
+            url, log_dir, s.worker_start_repeats
+        )
+        print(f"  worker_start: measured in {time.monotonic() - start:.0f} s", flush=True)
     verdicts = [
         report.round_verdict(rows["round"]),
         report.tiny_verdict(rows["tiny"]),
         report.model_verdict(rows["model"]),
         *sandbox.sandbox_verdicts(rows["sandbox"]),
         dropout.dropout_verdict(rows["dropout"]),
+        *(report.Verdict(*v) for v in worker_start.verdicts(rows["worker_start"]["start"])),
     ]
     print_report(rows, s, verdicts)
     return {

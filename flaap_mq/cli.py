@@ -401,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             print(f"flaap-mq {args.command}: {e}", file=sys.stderr)
             return EXIT_USAGE
-    # Imported here: they load TensorFlow, which `--help` should not wait for.
+    # Imported here: `--help` need not wait for pika and gRPC. No command imports
+    # TensorFlow before it needs it, and `worker` never does (a test checks it).
     from flaap_mq.broker.link import BrokerError
     from flaap_mq.executor import SandboxUnavailable
 

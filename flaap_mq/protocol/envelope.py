@@ -5,6 +5,13 @@ envelope, so the mapping between a `RequestKind`, TFF's `executor_pb2`
 request and response classes, and the gRPC method of TFF's executor service
 lives in exactly one table (`KINDS`).
 
+Nothing here imports TensorFlow Federated, which loads all of TensorFlow: the
+silo worker, which only forwards bytes, never does (`bench/worker_start.py`). It
+reads requests with `tff_executor_pb2`, TFF's executor messages declared
+without TensorFlow (`protos/flaap_mq/v1/tff_executor.proto`); TFF's own
+classes (`KindSpec.request_type`) are imported on first use, by the
+coordinator, which runs TFF anyway.
+
 The TFF payload is carried as serialized bytes. Value references in it are
 names chosen by the coordinator (the task id of the Create* task that made
 the value, see `task.proto`): the worker forwards a request without value
@@ -16,15 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import message as protobuf_message
-from tensorflow_federated.proto.v0 import executor_pb2
 
 from flaap_mq.protocol import chunking, wire
-from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.protocol.v1 import task_pb2, tff_executor_pb2
+
+if TYPE_CHECKING:
+    from tensorflow_federated.proto.v0 import executor_pb2
 
 PROTOCOL_VERSION = 2
 
@@ -32,11 +43,22 @@ RequestKind = task_pb2.RequestKind
 ErrorCode = task_pb2.ErrorCode
 
 
-def _no_refs(_request: protobuf_message.Message) -> Sequence[executor_pb2.ValueRef]:
+# The package of TFF's executor messages, and of the same messages declared
+# without TensorFlow (`tff_executor_pb2`); a request of either is a request.
+_TFF_PACKAGE = "tensorflow_federated.v0"
+_LIGHT_PACKAGE = tff_executor_pb2.DESCRIPTOR.package
+# Imported on first use only: importing it imports TFF and all of TensorFlow.
+_TFF_EXECUTOR_MODULE = "tensorflow_federated.proto.v0.executor_pb2"
+
+# A ValueRef of either: TFF's, or `tff_executor_pb2`'s (same fields).
+ValueRef = Any
+
+
+def _no_refs(_request: protobuf_message.Message) -> Sequence[ValueRef]:
     return ()
 
 
-def _call_refs(request: executor_pb2.CreateCallRequest) -> Sequence[executor_pb2.ValueRef]:
+def _call_refs(request: protobuf_message.Message) -> Sequence[ValueRef]:
     refs = [request.function_ref]
     if request.HasField("argument_ref"):
         refs.append(request.argument_ref)
@@ -45,14 +67,18 @@ def _call_refs(request: executor_pb2.CreateCallRequest) -> Sequence[executor_pb2
 
 @dataclasses.dataclass(frozen=True)
 class KindSpec:
-    """How one kind of TFF executor request travels."""
+    """How one kind of TFF executor request travels.
+
+    Its request and response messages are named after `name`: TFF's
+    (`request_type`, imported on first use) and the same without TensorFlow
+    (`light_request_type`, which the worker uses).
+    """
 
     kind: int
     name: str  # the gRPC method of TFF's ExecutorGroup service, e.g. "CreateValue"
-    request_type: type[protobuf_message.Message]
-    response_type: type[protobuf_message.Message]
-    # The request's ValueRef fields (mutable, in place), which name values.
-    value_refs: Callable[[protobuf_message.Message], Sequence[executor_pb2.ValueRef]] = _no_refs
+    # The request's ValueRef fields (mutable, in place), which name values; the
+    # same fields in TFF's message and in the light one.
+    value_refs: Callable[[protobuf_message.Message], Sequence[ValueRef]] = _no_refs
     # A Create* request: its task id names the value it makes.
     creates_value: bool = False
     # The answer carries data the sender needs (an executor id, a computed
@@ -67,6 +93,26 @@ class KindSpec:
         """The request has ValueRef fields (all but GetExecutor and CreateValue)."""
         return self.value_refs is not _no_refs
 
+    @property
+    def request_type(self) -> type[protobuf_message.Message]:
+        """TFF's request class (`executor_pb2`); the first use imports TFF."""
+        return getattr(importlib.import_module(_TFF_EXECUTOR_MODULE), f"{self.name}Request")
+
+    @property
+    def response_type(self) -> type[protobuf_message.Message]:
+        """TFF's response class (`executor_pb2`); the first use imports TFF."""
+        return getattr(importlib.import_module(_TFF_EXECUTOR_MODULE), f"{self.name}Response")
+
+    @property
+    def light_request_type(self) -> type[protobuf_message.Message]:
+        """The request declared without TensorFlow (`tff_executor_pb2`), same bytes."""
+        return getattr(tff_executor_pb2, f"{self.name}Request")
+
+    @property
+    def light_response_type(self) -> type[protobuf_message.Message]:
+        """The response declared without TensorFlow (`tff_executor_pb2`), same bytes."""
+        return getattr(tff_executor_pb2, f"{self.name}Response")
+
 
 KINDS: dict[int, KindSpec] = {
     spec.kind: spec
@@ -74,67 +120,55 @@ KINDS: dict[int, KindSpec] = {
         KindSpec(
             RequestKind.GET_EXECUTOR,
             "GetExecutor",
-            executor_pb2.GetExecutorRequest,
-            executor_pb2.GetExecutorResponse,
             answers_with_data=True,
         ),
         KindSpec(
             RequestKind.CREATE_VALUE,
             "CreateValue",
-            executor_pb2.CreateValueRequest,
-            executor_pb2.CreateValueResponse,
             creates_value=True,
         ),
         KindSpec(
             RequestKind.CREATE_CALL,
             "CreateCall",
-            executor_pb2.CreateCallRequest,
-            executor_pb2.CreateCallResponse,
             value_refs=_call_refs,
             creates_value=True,
         ),
         KindSpec(
             RequestKind.CREATE_STRUCT,
             "CreateStruct",
-            executor_pb2.CreateStructRequest,
-            executor_pb2.CreateStructResponse,
             value_refs=lambda r: [e.value_ref for e in r.element],
             creates_value=True,
         ),
         KindSpec(
             RequestKind.CREATE_SELECTION,
             "CreateSelection",
-            executor_pb2.CreateSelectionRequest,
-            executor_pb2.CreateSelectionResponse,
             value_refs=lambda r: [r.source_ref],
             creates_value=True,
         ),
         KindSpec(
             RequestKind.COMPUTE,
             "Compute",
-            executor_pb2.ComputeRequest,
-            executor_pb2.ComputeResponse,
             value_refs=lambda r: [r.value_ref],
             answers_with_data=True,
         ),
         KindSpec(
             RequestKind.DISPOSE,
             "Dispose",
-            executor_pb2.DisposeRequest,
-            executor_pb2.DisposeResponse,
             value_refs=lambda r: list(r.value_ref),
             disposes=True,
         ),
         KindSpec(
             RequestKind.DISPOSE_EXECUTOR,
             "DisposeExecutor",
-            executor_pb2.DisposeExecutorRequest,
-            executor_pb2.DisposeExecutorResponse,
             disposes=True,
         ),
     )
 }
-_KIND_BY_REQUEST_TYPE = {spec.request_type: spec for spec in KINDS.values()}
+_KIND_BY_REQUEST_NAME = {
+    f"{package}.{spec.name}Request": spec
+    for spec in KINDS.values()
+    for package in (_TFF_PACKAGE, _LIGHT_PACKAGE)
+}
 _KIND_BY_NAME = {spec.name: spec for spec in KINDS.values()}
 
 
@@ -149,9 +183,11 @@ def spec_named(name: str | None) -> KindSpec | None:
 
 
 def spec_for_request(request: protobuf_message.Message) -> KindSpec:
+    """The kind of `request`, TFF's message or the light one (by its full name)."""
+    descriptor = getattr(type(request), "DESCRIPTOR", None)
     try:
-        return _KIND_BY_REQUEST_TYPE[type(request)]
-    except KeyError:
+        return _KIND_BY_REQUEST_NAME[descriptor.full_name]
+    except (KeyError, AttributeError):
         raise TypeError(f"{type(request).__name__} is not a TFF executor request") from None
 
 
@@ -181,7 +217,9 @@ def serialized(request: Request) -> SerializedRequest:
     return SerializedRequest(spec_for_request(request), request.SerializeToString())
 
 
-_CREATE_VALUE_VALUE = executor_pb2.CreateValueRequest.DESCRIPTOR.fields_by_name["value"].number
+_CREATE_VALUE_FIELDS = tff_executor_pb2.CreateValueRequest.DESCRIPTOR.fields_by_name
+_CREATE_VALUE_VALUE = _CREATE_VALUE_FIELDS["value"].number
+_CREATE_VALUE_EXECUTOR = _CREATE_VALUE_FIELDS["executor"].number
 
 
 def create_value_request(
@@ -195,7 +233,7 @@ def create_value_request(
     serializing the value alone and appending it as the `value` field gives
     the same message in one pass.
     """
-    head = executor_pb2.CreateValueRequest(executor=executor).SerializeToString()
+    head = wire.append_bytes_field(b"", _CREATE_VALUE_EXECUTOR, executor.SerializeToString())
     payload = wire.append_bytes_field(head, _CREATE_VALUE_VALUE, value.SerializeToString())
     return SerializedRequest(KINDS[RequestKind.CREATE_VALUE], payload)
 
@@ -296,9 +334,18 @@ def _encode(
     return out
 
 
-def decode_request(task: task_pb2.Task, payload: bytes | None = None) -> protobuf_message.Message:
-    """The task's request, parsed (from `payload`, if the caller read it already)."""
-    request = KINDS[task.kind].request_type()
+def decode_request(
+    task: task_pb2.Task, payload: bytes | None = None, *, light: bool = False
+) -> protobuf_message.Message:
+    """The task's request, parsed (from `payload`, if the caller read it already).
+
+    As TFF's message, or with `light` as `tff_executor_pb2`'s, without
+    TensorFlow: the worker's, which reads only executor ids and value refs.
+    Both parse the same bytes, and refuse the same (a TFF `Value` apart,
+    which the light message keeps serialized).
+    """
+    spec = KINDS[task.kind]
+    request = (spec.light_request_type if light else spec.request_type)()
     try:
         request.ParseFromString(task.request if payload is None else payload)
     except protobuf_message.DecodeError as e:
@@ -315,12 +362,12 @@ def executor_id_of(spec: KindSpec, request: bytes) -> str:
     field. Skipping the other fields by their wire-format lengths spares a
     64 MiB CreateValue a full decode (and copy) just to learn its executor.
     """
-    number = spec.request_type.DESCRIPTOR.fields_by_name["executor"].number
+    number = spec.light_request_type.DESCRIPTOR.fields_by_name["executor"].number
     found = ""
     try:
         for field, _, value_start, end in wire.fields(request):
             if field == number:
-                found = executor_pb2.ExecutorId.FromString(bytes(request[value_start:end])).id
+                found = tff_executor_pb2.ExecutorId.FromString(bytes(request[value_start:end])).id
     except (wire.WireError, protobuf_message.DecodeError) as e:
         raise MalformedEnvelope(f"request is not a valid {spec.name}Request: {e}") from e
     return found

@@ -74,12 +74,17 @@ def _is_sandbox(process: psutil.Process) -> bool:
     return any(part.endswith(SANDBOX_PROGRAM) for part in _cmdline(process)[:5])
 
 
+CLI_PROGRAM = (sys.executable, "-m", "flaap_mq.cli")
+
+
 class WorkerProcess:
     """One `flaap-mq worker` subprocess.
 
     With `own_process_group` it leads a process group of its own, as a
     command started from a terminal does, so that `interrupt` can signal that
-    whole group the way Ctrl-C does without reaching the caller.
+    whole group the way Ctrl-C does without reaching the caller. `program`
+    runs the `flaap-mq` command line: `python -m flaap_mq.cli` by default, or
+    a program that calls `flaap_mq.cli.main` with the arguments it is given.
     """
 
     def __init__(
@@ -92,15 +97,14 @@ class WorkerProcess:
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
         own_process_group: bool = False,
+        program: Sequence[str] | None = None,
     ) -> None:
         self.silo_id = silo_id
         self.broker_url = broker_url
         self.prefix = prefix
         self.log_path = log_path
         args = [
-            sys.executable,
-            "-m",
-            "flaap_mq.cli",
+            *(program or CLI_PROGRAM),
             "worker",
             "--silo-id",
             silo_id,
@@ -183,6 +187,7 @@ class WorkerFleet:
         per_silo_args: Mapping[str, Sequence[str]] | None = None,
         env: Mapping[str, str] | None = None,
         start_timeout_s: float = 120.0,
+        program: Sequence[str] | None = None,
     ) -> None:
         self.broker_url = broker_url
         self.prefix = prefix
@@ -192,6 +197,7 @@ class WorkerFleet:
         self._per_silo_args = {silo: list(args) for silo, args in (per_silo_args or {}).items()}
         self._env = dict(env or {})
         self._start_timeout_s = start_timeout_s
+        self._program = program
         self.workers: dict[str, WorkerProcess] = {}
         self.exit_codes: dict[str, int] = {}
 
@@ -214,6 +220,7 @@ class WorkerFleet:
             extra_args=[*self._extra_args, *self._per_silo_args.get(silo_id, [])],
             log_path=log_path,
             env=self._env,
+            program=self._program,
         )
         self.workers[silo_id] = worker
         if wait:

@@ -38,7 +38,6 @@ from typing import NamedTuple
 import cachetools
 import grpc
 from google.protobuf import message as protobuf_message
-from tensorflow_federated.proto.v0 import executor_pb2
 
 from flaap_mq.broker.link import (
     BrokerLink,
@@ -56,7 +55,7 @@ from flaap_mq.executor import (
 )
 from flaap_mq.logs import get_logger
 from flaap_mq.protocol import chunking, envelope, topology
-from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.protocol.v1 import task_pb2, tff_executor_pb2
 from flaap_mq.worker.incarnation import Incarnation, StateLost
 from flaap_mq.worker.values import ValueTable, ValueUnavailable
 
@@ -647,11 +646,11 @@ class SiloWorker:
                 failure = envelope.Failure.EXECUTOR_ERROR
             return self._error(task, failure, f"{spec.name} failed on silo {self.silo_id!r}: {e}")
         if spec.creates_value:
-            made = spec.response_type.FromString(response).value_ref.id
+            made = spec.light_response_type.FromString(response).value_ref.id
             self._values.made(task.task_id, made, executor_id)
             # Answer with the value's name, the only ref the coordinator uses.
-            response = spec.response_type(
-                value_ref=executor_pb2.ValueRef(id=task.task_id)
+            response = spec.light_response_type(
+                value_ref=tff_executor_pb2.ValueRef(id=task.task_id)
             ).SerializeToString()
         elif task.kind == envelope.RequestKind.DISPOSE_EXECUTOR:
             self._values.forget_executor(executor_id)
@@ -684,6 +683,8 @@ class SiloWorker:
 
         A request without value names (GetExecutor, CreateValue, however
         large) is only scanned for its executor id, and goes on untouched.
+        The others are small, and parsed as the light messages
+        (`tff_executor_pb2`): the worker never imports TensorFlow.
         Raises `MalformedEnvelope` for a request that is not one of its kind,
         `ChunkError` for slices that do not make a whole.
         """
@@ -692,11 +693,11 @@ class SiloWorker:
         # The one copy of the request the worker makes: gRPC sends bytes.
         payload = received.join() if isinstance(received, chunking.Parts) else bytes(received)
         if task.kind == envelope.RequestKind.GET_EXECUTOR:
-            envelope.decode_request(task, payload)
+            envelope.decode_request(task, payload, light=True)
             return "", payload, None
         if not spec.names_values:
             return envelope.executor_id_of(spec, payload), payload, None
-        request = envelope.decode_request(task, payload)
+        request = envelope.decode_request(task, payload, light=True)
         return request.executor.id, payload, request
 
     @staticmethod
@@ -717,7 +718,7 @@ class SiloWorker:
             if not made:
                 return None
             del request.value_ref[:]
-            request.value_ref.extend(executor_pb2.ValueRef(id=ref) for ref in made)
+            request.value_ref.extend(tff_executor_pb2.ValueRef(id=ref) for ref in made)
         else:
             made_by_name = values.refs([r.id for r in refs], deadline)
             for ref in refs:

@@ -7,6 +7,7 @@ These talk to the worker with raw pika, as a coordinator of another version
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 
@@ -296,6 +297,17 @@ class _Executor:
             )
         )
 
+    def create_struct(self, *names: str) -> str:
+        elements = [executor_pb2.CreateStructRequest.Element(value_ref=_ref(n)) for n in names]
+        return self._one_way(executor_pb2.CreateStructRequest(executor=self.id, element=elements))
+
+    def create_selection(self, source: str, index: int) -> str:
+        return self._one_way(
+            executor_pb2.CreateSelectionRequest(
+                executor=self.id, source_ref=_ref(source), index=index
+            )
+        )
+
     def dispose(self, *names: str) -> None:
         self._one_way(
             executor_pb2.DisposeRequest(executor=self.id, value_ref=[_ref(n) for n in names])
@@ -423,3 +435,75 @@ def test_the_last_slice_without_the_others_is_answered_chunk_invalid(raw):
     assert result.error.code == envelope.ErrorCode.CHUNK_INVALID
     assert result.error.retryable
     assert "not the earlier ones" in result.error.message
+
+
+# ------------------------------------------------------------ a light worker
+# The worker forwards bytes: it must never import TensorFlow (4 s, 700 MB).
+
+# `flaap-mq worker` as the console script runs it (`flaap_mq.cli.main`), which
+# then writes to the file named first which of those modules it imported, and
+# where from: an audit hook sees each import as it happens.
+_WORKER_REPORTING_IMPORTS = """
+import json, sys, traceback
+HEAVY = ("tensorflow", "tensorflow_federated")
+imported_from = {}
+
+def audit(event, args):
+    if event == "import" and args[0].split(".")[0] in HEAVY and not imported_from:
+        imported_from[args[0]] = "".join(traceback.format_stack(limit=30))
+
+sys.addaudithook(audit)
+from flaap_mq import cli
+code = cli.main(sys.argv[2:])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
+with open(sys.argv[1], "w") as report:
+    json.dump({"exit_code": code, "loaded": loaded, "imported_from": imported_from}, report)
+sys.exit(code)
+"""
+
+
+def test_the_worker_never_imports_tensorflow(broker_url, prefix, workers, tmp_path):
+    """Every kind of request, and a malformed one, run by a worker without TensorFlow.
+
+    Through the worker's entry point as the command runs it: whatever import
+    the command line, the executor's start or any request's handling pulls
+    in is seen. Speed and memory are `bench/worker_start.py`'s.
+    """
+    report = tmp_path / "imports.json"
+    fleet = workers(["a"], program=[sys.executable, "-c", _WORKER_REPORTING_IMPORTS, str(report)])
+    raw = RawCoordinator(broker_url, prefix)
+    try:
+        executor = _Executor(raw)  # GetExecutor
+        comp = executor.create_value(_value(_add_one, _add_one.type_signature))
+        arg = executor.create_value(_value(np.float32(2.0), tff.TensorType(np.float32)))
+        pair = executor.create_struct(arg)
+        first = executor.create_selection(pair, 0)
+        call = executor.create_call(comp, first)
+        assert _computed_float(executor.compute(call)) == 3.0
+        executor.dispose(comp, arg, pair, first, call)
+        raw.send_task(
+            executor_pb2.DisposeExecutorRequest(executor=executor.id),
+            "dispose-executor",
+            incarnation=executor.incarnation,
+        )
+        # A malformed request is refused as before: the light messages check it.
+        task = envelope.task_envelope(
+            kind=envelope.RequestKind.COMPUTE,
+            job_id=raw.job_id,
+            silo_id="a",
+            task_id="garbage",
+            incarnation=executor.incarnation,
+        )
+        raw.send("a", envelope.encode_task(task, b"\x0a\x03\x0a\x01\xc3", 1 << 20)[0], "garbage")
+        _, result = raw.reply()
+        assert result.error.code == envelope.ErrorCode.MALFORMED_TASK
+        assert "not a valid ComputeRequest" in result.error.message
+    finally:
+        raw.close()
+        exit_codes = fleet.close()  # SIGTERM: drains, then writes its report
+    assert exit_codes == {"a": 0}
+    imports = json.loads(report.read_text())
+    assert imports["loaded"] == [], (
+        f"the worker imported {imports['loaded'][:5]}..., first from:\n"
+        + "".join(imports["imported_from"].values())
+    )

@@ -9,7 +9,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import executors_errors
 
 from flaap_mq.coordinator import errors
-from flaap_mq.protocol import envelope
+from flaap_mq.protocol import envelope, wire
 from flaap_mq.protocol.v1 import task_pb2
 
 
@@ -194,3 +194,110 @@ def test_create_value_request_is_the_same_message_without_the_copy():
     assert executor_pb2.CreateValueRequest.FromString(
         plain.payload
     ) == executor_pb2.CreateValueRequest.FromString(serialized.payload)
+
+
+# ------------------------------------------ the light messages (no TensorFlow)
+
+_TFF_VALUE = "tensorflow_federated.v0.Value"
+
+
+def _assert_same_fields(tff_type, light_type):
+    """Same field names, numbers, labels and types, nested messages compared too.
+
+    TFF's `Value` is `bytes` in the light messages: its serialized form.
+    """
+    tff_fields = {f.number: f for f in tff_type.fields}
+    light_fields = {f.number: f for f in light_type.fields}
+    assert set(light_fields) == set(tff_fields), tff_type.full_name
+    for number, theirs in tff_fields.items():
+        ours = light_fields[number]
+        where = f"{tff_type.full_name}.{theirs.name}"
+        assert (ours.name, ours.label) == (theirs.name, theirs.label), where
+        if theirs.message_type is not None and theirs.message_type.full_name == _TFF_VALUE:
+            assert ours.type == ours.TYPE_BYTES, where
+        elif theirs.message_type is not None:
+            assert ours.message_type is not None, where
+            _assert_same_fields(theirs.message_type, ours.message_type)
+        else:
+            assert ours.type == theirs.type, where
+
+
+@pytest.mark.parametrize("spec", envelope.KINDS.values(), ids=lambda s: s.name)
+def test_the_light_messages_are_tffs_field_by_field(spec):
+    _assert_same_fields(spec.request_type.DESCRIPTOR, spec.light_request_type.DESCRIPTOR)
+    _assert_same_fields(spec.response_type.DESCRIPTOR, spec.light_response_type.DESCRIPTOR)
+
+
+def _requests_of_every_kind():
+    executor = executor_pb2.ExecutorId(id="clients=2/1")
+    value = executor_pb2.Value()
+    value.array.content = b"\x01\x02" * 100
+    return [
+        executor_pb2.GetExecutorRequest(cardinalities=[executor_pb2.Cardinality(cardinality=2)]),
+        executor_pb2.CreateValueRequest(executor=executor, value=value),
+        executor_pb2.CreateCallRequest(
+            executor=executor,
+            function_ref=executor_pb2.ValueRef(id="f"),
+            argument_ref=executor_pb2.ValueRef(id="a"),
+        ),
+        executor_pb2.CreateStructRequest(
+            executor=executor,
+            element=[
+                executor_pb2.CreateStructRequest.Element(
+                    name="x", value_ref=executor_pb2.ValueRef(id="v")
+                )
+            ],
+        ),
+        executor_pb2.CreateSelectionRequest(
+            executor=executor, source_ref=executor_pb2.ValueRef(id="s"), index=3
+        ),
+        executor_pb2.ComputeRequest(executor=executor, value_ref=executor_pb2.ValueRef(id="c")),
+        executor_pb2.DisposeRequest(
+            executor=executor, value_ref=[executor_pb2.ValueRef(id=i) for i in "abc"]
+        ),
+        executor_pb2.DisposeExecutorRequest(executor=executor),
+    ]
+
+
+@pytest.mark.parametrize("request_", _requests_of_every_kind(), ids=lambda r: type(r).__name__)
+def test_a_light_request_rewritten_is_tffs_request_rewritten(request_):
+    """The worker's rewrite of value names, on the light message, as on TFF's."""
+    spec = envelope.spec_for_request(request_)
+    task = envelope.build_task(request=request_, job_id="j", silo_id="s", task_id="t")
+    light = envelope.decode_request(task, light=True)
+    assert isinstance(light, spec.light_request_type)
+    assert envelope.spec_for_request(light) is spec
+    for ref in spec.value_refs(light):
+        ref.id = "service-" + ref.id
+    for ref in spec.value_refs(request_):
+        ref.id = "service-" + ref.id
+    assert spec.request_type.FromString(light.SerializeToString()) == request_
+
+
+def test_fields_the_light_messages_do_not_declare_travel_untouched():
+    """A field TFF adds later is kept as an unknown field, through a rewrite."""
+    later = executor_pb2.ValueRef(id="later").SerializeToString()
+    request = executor_pb2.ComputeRequest(
+        executor=executor_pb2.ExecutorId(id="e"), value_ref=executor_pb2.ValueRef(id="v")
+    ).SerializeToString() + wire.append_bytes_field(b"", 15, later)
+    light = envelope.KINDS[envelope.RequestKind.COMPUTE].light_request_type.FromString(request)
+    light.value_ref.id = "w"
+    assert wire.split_off(light.SerializeToString(), 15)[1] == later
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xff\xff\xff\xff",
+        b"\x0a\x05ab",  # a ValueRef longer than the message
+        b"\x0a\x02\x0a\x80",  # ValueRef.id: a length that does not end
+        b"\x12\x03\x0a\x01\xff",  # ExecutorId.id: not UTF-8
+        b"\x0a\x03\x0a\x01\xc3",  # ValueRef.id: not UTF-8
+    ],
+)
+def test_a_request_tff_refuses_the_light_message_refuses(garbage):
+    task = _task(request=garbage)
+    with pytest.raises(envelope.MalformedEnvelope, match="not a valid ComputeRequest"):
+        envelope.decode_request(task)
+    with pytest.raises(envelope.MalformedEnvelope, match="not a valid ComputeRequest"):
+        envelope.decode_request(task, light=True)
