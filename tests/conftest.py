@@ -24,6 +24,7 @@ from flaap_mq import logs
 from flaap_mq.broker.urls import DEFAULT_BROKER_URL
 from flaap_mq.protocol import topology
 from flaap_mq.testing.broker import throwaway_broker
+from flaap_mq.testing.cli import run_cli
 from flaap_mq.testing.workers import WorkerFleet, all_executor_processes
 
 logs.quiet_tensorflow()
@@ -72,6 +73,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if leaked:
         print(f"\nFAILED: executor processes left running by this run: {leaked}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def digits_split(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """`flaap-mq data split-digits --silos N`, run as an operator runs it, once per N.
+
+    The silos' data directories and the test set, shared read-only by every
+    test that trains on digits (`split(N) / "silo-1"`, `split(N) / digits.TEST_FILE`).
+    """
+    made: dict[int, Path] = {}
+
+    def split(silos: int) -> Path:
+        if silos not in made:
+            root = tmp_path_factory.mktemp(f"digits-{silos}")
+            done = run_cli(
+                "data", "split-digits", "--silos", str(silos), "--out", "digits", cwd=root
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            for i in range(1, silos + 1):
+                assert f"silo-{i}" in done.stdout, done.stdout
+            made[silos] = root / "digits"
+        return made[silos]
+
+    return split
 
 
 @pytest.fixture

@@ -37,13 +37,9 @@ def _cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedPro
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
+def data_dir(digits_split) -> Path:
     """`flaap-mq data split-digits --silos 3`: the silos' data and the test set."""
-    root = tmp_path_factory.mktemp("training")
-    done = _cli("data", "split-digits", "--silos", "3", "--out", "digits", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "silo-3" in done.stdout
-    return root / "digits"
+    return digits_split(3)
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,8 @@ def _cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedPro
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dropout-data")
-    done = _cli("data", "split-digits", "--silos", "3", "--out", "digits", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root / "digits"
+def data_dir(digits_split) -> Path:
+    return digits_split(3)
 
 
 @pytest.fixture(scope="module")

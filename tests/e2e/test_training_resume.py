@@ -26,11 +26,8 @@ from tests import training_resume as tr
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    done = run_cli("data", "split-digits", "--silos", "2", "--out", "digits", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root / "digits"
+def data_dir(digits_split) -> Path:
+    return digits_split(2)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,6 @@ from flaap_mq.data.fleet import SiloDataFleet
 from flaap_mq.data.silo import read_silo_dataset
 from flaap_mq.protocol import topology
 from flaap_mq.testing.broker import PrivateBrokerNode
-from flaap_mq.testing.cli import run_cli
 from flaap_mq.testing.tff_local import local_cpp_contexts
 from flaap_mq.testing.workers import WorkerFleet
 from flaap_mq.training.config import TrainingConfig
@@ -248,13 +247,13 @@ SEED = 7
 
 
 @pytest.mark.timeout(1500)
-def test_a_rolling_restart_of_every_node_during_training_is_a_non_event(cluster, tmp_path):
+def test_a_rolling_restart_of_every_node_during_training_is_a_non_event(
+    cluster, tmp_path, digits_split
+):
     """How operators upgrade RabbitMQ: stop, start, wait until back, next; `train` never notices."""
     cluster.ensure_up()
     prefix = f"roll{time.monotonic_ns() % 10**8}"
-    split = run_cli("data", "split-digits", "--silos", "3", "--out", "digits", cwd=tmp_path)
-    assert split.returncode == 0, split.stderr[-3000:]
-    data_dir = tmp_path / "digits"
+    data_dir = digits_split(3)
     urls = _urls(cluster.nodes)
     out = tmp_path / "out"
     with SiloDataFleet(

@@ -34,11 +34,8 @@ pytestmark = pytest.mark.faults
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dead-coordinator")
-    done = run_cli("data", "split-digits", "--silos", "2", "--out", "digits", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root / "digits"
+def data_dir(digits_split) -> Path:
+    return digits_split(2)
 
 
 def test_a_dead_training_coordinator_leaves_every_queue_empty(

@@ -22,7 +22,6 @@ from flaap_mq.data import digits
 from flaap_mq.data.fleet import SiloDataFleet
 from flaap_mq.data.silo import read_silo_dataset
 from flaap_mq.executor import wait_until_gone
-from flaap_mq.testing.cli import run_cli
 from flaap_mq.testing.tff_local import local_cpp_contexts
 from flaap_mq.testing.workers import WorkerProcess
 from flaap_mq.training.config import TrainingConfig
@@ -45,11 +44,9 @@ def _values_made(worker: WorkerProcess) -> int:
 
 @pytest.mark.faults
 def test_a_silo_killed_mid_round_is_dropped_and_rejoins_when_restarted(
-    broker_url: str, prefix: str, tmp_path: Path
+    broker_url: str, prefix: str, tmp_path: Path, digits_split
 ) -> None:
-    done = run_cli("data", "split-digits", "--silos", "3", "--out", "digits", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    data_dir = tmp_path / "digits"
+    data_dir = digits_split(3)
     config = TrainingConfig(seed=SEED, local_epochs=LOCAL_EPOCHS)
     algorithm = SiloFedAvg(config)
     fleet = SiloDataFleet(
