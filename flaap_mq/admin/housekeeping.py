@@ -56,6 +56,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from flaap_mq.broker.declare import is_not_found
 from flaap_mq.broker.urls import open_connection, parse_broker_urls
 from flaap_mq.protocol import topology
 
@@ -144,7 +145,7 @@ def _counts(connection: pika.BlockingConnection, queue: str) -> _Counts | None:
     try:
         method = channel.queue_declare(queue, passive=True).method
     except pika.exceptions.ChannelClosedByBroker as e:
-        if topology.is_not_found(e):
+        if is_not_found(e):
             return None
         raise ValueError(f"broker refused to show {queue}: {e.reply_text}") from None
     channel.close()

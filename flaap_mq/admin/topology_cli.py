@@ -12,6 +12,12 @@ import sys
 import pika
 import pika.exceptions
 
+from flaap_mq.broker.declare import (
+    declare_blocking,
+    is_access_refused,
+    is_not_found,
+    missing_message,
+)
 from flaap_mq.broker.urls import open_connection, parse_broker_urls
 from flaap_mq.protocol import topology
 
@@ -28,9 +34,9 @@ def show_topology(broker_url: str, silo_ids: list[str], prefix: str, queue_type:
         channel = connection.channel()
         passive = False
         try:
-            topology.declare_blocking(channel, declarations)
+            declare_blocking(channel, declarations)
         except pika.exceptions.ChannelClosedByBroker as e:
-            if not topology.is_access_refused(e):
+            if not is_access_refused(e):
                 raise _refused(e) from None
             print(
                 f"user {address.username!r} may not declare the topology ({e.reply_text}); "
@@ -40,7 +46,7 @@ def show_topology(broker_url: str, silo_ids: list[str], prefix: str, queue_type:
             passive = True
             channel = connection.channel()
             try:
-                topology.declare_blocking(channel, declarations, passive=True)
+                declare_blocking(channel, declarations, passive=True)
             except pika.exceptions.ChannelClosedByBroker as e2:
                 raise _refused(e2) from None
         print(f"broker {address.redacted}, prefix {prefix!r}" + (" (checked)" if passive else ""))
@@ -58,8 +64,8 @@ def show_topology(broker_url: str, silo_ids: list[str], prefix: str, queue_type:
 
 
 def _refused(e: pika.exceptions.ChannelClosedByBroker) -> ValueError:
-    if topology.is_not_found(e):
-        return ValueError(topology.missing_message(e.reply_text))
+    if is_not_found(e):
+        return ValueError(missing_message(e.reply_text))
     if e.reply_code == 406:
         return ValueError(
             f"broker refused the topology: {e.reply_text} (see docs/topology.md, "

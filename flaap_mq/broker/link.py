@@ -16,7 +16,9 @@ The guarantees the link makes, each in one place:
   (mandatory flag) fails its future with `Unroutable`. A message not yet confirmed when the
   connection drops is published again on the next connection, so a publish is
   at-least-once; receivers deduplicate by task id. `all_settled` tells an
-  owner about to close when no publish awaits its confirm any more.
+  owner about to close when no publish awaits its confirm any more. The
+  bookkeeping (delivery tags, timeouts, nacks, returns) is
+  `flaap_mq.broker.confirms.ConfirmTracker`.
 * **consume** hands each delivery to the owner with the channel generation it
   came from; `ack` of a delivery from an older channel is dropped, because
   the broker has already requeued it.
@@ -29,8 +31,8 @@ The guarantees the link makes, each in one place:
   when the broker refuses that with ACCESS_REFUSED (a user without configure
   permission, on a broker whose administrator loaded the topology), the link
   logs `topology_declared_passively` once and from then on only checks that
-  the shared exchanges and queues exist (`topology.declare_async(passive=
-  True)`); a missing one stops the link with an error naming it.
+  the shared exchanges and queues exist (`flaap_mq.broker.declare`,
+  `passive=True`); a missing one stops the link with an error naming it.
   `declare="passive"` starts that way, `"active"` never falls back.
 * **refusals** retrying cannot fix (a wrong password, an unknown vhost, an
   untrusted broker certificate, a permission the user lacks) stop the link
@@ -38,6 +40,16 @@ The guarantees the link makes, each in one place:
   majority is down is an outage, retried like a lost connection, and
   reported as what it is, not as an unreachable broker. Which close is
   which is `flaap_mq.broker.refusals.classify`.
+
+Why this is one module of over 400 lines: what remains here is a single
+state machine, the pika callbacks of one I/O thread over one connection and
+its current channel (`_channel`, `_generation`, `_ready`, `_closing`,
+`_outage`, `_unavailable`), each callback moving it from one state to the
+next; split across modules, each part would reach into the same attributes
+and the transitions would no longer read in one place. The parts that need
+none of that state live apart and are tested without a broker: publisher
+confirms (`confirms.py`), what a broker's close means (`refusals.py`), the
+declarations (`declare.py`), URLs and connect failures (`urls.py`).
 """
 
 from __future__ import annotations
@@ -47,7 +59,6 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,6 +69,17 @@ import pika.spec
 import tenacity
 
 from flaap_mq.broker import refusals
+from flaap_mq.broker.confirms import DEFAULT_CONFIRM_TIMEOUT_S, ConfirmTracker, Outgoing
+from flaap_mq.broker.declare import declare_async, missing_message
+from flaap_mq.broker.errors import (
+    BrokerError,
+    BrokerRefused,
+    BrokerUnavailable,
+    LinkClosed,
+    MessageTooLarge,
+    Unroutable,
+)
+from flaap_mq.broker.errors import describe as _describe
 from flaap_mq.broker.urls import (
     BrokerAddress,
     describe_unreachable,
@@ -73,37 +95,6 @@ log = get_logger("flaap_mq.broker")
 # channel, taking every other message in flight with it, so it is refused
 # before it is sent.
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
-# A publish the broker has neither confirmed nor refused this long after it
-# was sent fails (`_sweep_overdue`). A quorum queue whose leader is up but
-# whose majority is down can commit nothing, and says nothing either: the
-# publisher would wait forever. A healthy broker confirms within milliseconds;
-# a 16 MiB slice within a second here.
-DEFAULT_CONFIRM_TIMEOUT_S = 30.0
-_PUBLISH_ID_HEADER = "x-flaap-publish-id"
-
-
-class BrokerError(Exception):
-    """Base of the errors the link reports."""
-
-
-class BrokerUnavailable(BrokerError, ConnectionError):
-    """No broker could be reached for longer than the link waits."""
-
-
-class BrokerRefused(BrokerError):
-    """The broker refused us for a reason retrying will not change."""
-
-
-class Unroutable(BrokerError):
-    """The broker had no queue to route a mandatory message to."""
-
-
-class MessageTooLarge(BrokerError, ValueError):
-    """A message over the broker's size limit; it was not sent."""
-
-
-class LinkClosed(BrokerError):
-    """The link was closed while the operation was pending."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,18 +114,6 @@ class QueueCounts:
 
     messages: int
     consumers: int
-
-
-@dataclasses.dataclass
-class _Outgoing:
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: pika.spec.BasicProperties
-    mandatory: bool
-    future: concurrent.futures.Future[None]
-    returned: str | None = None
-    sent_at: float = 0.0  # time.monotonic() of the last basic_publish, for `_sweep_overdue`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,19 +159,13 @@ class BrokerLink:
         self._declarations = declarations
         self._prefetch = prefetch
         self._unavailable_after = unavailable_after
-        self._confirm_timeout = confirm_timeout
-        self._sweep_timer: Any = None
-        # Routing key -> why: set when a publish to it went unconfirmed past
-        # `confirm_timeout` (`_sweep_overdue`), cleared by the next confirm of
-        # a message to that key, and on a new channel.
-        self._not_confirming: dict[str, str] = {}
-        # When the broker last confirmed anything on this channel (or the
-        # channel opened): a backlog the broker works through is no outage.
-        self._last_confirm_at = 0.0
+        self._sweep_timer: Any = None  # runs `_sweep_overdue` while confirms are awaited
         self.max_message_bytes = max_message_bytes
         self._on_unavailable = on_unavailable
         self._on_returned = on_returned
         self._log = log.bind(link=name)
+        # Every publish not yet confirmed, queued or sent (`confirms.py`).
+        self._confirms = ConfirmTracker(confirm_timeout, log=self._log)
 
         self._ioloop = pika.adapters.select_connection.IOLoop()
         self._thread: threading.Thread | None = None
@@ -215,13 +188,7 @@ class BrokerLink:
 
         self._consumers: list[_Consumer] = []
         self._cancel_waiters: list[concurrent.futures.Future[None]] = []
-        self._settled_waiters: list[concurrent.futures.Future[None]] = []  # see `all_settled`
-        self._outbox: deque[_Outgoing] = deque()
         self._deletes: list[concurrent.futures.Future[None]] = []
-        self._unconfirmed: dict[int, _Outgoing] = {}
-        self._next_tag = 1
-        self._publish_ids = itertools.count(1)
-        self._by_publish_id: dict[int, _Outgoing] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -287,10 +254,7 @@ class BrokerLink:
         outage = self._outage
         if outage is not None:
             return outage.explain()
-        stuck = dict(self._not_confirming)
-        if routing_key is not None:
-            return stuck.get(routing_key)
-        return next(iter(stuck.values()), None)
+        return self._confirms.trouble(routing_key)
 
     @property
     def failure(self) -> BaseException | None:
@@ -324,7 +288,7 @@ class BrokerLink:
         if self._stopped.is_set():
             future.set_exception(LinkClosed(f"link {self._name} is closed"))
             return future
-        out = _Outgoing(exchange, routing_key, body, properties, mandatory, future)
+        out = Outgoing(exchange, routing_key, body, properties, mandatory, future)
         self._ioloop.add_callback_threadsafe(lambda: self._send(out))
         return future
 
@@ -365,11 +329,7 @@ class BrokerLink:
             done.set_result(None)
             return done
 
-        def check() -> None:
-            self._settled_waiters.append(done)
-            self._wake_settled_waiters()
-
-        self._ioloop.add_callback_threadsafe(check)
+        self._ioloop.add_callback_threadsafe(lambda: self._confirms.add_settled_waiter(done))
         return done
 
     def ack(self, delivery: Delivery) -> None:
@@ -410,10 +370,6 @@ class BrokerLink:
         self._ioloop.add_callback_threadsafe(lambda: self._delete_queue(queue, future))
         return future
 
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        """Runs `fn` on the I/O thread (for owners that need its ordering)."""
-        self._ioloop.add_callback_threadsafe(fn)
-
     # ------------------------------------------------------------ I/O thread
 
     def _run(self) -> None:
@@ -438,7 +394,7 @@ class BrokerLink:
             for waiter in self._cancel_waiters:
                 if not waiter.done():
                     waiter.set_result(None)  # no connection, no consumers
-            self._wake_settled_waiters()  # nothing is pending any more
+            self._confirms.wake_settled_waiters()  # nothing is pending any more
             self._stopped.set()
             self._started.set()
             self._ioloop.close()
@@ -550,10 +506,8 @@ class BrokerLink:
 
     def _on_channel_open(self, channel: Any) -> None:
         self._channel = channel
-        self._last_confirm_at = time.monotonic()
-        self._not_confirming.clear()
+        self._confirms.channel_opened()
         self._generation += 1
-        self._next_tag = 1
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
         channel.add_on_cancel_callback(self._on_consumer_cancelled)
@@ -562,7 +516,7 @@ class BrokerLink:
     def _on_confirm_ok(self, _frame: Any) -> None:
         channel = self._channel
         try:
-            topology.declare_async(
+            declare_async(
                 channel, list(self._declarations()), self._on_declared, passive=self._passive
             )
         except Exception as e:  # a bad declaration list is the caller's bug: stop loudly
@@ -586,8 +540,8 @@ class BrokerLink:
         self._down_since = None
         self._home_node_down_reported = False
         # Everything not confirmed on the lost channel goes out again first.
-        while self._outbox:
-            self._send(self._outbox.popleft())
+        while (out := self._confirms.next_queued()) is not None:
+            self._send(out)
         self._started.set()
 
     def _connection_url(self) -> str:
@@ -636,7 +590,7 @@ class BrokerLink:
                 )
             case refusals.Cause.NOT_FOUND if self._passive:
                 # Topology this user may not create, and nobody loaded.
-                self._stop_for_good(topology.missing_message(refusal.text), "broker_refused")
+                self._stop_for_good(missing_message(refusal.text), "broker_refused")
             case refusals.Cause.TOO_LARGE:
                 self._reopen_channel()
             case _ if declaring:
@@ -702,24 +656,8 @@ class BrokerLink:
         for future in deletes:
             if not future.done():
                 future.set_exception(BrokerError("the channel closed before the queue was deleted"))
-        pending = [self._unconfirmed[tag] for tag in sorted(self._unconfirmed)]
-        self._unconfirmed.clear()
-        self._by_publish_id.clear()
-        for out in pending:
-            out.returned = None
-        too_large = [out for out in pending if len(out.body) > self.max_message_bytes]
-        for out in too_large:
-            # Over the limit the broker just told us (`_learn_size_limit`):
-            # sending it again would only close the channel again.
-            out.future.set_exception(
-                MessageTooLarge(
-                    f"message of {len(out.body)} bytes for {out.exchange or 'default'}/"
-                    f"{out.routing_key} was refused by the broker: over its limit of "
-                    f"{self.max_message_bytes} bytes (max_message_size)"
-                )
-            )
-        pending = [out for out in pending if len(out.body) <= self.max_message_bytes]
-        self._outbox.extendleft(reversed(pending))
+        # Those over the limit the broker just told (`_learn_size_limit`) fail.
+        self._confirms.requeue_unconfirmed(self.max_message_bytes)
 
     def _learn_size_limit(self, refusal: refusals.Refusal) -> None:
         """Lowers `max_message_bytes` to the broker's own limit when it refused a message.
@@ -836,30 +774,21 @@ class BrokerLink:
         else:
             channel.basic_reject(delivery.delivery_tag, requeue=requeue)
 
-    def _send(self, out: _Outgoing) -> None:
+    def _send(self, out: Outgoing) -> None:
         if out.future.done():
             return
         if self._unavailable is not None:
             out.future.set_exception(self._unavailable)
             return
         if not self._ready or self._channel is None:
-            self._outbox.append(out)
+            self._confirms.queue(out)
             return
-        publish_id = next(self._publish_ids)
-        properties = out.properties
-        headers = dict(properties.headers or {})
-        headers[_PUBLISH_ID_HEADER] = publish_id
-        properties.headers = headers
-        tag = self._next_tag
-        self._next_tag += 1
-        self._unconfirmed[tag] = out
-        self._by_publish_id[publish_id] = out
-        out.sent_at = time.monotonic()
+        tag = self._confirms.track(out)
         if self._sweep_timer is None:
             self._sweep_timer = self._ioloop.call_later(1.0, self._sweep_overdue)
         try:
             self._channel.basic_publish(
-                out.exchange, out.routing_key, out.body, properties, mandatory=out.mandatory
+                out.exchange, out.routing_key, out.body, out.properties, mandatory=out.mandatory
             )
         except (
             pika.exceptions.ChannelWrongStateError,
@@ -874,124 +803,37 @@ class BrokerLink:
             # nothing went out and the broker will never confirm this tag. Give
             # the tag back, or every later confirm on this channel would settle
             # the wrong message (found by tests/faults/test_poison.py).
-            del self._unconfirmed[tag]
-            self._by_publish_id.pop(publish_id, None)
-            self._next_tag = tag
+            self._confirms.untrack(tag)
             out.future.set_exception(
                 BrokerError(f"message for {out.routing_key!r} could not be encoded: {_describe(e)}")
             )
 
     def _sweep_overdue(self) -> None:
-        """Fails publishes the broker has left unconfirmed; runs every second while any waits.
+        """Fails publishes the broker has left unconfirmed (`ConfirmTracker.sweep`).
 
-        A publish fails once it has waited `confirm_timeout` s and the
-        broker has confirmed nothing on this channel for as long: a broker
-        working through a backlog (large slices, flow control) keeps
-        confirming, one that cannot take messages (a quorum queue without its
-        majority, a memory alarm) says nothing. The broker may still take
-        such a message later; the caller has been told it failed, and its
-        retry is a new task with a new id (a late copy runs until its own
-        deadline and its reply is dropped).
+        Runs every second while any publish awaits its confirm.
         """
         self._sweep_timer = None
-        now = time.monotonic()
-        overdue: list[_Outgoing] = []
-        if now - self._last_confirm_at > self._confirm_timeout:
-            for tag, out in list(self._unconfirmed.items()):
-                if now - out.sent_at > self._confirm_timeout:
-                    del self._unconfirmed[tag]
-                    self._by_publish_id.pop(
-                        (out.properties.headers or {}).get(_PUBLISH_ID_HEADER), None
-                    )
-                    overdue.append(out)
-        for out in overdue:
-            # Before the futures fail: their callbacks may ask `trouble`.
-            self._not_confirming[out.routing_key] = (
-                f"the broker has confirmed nothing for {self._confirm_timeout:g} s, messages "
-                f"to {out.exchange or 'amq.default'}/{out.routing_key} included: the queue "
-                "cannot take them now (a quorum queue without a majority of its nodes up, or "
-                "a broker in a memory or disk alarm)"
-            )
-        for out in overdue:
-            if not out.future.done():
-                out.future.set_exception(
-                    BrokerError(
-                        f"the broker has not confirmed a message for "
-                        f"{out.exchange or 'amq.default'}/{out.routing_key} within "
-                        f"{self._confirm_timeout:g} s: the queue it was routed to cannot take "
-                        "it now; a quorum queue does not when a majority of the cluster's "
-                        "nodes is down (it resumes when enough are back, see docs/deploy.md), "
-                        "nor does a broker in a memory or disk alarm"
-                    )
-                )
-        if overdue:
-            self._log.warning(
-                "publish_not_confirmed", messages=len(overdue), timeout_s=self._confirm_timeout
-            )
-            self._wake_settled_waiters()
-        if self._unconfirmed and not self._closing:
+        self._confirms.sweep()
+        if self._confirms.awaiting_confirm and not self._closing:
             self._sweep_timer = self._ioloop.call_later(1.0, self._sweep_overdue)
 
     def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
-        publish_id = (properties.headers or {}).get(_PUBLISH_ID_HEADER)
-        out = self._by_publish_id.get(publish_id)
         reason = f"{method.reply_text} (exchange {method.exchange!r}, key {method.routing_key!r})"
-        if out is not None:
-            out.returned = reason
+        self._confirms.returned(properties, reason)
         if self._on_returned is not None:
             self._on_returned(properties, reason)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
-        acked = isinstance(method, pika.spec.Basic.Ack)
-        if method.multiple:
-            tags = [t for t in self._unconfirmed if t <= method.delivery_tag]
-        else:
-            tags = [method.delivery_tag] if method.delivery_tag in self._unconfirmed else []
-        self._last_confirm_at = time.monotonic()
-        for tag in tags:
-            out = self._unconfirmed.pop(tag)
-            if acked:
-                self._not_confirming.pop(out.routing_key, None)
-            publish_id = (out.properties.headers or {}).get(_PUBLISH_ID_HEADER)
-            self._by_publish_id.pop(publish_id, None)
-            if out.future.done():
-                continue
-            if not acked:
-                out.future.set_exception(
-                    BrokerError(
-                        f"broker refused (nack) a message for {out.exchange or 'amq.default'}/"
-                        f"{out.routing_key}: the queue it was routed to is full (its "
-                        "max-length-bytes policy rejects publishes; retry once its consumer "
-                        "has caught up) or has no quorum (a majority of the cluster's nodes "
-                        "is down; it takes messages again when enough are back, see "
-                        "docs/deploy.md)"
-                    )
-                )
-            elif out.returned is not None:
-                out.future.set_exception(Unroutable(out.returned))
-            else:
-                out.future.set_result(None)
-        self._wake_settled_waiters()
+        self._confirms.confirmed(
+            method.delivery_tag,
+            multiple=bool(method.multiple),
+            acked=isinstance(method, pika.spec.Basic.Ack),
+        )
 
     def _fail_everything(self, error: BaseException) -> None:
-        pending = list(self._outbox) + list(self._unconfirmed.values())
-        self._outbox.clear()
-        self._unconfirmed.clear()
-        self._by_publish_id.clear()
-        for out in pending:
-            if not out.future.done():
-                out.future.set_exception(error)
-        self._wake_settled_waiters()
-
-    def _wake_settled_waiters(self) -> None:
-        """Resolves the `all_settled` futures when nothing awaits a confirm."""
-        if self._outbox or self._unconfirmed or not self._settled_waiters:
-            return
-        waiters, self._settled_waiters = self._settled_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._confirms.fail_all(error)
 
     def _begin_close(self) -> None:
         self._closing = True
@@ -1031,11 +873,6 @@ def all_confirmed(
     for future in futures:
         future.add_done_callback(one_done)
     return combined
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
 
 
 def default_properties(**kwargs: Any) -> pika.BasicProperties:

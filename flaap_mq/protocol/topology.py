@@ -37,18 +37,20 @@ classic queue held it exactly (docs/security.md, Known weaknesses).
 On a locked-down broker the administrator loads this topology ahead of time
 (`flaap-mq admin definitions`, generated from these same declarations) and
 the clients have no configure permission on it. They then declare it
-passively (`passive=True` below): each shared exchange and queue is only
-checked to exist; bindings, which AMQP cannot check, are left to the
-administrator; what a client owns itself (a coordinator's reply queue) is
-still declared. `BrokerLink` switches to that on the broker's first
-ACCESS_REFUSED.
+passively: each shared exchange and queue (`shared=True`) is only checked to
+exist; bindings, which AMQP cannot check, are left to the administrator;
+what a client owns itself (a coordinator's reply queue) is still declared.
+
+This module is data only. Sending it to a broker (the pika channel calls,
+passive or not) is `flaap_mq.broker.declare`; `BrokerLink` switches to
+passive on the broker's first ACCESS_REFUSED.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 # How often a quorum queue redelivers a task before dead-lettering it with
@@ -184,91 +186,3 @@ def reply_declarations(
         Queue(queue, {"x-expires": expires_ms, "x-queue-type": "quorum"}, shared=False),
         Binding(queue, names.replies_exchange, job_id, shared=False),
     ]
-
-
-def is_access_refused(error: BaseException) -> bool:
-    """True for the broker's ACCESS_REFUSED (403) on a channel: no permission."""
-    return getattr(error, "reply_code", None) == 403
-
-
-def is_not_found(error: BaseException) -> bool:
-    """True for the broker's NOT_FOUND (404), e.g. a passive declare of a missing queue."""
-    return getattr(error, "reply_code", None) == 404
-
-
-def missing_message(reply_text: str) -> str:
-    """What to tell an operator when a passive declare finds nothing."""
-    return (
-        f"the broker has no such topology: {reply_text}; this user may not declare it, so an "
-        "administrator must load it (flaap-mq admin definitions ... with this silo, then "
-        "rabbitmqctl import_definitions; see docs/deploy.md)"
-    )
-
-
-def _plan(declarations: Sequence[Declaration], passive: bool) -> list[tuple[Declaration, bool]]:
-    """(declaration, declare it passively) for each one to send; see the module docstring."""
-    if not passive:
-        return [(d, False) for d in declarations]
-    # AMQP has no passive bind: a shared binding is the administrator's.
-    return [(d, d.shared) for d in declarations if not (isinstance(d, Binding) and d.shared)]
-
-
-def declare_blocking(
-    channel: Any, declarations: Sequence[Declaration], *, passive: bool = False
-) -> None:
-    """Declares on a `pika.BlockingChannel` (CLI and tests)."""
-    for decl, check_only in _plan(declarations, passive):
-        match decl:
-            case Exchange():
-                channel.exchange_declare(
-                    decl.name, decl.type, durable=decl.durable, passive=check_only
-                )
-            case Queue():
-                channel.queue_declare(
-                    decl.name, durable=decl.durable, arguments=decl.arguments, passive=check_only
-                )
-            case Binding():
-                channel.queue_bind(decl.queue, decl.exchange, routing_key=decl.routing_key)
-
-
-def declare_async(
-    channel: Any, declarations: Sequence[Declaration], on_done: Any, *, passive: bool = False
-) -> None:
-    """Declares on a pika `Channel` of a `SelectConnection`, one after another.
-
-    Declarations are chained through their completion callbacks so that a
-    binding is only sent once its queue and exchange exist. A declaration the
-    broker refuses (for example a queue declared earlier with other
-    arguments) closes the channel with the broker's reason, which the owner
-    of the channel reports.
-    """
-    pending = _plan(declarations, passive)
-
-    def next_one(_frame: Any = None) -> None:
-        if not pending:
-            on_done()
-            return
-        decl, check_only = pending.pop(0)
-        match decl:
-            case Exchange():
-                channel.exchange_declare(
-                    decl.name,
-                    decl.type,
-                    durable=decl.durable,
-                    passive=check_only,
-                    callback=next_one,
-                )
-            case Queue():
-                channel.queue_declare(
-                    decl.name,
-                    durable=decl.durable,
-                    arguments=decl.arguments,
-                    passive=check_only,
-                    callback=next_one,
-                )
-            case Binding():
-                channel.queue_bind(
-                    decl.queue, decl.exchange, routing_key=decl.routing_key, callback=next_one
-                )
-
-    next_one()

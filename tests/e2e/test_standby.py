@@ -13,6 +13,7 @@ import tensorflow_federated as tff
 from tensorflow.python.data.experimental.ops.testing import sleep as dataset_sleep
 
 import flaap_mq
+from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.protocol import topology
 from flaap_mq.testing.workers import WorkerProcess, queue_consumers
 
@@ -149,7 +150,7 @@ def test_queue_without_single_active_consumer_is_refused_with_migration_advice(
     names = topology.Names(prefix)
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     channel = connection.channel()
-    topology.declare_blocking(channel, topology.shared_declarations(names))
+    declare_blocking(channel, topology.shared_declarations(names))
     # As an older deployment would have declared it: no single active consumer.
     channel.queue_declare(
         names.silo_queue("old"),

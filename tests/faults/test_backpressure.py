@@ -18,6 +18,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import placements
 
+from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.protocol import envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 from tests.faults import support
@@ -47,7 +48,7 @@ def test_ten_thousand_queued_tasks_stay_outside_the_worker(workers, broker_url, 
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     channel = connection.channel()
     job = f"bp-{uuid.uuid4().hex[:8]}"
-    topology.declare_blocking(channel, topology.reply_declarations(names, job))
+    declare_blocking(channel, topology.reply_declarations(names, job))
     reply_queue = names.reply_queue(job)
 
     incarnation = ""

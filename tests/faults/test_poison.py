@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from tensorflow_federated.proto.v0 import executor_pb2
 
+from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.protocol import envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 from tests.faults import support
@@ -163,7 +164,7 @@ def test_a_thousand_poison_tasks_end_in_the_dead_letter_queue(workers, broker_ur
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     channel = connection.channel()
     reply_job = "poison-replies"
-    topology.declare_blocking(channel, topology.reply_declarations(names, reply_job))
+    declare_blocking(channel, topology.reply_declarations(names, reply_job))
     channel.confirm_delivery()
     rss_before = support.rss_bytes(worker.pid)
     sent: dict[str, int] = {}

@@ -28,6 +28,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import placements
 
+from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.coordinator import errors
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.protocol import chunking, envelope, topology, wire
@@ -124,7 +125,7 @@ class HostileCoordinator:
         self.job_id = f"hostile-{uuid.uuid4().hex[:8]}"
         self.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
         self.channel = self.connection.channel()
-        topology.declare_blocking(
+        declare_blocking(
             self.channel,
             topology.shared_declarations(self.names)
             + topology.reply_declarations(self.names, self.job_id),

@@ -11,6 +11,7 @@ import pika
 import pika.exceptions
 import pytest
 
+from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.protocol import topology
 from flaap_mq.testing.cli import run_cli
 
@@ -23,7 +24,7 @@ def channel(
     names = topology.Names(prefix)
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     channel = connection.channel()
-    topology.declare_blocking(
+    declare_blocking(
         channel,
         topology.shared_declarations(names)
         + topology.silo_declarations(names, ["idle", "busy", "held"]),

@@ -20,6 +20,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import placements
 
+from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.coordinator import errors
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.protocol import topology
@@ -103,7 +104,7 @@ def test_a_worker_that_goes_away_while_a_task_waits_is_warned_about(
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     try:
         channel = connection.channel()
-        topology.declare_blocking(
+        declare_blocking(
             channel,
             topology.shared_declarations(names) + topology.silo_declarations(names, ["quiet"]),
         )

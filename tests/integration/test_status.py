@@ -12,6 +12,7 @@ import pika
 import portpicker
 import pytest
 
+from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.protocol import topology
 from flaap_mq.testing.broker import PrivateBrokerNode
 from flaap_mq.testing.workers import WorkerProcess
@@ -67,9 +68,7 @@ def test_status_shows_active_and_standby_workers_offline_silos_and_dead_letters(
         # A dead letter: a malformed task, which the worker rejects (reason in its log).
         connection = pika.BlockingConnection(pika.URLParameters(node.url))
         channel = connection.channel()
-        topology.declare_blocking(
-            channel, topology.silo_declarations(topology.Names("st"), ["offline"])
-        )
+        declare_blocking(channel, topology.silo_declarations(topology.Names("st"), ["offline"]))
         channel.basic_publish("st.tasks", "a", b"garbage", pika.BasicProperties(delivery_mode=2))
         connection.close()
         _wait_for(lambda: '"task_dead_lettered"' in "".join(w.log_text() for w in workers))
@@ -109,7 +108,7 @@ def test_status_shows_active_and_standby_workers_offline_silos_and_dead_letters(
 def test_status_with_no_silo_named_lists_every_silo_queue_under_the_prefix(node):
     connection = pika.BlockingConnection(pika.URLParameters(node.url))
     names = topology.Names("listed")
-    topology.declare_blocking(
+    declare_blocking(
         connection.channel(),
         topology.shared_declarations(names) + topology.silo_declarations(names, ["x", "y-2"]),
     )

@@ -6,6 +6,7 @@ import time
 
 import pika
 
+from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.protocol import topology
 from flaap_mq.testing.cli import run_cli
 
@@ -29,7 +30,7 @@ def test_topology_command_declares_and_lists_queues(broker_url, prefix):
     names = topology.Names(prefix)
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     try:
-        topology.declare_blocking(
+        declare_blocking(
             connection.channel(),
             topology.shared_declarations(names) + topology.silo_declarations(names, ["a", "b"]),
         )

@@ -20,6 +20,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import placements
 
+from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.testing.workers import WorkerProcess
@@ -35,7 +36,7 @@ class RawCoordinator:
         self.job_id = f"raw-{uuid.uuid4().hex[:8]}"
         self.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
         self.channel = self.connection.channel()
-        topology.declare_blocking(
+        declare_blocking(
             self.channel,
             topology.shared_declarations(self.names)
             + topology.reply_declarations(self.names, self.job_id),
@@ -236,7 +237,7 @@ def test_expired_task_is_dead_lettered_by_the_broker_not_run(broker_url, prefix)
     # No worker: the task expires in the silo queue.
     coordinator = RawCoordinator(broker_url, prefix)
     try:
-        topology.declare_blocking(
+        declare_blocking(
             coordinator.channel, topology.silo_declarations(coordinator.names, ["idle"])
         )
         body = _get_executor_task("t7", silo_id="idle").SerializeToString()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flaap_mq.broker.declare import declare_async, declare_blocking
 from flaap_mq.protocol import topology
 
 
@@ -35,7 +36,7 @@ def _coordinator_declarations(names: topology.Names) -> list[topology.Declaratio
 
 def test_active_declares_everything():
     channel = RecordingChannel()
-    topology.declare_blocking(channel, _coordinator_declarations(topology.Names("p")))
+    declare_blocking(channel, _coordinator_declarations(topology.Names("p")))
     assert all(not passive for _, _, passive in channel.calls)
     assert ("bind", "p.tasks->p.silo.a", False) in channel.calls
 
@@ -46,9 +47,9 @@ def test_passive_checks_shared_topology_and_still_declares_the_reply_queue():
         channel = RecordingChannel()
         done = []
         if declare == "blocking":
-            topology.declare_blocking(channel, _coordinator_declarations(names), passive=True)
+            declare_blocking(channel, _coordinator_declarations(names), passive=True)
         else:
-            topology.declare_async(
+            declare_async(
                 channel, _coordinator_declarations(names), lambda d=done: d.append(1), passive=True
             )
             assert done == [1]

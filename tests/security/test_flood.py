@@ -44,6 +44,7 @@ import psutil
 import pytest
 
 from flaap_mq.admin import definitions
+from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.broker.urls import BrokerAddress
 from flaap_mq.protocol import topology
 from flaap_mq.testing.broker import PrivateBrokerNode
@@ -260,7 +261,7 @@ def test_a_silo_flooding_replies_raises_no_alarm_and_the_coordinator_carries_on(
     flood = None
     try:
         channel = coordinator.channel()
-        topology.declare_blocking(channel, topology.reply_declarations(NAMES, job), passive=True)
+        declare_blocking(channel, topology.reply_declarations(NAMES, job), passive=True)
 
         flood = _flood(node, FLOODER, job)
 

@@ -26,6 +26,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 
 import flaap_mq
 from flaap_mq.admin import definitions
+from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.broker.link import BrokerRefused
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.examples import temperature_average
@@ -146,7 +147,7 @@ def test_worker_dead_letters_a_malformed_task_without_writing_to_the_dead_letter
     coordinator = secure_broker.connect(secure_broker.url(COORDINATOR))
     try:
         channel = coordinator.channel()
-        topology.declare_blocking(channel, topology.reply_declarations(NAMES, job), passive=True)
+        declare_blocking(channel, topology.reply_declarations(NAMES, job), passive=True)
         channel.confirm_delivery()
         channel.basic_publish(
             NAMES.tasks_exchange,
@@ -255,7 +256,7 @@ def test_silo_cannot_read_a_reply_queue(secure_broker):
     job = f"job-{uuid.uuid4().hex[:8]}"
     coordinator = secure_broker.connect(secure_broker.url(COORDINATOR))
     try:
-        topology.declare_blocking(
+        declare_blocking(
             coordinator.channel(), topology.reply_declarations(NAMES, job), passive=True
         )
         refused = _refused(
