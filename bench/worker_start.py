@@ -44,8 +44,8 @@ from flaap_mq.protocol import envelope, topology
 from flaap_mq.protocol.v1 import tff_executor_pb2
 from flaap_mq.testing.broker import throwaway_broker
 from flaap_mq.testing.workers import WorkerProcess, queue_consumers, worker_binaries_of
+from flaap_mq.worker.pipeline import read_request, with_service_refs
 from flaap_mq.worker.values import ValueTable
-from flaap_mq.worker.worker import SiloWorker
 
 MB = 1024 * 1024
 RSS_GOAL_MB = 100.0
@@ -152,7 +152,7 @@ def measure_requests(repeats: int = 5, calls: int = 20_000) -> dict[str, Any]:
     task, payload = _request(envelope.RequestKind.CREATE_VALUE, create_value.SerializeToString())
     spec = envelope.KINDS[task.kind]
     create_value_ms = [
-        timeit.timeit(lambda: SiloWorker._read_request(task, spec, payload), number=1) * 1000
+        timeit.timeit(lambda: read_request(task, spec, payload), number=1) * 1000
         for _ in range(repeats)
     ]
 
@@ -170,8 +170,8 @@ def measure_requests(repeats: int = 5, calls: int = 20_000) -> dict[str, Any]:
     call_spec = envelope.KINDS[call_task.kind]
 
     def rewrite() -> bytes | None:
-        _, _, request = SiloWorker._read_request(call_task, call_spec, call_payload)
-        return SiloWorker._with_service_refs(call_task.kind, request, values, None)
+        _, _, request = read_request(call_task, call_spec, call_payload)
+        return with_service_refs(call_task.kind, request, values, None)
 
     rewrite_us = timeit.timeit(rewrite, number=calls) / calls * 1e6
     return {

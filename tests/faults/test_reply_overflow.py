@@ -25,7 +25,7 @@ from tensorflow_federated.python.core.impl.types import placements
 
 from flaap_mq.protocol import envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
-from flaap_mq.worker import worker as worker_module
+from flaap_mq.worker import request as request_module
 from tests.faults import support
 
 SILO = "a"
@@ -95,7 +95,7 @@ def test_a_reply_refused_by_a_full_reply_queue_is_sent_again_from_the_cache(
         refused = _events(fleet, "reply_not_confirmed", task_id)[0]
         assert "broker refused (nack)" in refused["error"]
         assert "max-length-bytes" in refused["error"]
-        assert refused["requeue_in_s"] == worker_module.REQUEUE_FIRST_PAUSE_S
+        assert refused["requeue_in_s"] == request_module.REQUEUE_FIRST_PAUSE_S
         # The coordinator catches up: its replies have room again. (A queue
         # with room is bound before the full one goes, so that no reply is
         # ever unroutable in between, which the worker would take as "the

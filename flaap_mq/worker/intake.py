@@ -1,0 +1,148 @@
+"""Intake: what the worker does with a delivery on the link's I/O thread.
+
+Each delivery becomes a `TaskRequest`. Its envelope is read here (the
+request stays a view of the body), so that a slice of a large task is told
+by its `Chunk`, as the coordinator tells its replies, and collected here in
+delivery order; only a whole task goes on to the pool, which joins the
+slices. A Create* task's value is announced here, in delivery order, before
+any later task can name it, and each task gets its place in delivery order
+(`InFlight`), which a disposal waits on. All of it is quick: the I/O thread
+must hand the work off and return.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+from flaap_mq.broker.link import Delivery
+from flaap_mq.protocol import chunking, envelope
+from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.worker.pipeline import Payload
+from flaap_mq.worker.request import TaskRequest
+from flaap_mq.worker.values import ValueTable
+
+# A task read from its message(s), request apart.
+Read = tuple[task_pb2.Task, Payload]
+
+
+class InFlight:
+    """Delivery sequence numbers of the tasks handed to the pool and not yet finished."""
+
+    def __init__(self) -> None:
+        self._sequences: set[int] = set()
+        self._changed = threading.Condition()
+        self._next = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._sequences)
+
+    def enter(self) -> int:
+        """A new task's sequence number, later than every one before it."""
+        sequence = next(self._next)
+        with self._changed:
+            self._sequences.add(sequence)
+        return sequence
+
+    def leave(self, sequence: int) -> None:
+        with self._changed:
+            self._sequences.discard(sequence)
+            self._changed.notify_all()
+
+    def wait_for_earlier(self, sequence: int, deadline: float | None) -> bool:
+        """Waits until every task delivered before `sequence` has finished.
+
+        False at the monotonic `deadline`. A disposal must not overtake a
+        task sent before it, which may still be about to use the value (or
+        executor) disposed of. Those tasks only ever wait for tasks
+        delivered before them, so this cannot deadlock.
+        """
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: all(s >= sequence for s in self._sequences), timeout
+            )
+
+
+class Intake:
+    """Turns deliveries into requests handed to `submit(request, sequence, whole)`.
+
+    `whole` is the task read from its message(s), or None when its envelope
+    could not be read (the pool reads it again, and refuses it with the
+    reason).
+    """
+
+    def __init__(
+        self,
+        *,
+        new_request: Callable[[Delivery], TaskRequest],
+        submit: Callable[[TaskRequest, int, Read | None], object],
+        collector: chunking.Collector,
+        values: ValueTable,
+        in_flight: InFlight,
+        log: structlog.stdlib.BoundLogger,
+    ) -> None:
+        self._new_request = new_request
+        self._submit = submit
+        self._collector = collector
+        self._values = values
+        self._in_flight = in_flight
+        self._log = log
+        self._active_generation = -1  # channel generation of the first task seen
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        """Runs on the I/O thread: hand the task to the pool and return."""
+        if delivery.generation != self._active_generation:
+            self._active_generation = delivery.generation
+            self._log.info("worker_active", detail="this worker now receives the silo's tasks")
+        request = self._new_request(delivery)
+        self._collector.expire()
+        whole: Read | None = None
+        try:
+            whole = envelope.read_task(delivery.body)
+        except envelope.MalformedEnvelope:
+            pass  # the pool reads it again, and dead-letters it with the reason
+        else:
+            if chunking.is_chunked(whole[0].chunk):
+                whole = self._collect_slice(request, *whole)
+                if whole is None:
+                    return
+        # Announced in delivery order, before any later task can name it; a
+        # sliced task once its last slice is in, so that slices that never
+        # make a whole leave nothing behind (the coordinator sends every
+        # slice of a task before any task that names its value).
+        spec = envelope.spec_named(delivery.properties.type)
+        if spec is not None and spec.creates_value and delivery.properties.message_id:
+            self._values.announce(delivery.properties.message_id)
+        self._submit(request, self._in_flight.enter(), whole)
+
+    def _collect_slice(
+        self, request: TaskRequest, task: task_pb2.Task, payload: memoryview
+    ) -> Read | None:
+        """Stores one slice of a large task; the task and all its slices once complete.
+
+        Slices before the last are acked once stored (`TaskRequest.slice_stored`).
+        The collector bounds what coordinators' slices can make this process
+        hold (`chunking.Limits`, `--max-pending-transfer-bytes`), and drops a
+        partial task at its deadline. A task refused there (declared too
+        large, slices that lie) is answered CHUNK_INVALID like any bad slices.
+        """
+        try:
+            parts = self._collector.add(
+                task.task_id,
+                task.chunk,
+                payload,
+                expires_at=chunking.monotonic_deadline(task.deadline_unix_ms),
+            )
+        except chunking.ChunkError as e:
+            task.ClearField("chunk")
+            return task, e  # answered CHUNK_INVALID by the pool, like any task
+        if parts is None:
+            request.slice_stored()
+            return None
+        task.ClearField("chunk")
+        return task, parts
