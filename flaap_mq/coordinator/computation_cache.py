@@ -21,8 +21,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Awaitable, Callable
 
-from tensorflow_federated.python.core.impl.computation import computation_impl
-from tensorflow_federated.python.core.impl.executors import executor_value_base
+from flaap_mq.tff_internals import computation_impl, executor_value_base
 
 DEFAULT_MAX_ENTRIES = 16
 

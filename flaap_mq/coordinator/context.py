@@ -8,9 +8,11 @@
   to TFF's mergeable form, runs `up_to_merge` on every silo side by side with
   its share of the clients, merges the partial results on the coordinator
   (in a `LocalMergeContext` over a `worker_binary` it owns, so that no silo
-  sees another silo's partial aggregate), and runs `after_merge` on the silos
-  with the merged result. The clients are split by `partitioning`, not by TFF 0.87's
-  own splitter, which silently gives wrong answers for some argument shapes.
+  sees another silo's partial aggregate), and runs `after_merge` there too,
+  unless its result has a per-client part: then on the silos, which hold the
+  CLIENTS-placed values, with only the merged result. The clients are split
+  by `partitioning`, not by TFF 0.87's own splitter, which silently gives
+  wrong answers for some argument shapes.
 
 Retries: TFF's `AsyncExecutionContext` retries an invocation that raises
 `RetryableError` forever (30 s apart at most); a silo that is gone for good
@@ -30,15 +32,6 @@ import weakref
 from collections.abc import Mapping, Sequence
 
 import tenacity
-from tensorflow_federated.python.core.backends.native import compiler, mergeable_comp_compiler
-from tensorflow_federated.python.core.environments.tensorflow_frontend import (
-    tensorflow_computation,
-)
-from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
-from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
-from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
-from tensorflow_federated.python.core.impl.executors import executors_errors
-from tensorflow_federated.python.core.impl.types import placements
 
 from flaap_mq import config as federation_config
 from flaap_mq.broker.link import DEFAULT_MAX_MESSAGE_BYTES
@@ -52,11 +45,19 @@ from flaap_mq.coordinator.task_client import DEFAULT_SILO_GRACE_S, TaskClient
 from flaap_mq.executor import ExecutorNetwork
 from flaap_mq.logs import get_logger
 from flaap_mq.protocol import chunking, topology
+from flaap_mq.tff_internals import (
+    async_execution_context,
+    compiler,
+    context_stack_impl,
+    executors_errors,
+    invoke_once,
+    mergeable_comp_compiler,
+    placements,
+    python_executor_stacks,
+    tensorflow_computation,
+)
 
 log = get_logger("flaap_mq.coordinator")
-
-# TFF's own retry loop, without its unbounded retry decorator.
-_tff_invoke_once = async_execution_context.AsyncExecutionContext.invoke.__wrapped__
 
 
 class SiloExecutionContext(async_execution_context.AsyncExecutionContext):
@@ -79,7 +80,7 @@ class SiloExecutionContext(async_execution_context.AsyncExecutionContext):
         )
         async for attempt in retrying:
             with attempt:
-                return await _tff_invoke_once(self, comp, arg)
+                return await invoke_once(self, comp, arg)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     def _log_retry(self, state: tenacity.RetryCallState) -> None:

@@ -8,10 +8,9 @@ execution context retries those a bounded number of times.
 
 from __future__ import annotations
 
-from tensorflow_federated.python.core.impl.executors import executors_errors
-
 from flaap_mq.protocol import envelope
 from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.tff_internals import executors_errors
 
 
 class SiloError(RuntimeError):

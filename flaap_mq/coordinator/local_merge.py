@@ -26,26 +26,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tensorflow_federated.python.core.backends.native import compiler
-from tensorflow_federated.python.core.environments.tensorflow_frontend import (
-    tensorflow_computation,
-)
-from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
-from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
-from tensorflow_federated.python.core.impl.executors import (
-    remote_executor,
-    remote_executor_grpc_stub,
-)
-from tensorflow_federated.python.core.impl.types import placements
-
 from flaap_mq.coordinator.computation_cache import ComputationCache
 from flaap_mq.executor import ExecutorNetwork, ExecutorService
+from flaap_mq.tff_internals import (
+    async_execution_context,
+    compiler,
+    invoke_once,
+    placements,
+    python_executor_stacks,
+    remote_executor,
+    remote_executor_grpc_stub,
+    tensorflow_computation,
+)
 
 __all__ = ["LocalMergeContext", "create_local_merge_context"]
-
-# TFF's invoke without its retry decorator, which retries a `RetryableError`
-# (e.g. the local executor is gone) forever: a failed merge must fail the call.
-_tff_invoke_once = async_execution_context.AsyncExecutionContext.invoke.__wrapped__
 
 
 class _CachingRemoteExecutor(remote_executor.RemoteExecutor):
@@ -99,7 +93,7 @@ class LocalMergeContext(async_execution_context.AsyncExecutionContext):
 
     async def invoke(self, comp: object, arg: object) -> object:
         self.merges_run += 1
-        return await _tff_invoke_once(self, comp, arg)
+        return await invoke_once(self, comp, arg)
 
     def close(self) -> None:
         # Executors first: their cached values are disposed of over the channel.

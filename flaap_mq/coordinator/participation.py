@@ -35,15 +35,15 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tensorflow_federated.python.core.impl.context_stack import context_base
-from tensorflow_federated.python.core.impl.execution_contexts import (
-    mergeable_comp_execution_context,
-)
-from tensorflow_federated.python.core.impl.types import computation_types, type_analysis
-
 from flaap_mq.coordinator import errors, partitioning
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.logs import get_logger
+from flaap_mq.tff_internals import (
+    computation_types,
+    context_base,
+    mergeable_comp_execution_context,
+    type_analysis,
+)
 
 log = get_logger("flaap_mq.coordinator")
 

@@ -57,35 +57,20 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from tensorflow_federated.python.common_libs import py_typecheck, structure
-from tensorflow_federated.python.core.impl.computation import computation_base
-from tensorflow_federated.python.core.impl.context_stack import context_base
-from tensorflow_federated.python.core.impl.execution_contexts import (
-    mergeable_comp_execution_context,
-)
-from tensorflow_federated.python.core.impl.executors import cardinalities_utils
-from tensorflow_federated.python.core.impl.types import (
+from flaap_mq import tff_internals as tffi
+from flaap_mq.tff_internals import (
+    cardinalities_utils,
+    computation_base,
     computation_types,
+    context_base,
+    mergeable_comp_execution_context,
     placements,
+    py_typecheck,
+    structure,
     type_analysis,
     type_conversions,
     typed_object,
 )
-
-# TFF's private helpers for running a `MergeableCompForm` over a pool of async
-# contexts.  They hold the execution logic (up_to_merge on every silo, merge,
-# after_merge, repackaging) that should stay TFF's; only the one that loses the
-# order of the parts (`_invoke_after_merge_in_async_pool`, see
-# `_invoke_after_merge_in_order`) is not used.  Re-check them when upgrading TFF
-# (pinned to 0.87.0 in pyproject.toml).
-_compute_after_merged = mergeable_comp_execution_context._compute_after_merged
-_invoke_up_to_merge_and_return_context = (
-    mergeable_comp_execution_context._invoke_up_to_merge_and_return_context
-)
-_merge_results = mergeable_comp_execution_context._merge_results
-_invoke_merge_in_async_pool = mergeable_comp_execution_context._invoke_merge_in_async_pool
-_repackage_partitioned_values = mergeable_comp_execution_context._repackage_partitioned_values
-_run_in_async_context_pool = mergeable_comp_execution_context._run_in_async_context_pool
 
 __all__ = [
     "PartitionedArgument",
@@ -201,9 +186,9 @@ def split_over_silos(
 ) -> list[object]:
     """Splits `value`'s clients over up to `num_silos` silos.
 
-    Same contract as TFF 0.87's
-    `mergeable_comp_execution_context._split_value_into_subrounds`, without its
-    bug (see the module docstring):
+    Same contract as TFF 0.87's `_split_value_into_subrounds` (in
+    `mergeable_comp_execution_context`), without its bug (see the module
+    docstring):
 
     * If `value` has no non-all-equal `tff.CLIENTS`-placed part, it is returned
       `num_silos` times: the computation may still do CLIENTS-placed work with a
@@ -299,7 +284,7 @@ async def _invoke_after_merge_in_order(
     """
 
     async def run_part(index: int, part: object, context: context_base.AsyncContext):
-        return index, await _compute_after_merged(comp, part, merge_result, context)
+        return index, await tffi.compute_after_merged(comp, part, merge_result, context)
 
     def task_fn(indexed_part: tuple[int, object], context: context_base.AsyncContext):
         index, part = indexed_part
@@ -313,7 +298,7 @@ async def _invoke_after_merge_in_order(
         del context  # unused, as in TFF
         return (*results, indexed_result)
 
-    indexed_results, _ = await _run_in_async_context_pool(
+    indexed_results, _ = await tffi.run_in_async_context_pool(
         task_fn, list(enumerate(arg_list)), execution_contexts, (), postprocessing
     )
     indexed_results = sorted(indexed_results, key=lambda indexed: indexed[0])
@@ -356,7 +341,7 @@ async def _invoke_merge_on_coordinator(
     async def run_part(
         index: int, part: object, context: context_base.AsyncContext
     ) -> tuple[int, object]:
-        return index, await _invoke_up_to_merge_and_return_context(comp, part, context)
+        return index, await tffi.invoke_up_to_merge_and_return_context(comp, part, context)
 
     def task_fn(
         indexed_part: tuple[int, object], context: context_base.AsyncContext
@@ -380,10 +365,10 @@ async def _invoke_merge_on_coordinator(
             if result is _NO_RESULT_YET:
                 result = partial_result
             else:
-                result = await _merge_results(comp, result, partial_result, merge_context)
+                result = await tffi.merge_results(comp, result, partial_result, merge_context)
         return result
 
-    merged, last_context = await _run_in_async_context_pool(
+    merged, last_context = await tffi.run_in_async_context_pool(
         task_fn, list(enumerate(arg_list)), execution_contexts, _NO_RESULT_YET, postprocessing
     )
     if finished or next_part != len(arg_list):
@@ -420,7 +405,7 @@ async def _invoke_mergeable_comp_form_in_order(
     arg_list = arg.value() if arg is not None else [None] * len(execution_contexts)
 
     if merge_context is None:
-        merge_result, last_context = await _invoke_merge_in_async_pool(
+        merge_result, last_context = await tffi.invoke_merge_in_async_pool(
             comp, arg_list, execution_contexts
         )
     else:
@@ -439,14 +424,14 @@ async def _invoke_mergeable_comp_form_in_order(
         # it runs on the coordinator, which already holds every input it
         # needs, and the round saves a broker round trip.
         context = merge_context if merge_context is not None else last_context
-        return await _compute_after_merged(comp, arg_list[0], merge_result, context)
+        return await tffi.compute_after_merged(comp, arg_list[0], merge_result, context)
 
     # The one deliberate difference from TFF: results are kept in part order,
     # which `split_over_silos` makes client order.
     after_merge_results = await _invoke_after_merge_in_order(
         comp, merge_result, arg_list, execution_contexts
     )
-    return _repackage_partitioned_values(
+    return tffi.repackage_partitioned_values(
         after_merge_results, result_type_spec=comp.after_merge.type_signature.result
     )
 
@@ -454,11 +439,13 @@ async def _invoke_mergeable_comp_form_in_order(
 class SiloSplittingContext(mergeable_comp_execution_context.MergeableCompExecutionContext):
     """TFF's `MergeableCompExecutionContext`, splitting arguments correctly.
 
-    Only `invoke` is overridden, for two fixes of TFF 0.87 bugs: it wraps the
+    `invoke` differs from TFF's by two fixes of TFF 0.87 bugs: it wraps the
     argument in `PartitionedArgument` instead of TFF's
     `MergeableCompExecutionContextValue`, and runs the computation with
     `_invoke_mergeable_comp_form_in_order`, which returns CLIENTS-placed
     results in client order, instead of TFF's `_invoke_mergeable_comp_form`.
+    Beyond TFF, the constructor takes where `merge` runs (`merge_context`)
+    and which silos an invocation needs (`participation`).
     Construction, compilation to `MergeableCompForm`, running `up_to_merge` /
     `merge` / `after_merge` over the silos and repackaging results are TFF's
     helpers.  The number of parts is TFF's `num_subrounds` (by default the
@@ -520,11 +507,11 @@ class SiloSplittingContext(mergeable_comp_execution_context.MergeableCompExecuti
                 )
 
         # Note: like TFF's, this `invoke` never applies `self._transform_args`
-        # (only `transform_result` is used).  Kept as is so this class differs
-        # from TFF's only in the two bug fixes; the silo contexts apply their
-        # own argument transformations anyway.
+        # (only `transform_result` is used).  Kept as is so this method differs
+        # from TFF's only where marked; the silo contexts apply their own
+        # argument transformations anyway.
         if arg is not None:
-            # The one deliberate difference from TFF: split with
+            # Fix 1 of 2: split with
             # `split_over_silos` (via `PartitionedArgument`) rather than TFF's
             # `MergeableCompExecutionContextValue`, whose splitting sends the first
             # clients to every silo when the argument's last element is not
@@ -543,7 +530,7 @@ class SiloSplittingContext(mergeable_comp_execution_context.MergeableCompExecuti
                 comp, arg, self._async_execution_contexts, self._merge_context
             )
         else:
-            # The second deliberate difference: TFF's
+            # Fix 2 of 2: TFF's
             # `_invoke_mergeable_comp_form` returns CLIENTS-placed results in
             # the order the silos finish; this keeps them in client order.
             run = _invoke_mergeable_comp_form_in_order(

@@ -39,17 +39,18 @@ import weakref
 from collections.abc import Mapping, Sequence
 
 from tensorflow_federated.proto.v0 import executor_pb2
-from tensorflow_federated.python.common_libs import structure
-from tensorflow_federated.python.core.impl.executors import (
-    executor_base,
-    executor_value_base,
-    value_serialization,
-)
-from tensorflow_federated.python.core.impl.types import computation_types, placements
 
 from flaap_mq.coordinator.computation_cache import ComputationCache
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.protocol import envelope
+from flaap_mq.tff_internals import (
+    computation_types,
+    executor_base,
+    executor_value_base,
+    placements,
+    structure,
+    value_serialization,
+)
 
 _DISPOSE_BATCH_SIZE = 20
 

@@ -23,12 +23,9 @@ from collections.abc import Iterator
 
 import grpc
 import tensorflow_federated as tff
-from tensorflow_federated.python.core.backends.native import compiler
-from tensorflow_federated.python.core.environments.tensorflow_frontend import (
-    tensorflow_computation,
-)
 
 from flaap_mq.executor import ExecutorService
+from flaap_mq.tff_internals import compiler, tensorflow_computation
 
 __all__ = ["local_cpp_contexts"]
 
