@@ -57,12 +57,11 @@ from flaap_mq.broker.link import BrokerLink, Delivery, default_properties
 from flaap_mq.broker.urls import credential_files, parse_broker_urls
 from flaap_mq.coordinator import errors
 from flaap_mq.logs import get_logger
-from flaap_mq.protocol import chunking, envelope, topology
+from flaap_mq.protocol import amqp, chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 
 log = get_logger("flaap_mq.coordinator")
 
-TASK_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.Task"
 # While a call waits, its silo's queue is asked for its consumers this often
 # (at most; one question per silo, shared by all its calls): a silo whose
 # worker is gone is reported within this many seconds, not at the timeout.
@@ -637,26 +636,22 @@ class TaskClient:
             incarnation=incarnation,
         )
         self.requests_sent += 1
-        properties = dict(
-            # The worker announces the value a Create* task makes by this id.
-            message_id=task_id,
-            correlation_id=task_id,
-            reply_to=self.job_id if reply else None,
-            # The broker drops (dead-letters) the task at its deadline, so a
-            # silo that comes back late does not run work nobody awaits.
-            expiration=str(max(1, int(timeout_s * 1000))),
-            content_type=TASK_CONTENT_TYPE,
-            type=envelope.kind_name(task.kind),
-            app_id="flaap-mq",
-            timestamp=int(time.time()),
-        )
         messages = envelope.encode_task(task, request.payload, self._chunk_bytes)
         futures = [
             self._link.publish(
                 self._names.tasks_exchange,
                 silo_id,
                 message,
-                default_properties(**properties, headers=chunking.headers(i, len(messages))),
+                default_properties(
+                    **amqp.task_properties(
+                        task_id=task_id,
+                        kind_name=envelope.kind_name(task.kind),
+                        reply_to=self.job_id if reply else None,
+                        timeout_s=timeout_s,
+                        index=i,
+                        count=len(messages),
+                    )
+                ),
             )
             for i, message in enumerate(messages)
         ]

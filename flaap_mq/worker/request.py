@@ -33,17 +33,16 @@ import concurrent.futures
 import dataclasses
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import pika
 import structlog
 
 from flaap_mq.broker.link import Delivery, Unroutable, all_confirmed, default_properties
-from flaap_mq.protocol import chunking, envelope
+from flaap_mq.protocol import amqp, envelope
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.worker.outcome import Outcome, OutcomeKind
 
-RESULT_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.TaskResult"
 # A task whose reply the broker did not confirm (nacked: the coordinator's
 # reply queue is over its max-length-bytes; or the link lost) goes back to the
 # silo queue after this pause, doubled at each redelivery the queue counts
@@ -119,7 +118,9 @@ class TaskRequest:
         if outcome.kind is OutcomeKind.MALFORMED:
             answered = None
             if props.reply_to and props.correlation_id and outcome.messages:
-                answered = self._publish(outcome.messages[0], correlation_id=props.correlation_id)
+                answered = self._publish(
+                    outcome.messages[0], task_id=None, correlation_id=props.correlation_id
+                )
             self._dead_letter(f"malformed: {outcome.value_error}", after=answered)
         elif outcome.kind is OutcomeKind.EXPIRED:
             self._dead_letter(outcome.value_error)
@@ -145,14 +146,27 @@ class TaskRequest:
 
     # ------------------------------------------------------------------ answers
 
-    def _publish(self, message: bytes, **properties: Any) -> concurrent.futures.Future[None]:
+    def _publish(
+        self,
+        message: bytes,
+        *,
+        task_id: str | None,
+        correlation_id: str | None,
+        index: int = 0,
+        count: int = 1,
+    ) -> concurrent.futures.Future[None]:
+        properties = amqp.result_properties(
+            task_id=task_id,
+            correlation_id=correlation_id,
+            user_id=self._replies.user_id,
+            index=index,
+            count=count,
+        )
         return self._replies.link.publish(
             self._replies.exchange,
             self.properties.reply_to,
             message,
-            default_properties(
-                content_type=RESULT_CONTENT_TYPE, user_id=self._replies.user_id, **properties
-            ),
+            default_properties(**properties),
         )
 
     def _reply(self, task: task_pb2.Task, messages: tuple[bytes, ...]) -> None:
@@ -160,9 +174,10 @@ class TaskRequest:
         futures = [
             self._publish(
                 message,
+                task_id=task.task_id,
                 correlation_id=correlation_id,
-                message_id=task.task_id,
-                headers=chunking.headers(i, len(messages)),
+                index=i,
+                count=len(messages),
             )
             for i, message in enumerate(messages)
         ]
@@ -174,8 +189,8 @@ class TaskRequest:
         if self.properties.reply_to:
             answered = self._publish(
                 outcome.messages[0],
+                task_id=task.task_id,
                 correlation_id=self.properties.correlation_id or task.task_id,
-                message_id=task.task_id or None,
             )
         error = task_pb2.TaskResult.FromString(outcome.messages[0]).error
         self._dead_letter(f"{outcome.kind.value}: {error.message}", after=answered)
