@@ -25,8 +25,8 @@ import tensorflow_federated as tff
 from tensorflow.python.data.experimental.ops.testing import sleep
 
 import flaap_mq
+from flaap_mq.local.workers import WorkerFleet, WorkerProcess
 from flaap_mq.protocol import topology
-from flaap_mq.testing.workers import WorkerFleet, WorkerProcess
 
 SILO_GRACE_S = 3.0
 GOAL_SLACK_S = 3.0  # the round completes within silo_grace + this after the kill

@@ -20,8 +20,8 @@ import tensorflow_federated as tff
 import flaap_mq
 from bench.wire import WireCount, count_task_client
 from flaap_mq.coordinator.silo_executor import SiloExecutor
+from flaap_mq.local.workers import WorkerFleet
 from flaap_mq.protocol import topology
-from flaap_mq.testing.workers import WorkerFleet
 
 TASK_TIMEOUT_S = 300.0
 # Eight workers importing TensorFlow at once on a busy 2-core machine can take minutes.

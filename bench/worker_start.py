@@ -40,10 +40,10 @@ from typing import Any
 import psutil
 
 from flaap_mq.broker.urls import BROKER_URL_ENV, DEFAULT_BROKER_URL
+from flaap_mq.local.broker import throwaway_broker
+from flaap_mq.local.workers import WorkerProcess, queue_consumers, worker_binaries_of
 from flaap_mq.protocol import envelope, topology
 from flaap_mq.protocol.v1 import tff_executor_pb2
-from flaap_mq.testing.broker import throwaway_broker
-from flaap_mq.testing.workers import WorkerProcess, queue_consumers, worker_binaries_of
 from flaap_mq.worker.pipeline import read_request, with_service_refs
 from flaap_mq.worker.values import ValueTable
 

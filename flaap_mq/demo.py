@@ -47,8 +47,8 @@ def run_demo(broker_url: str, *, num_silos: int = 3, log_format: str = "console"
     import flaap_mq
     from flaap_mq.broker.urls import redact_url
     from flaap_mq.examples import temperature_average
-    from flaap_mq.testing.broker import throwaway_broker
-    from flaap_mq.testing.workers import WorkerFleet
+    from flaap_mq.local.broker import throwaway_broker
+    from flaap_mq.local.workers import WorkerFleet
 
     tf.keras.utils.set_random_seed(DEMO_SEED)  # Python's, numpy's and TensorFlow's seeds
     silos = [f"silo-{i + 1}" for i in range(num_silos)]

@@ -22,10 +22,10 @@ import pytest
 
 from flaap_mq import logs
 from flaap_mq.broker.urls import DEFAULT_BROKER_URL
+from flaap_mq.local.broker import throwaway_broker
+from flaap_mq.local.workers import WorkerFleet, all_executor_processes
 from flaap_mq.protocol import topology
-from flaap_mq.testing.broker import throwaway_broker
 from flaap_mq.testing.cli import run_cli
-from flaap_mq.testing.workers import WorkerFleet, all_executor_processes
 
 logs.quiet_tensorflow()
 logs.configure("console", "warning")

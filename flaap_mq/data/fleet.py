@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from flaap_mq.testing.workers import WorkerFleet
+from flaap_mq.local.workers import WorkerFleet
 
 
 class SiloDataFleet(WorkerFleet):

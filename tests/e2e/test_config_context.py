@@ -14,7 +14,7 @@ import tensorflow_federated as tff
 import flaap_mq
 from flaap_mq.broker.urls import redact_url
 from flaap_mq.examples import temperature_average
-from flaap_mq.testing.workers import queue_consumers
+from flaap_mq.local.workers import queue_consumers
 
 FLAAP_MQ_ENV = (
     "FLAAP_MQ_CONFIG",

@@ -18,7 +18,7 @@ from tensorflow.python.data.experimental.ops.testing import sleep as dataset_sle
 import flaap_mq
 from flaap_mq.examples import temperature_average
 from flaap_mq.executor import wait_until_gone
-from flaap_mq.testing.workers import WorkerProcess
+from flaap_mq.local.workers import WorkerProcess
 from tests.faults import support
 
 GRACE_S = 3.0

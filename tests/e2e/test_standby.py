@@ -14,8 +14,8 @@ from tensorflow.python.data.experimental.ops.testing import sleep as dataset_sle
 
 import flaap_mq
 from flaap_mq.broker.declare import declare_blocking
+from flaap_mq.local.workers import WorkerProcess, queue_consumers
 from flaap_mq.protocol import topology
-from flaap_mq.testing.workers import WorkerProcess, queue_consumers
 
 SLOW = tff.SequenceType(np.float32)
 

@@ -24,7 +24,7 @@ from tensorflow.python.data.experimental.ops.testing import sleep as dataset_sle
 
 import flaap_mq
 from flaap_mq.executor.service import wait_until_gone
-from flaap_mq.testing.workers import WorkerProcess
+from flaap_mq.local.workers import WorkerProcess
 from tests.e2e.test_standby import SLOW, _events, _timestamp, slow_total
 
 

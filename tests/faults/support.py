@@ -28,7 +28,7 @@ import pika.exceptions
 import psutil
 
 from flaap_mq.executor import wait_until_gone
-from flaap_mq.testing.workers import WorkerFleet
+from flaap_mq.local.workers import WorkerFleet
 
 # Outcomes that mean the request really ran on the executor.
 EXECUTED = frozenset({"ok", "executor_error", "deadline_exceeded", "executor_unavailable"})

@@ -14,9 +14,9 @@ import time
 import pytest
 
 import flaap_mq
+from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.local.workers import WorkerFleet
 from flaap_mq.protocol import topology
-from flaap_mq.testing.broker import PrivateBrokerNode
-from flaap_mq.testing.workers import WorkerFleet
 from tests.faults import comps, support
 from tests.faults.rounds import BackgroundRound, wait_for_pending
 

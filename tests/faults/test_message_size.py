@@ -20,8 +20,8 @@ from tensorflow_federated.python.core.impl.executors import value_serialization
 
 import flaap_mq
 from flaap_mq.coordinator.task_client import TaskClient
+from flaap_mq.local.workers import WorkerFleet
 from flaap_mq.protocol import topology
-from flaap_mq.testing.workers import WorkerFleet
 from tests.faults import comps, support
 from tests.faults.conftest import PRIVATE_MAX_MESSAGE_BYTES
 

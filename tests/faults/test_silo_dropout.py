@@ -22,8 +22,8 @@ from flaap_mq.data import digits
 from flaap_mq.data.fleet import SiloDataFleet
 from flaap_mq.data.silo import read_silo_dataset
 from flaap_mq.executor import wait_until_gone
+from flaap_mq.local.workers import WorkerProcess
 from flaap_mq.testing.tff_local import local_cpp_contexts
-from flaap_mq.testing.workers import WorkerProcess
 from flaap_mq.training.config import TrainingConfig
 from flaap_mq.training.fedavg import SiloFedAvg
 from tests.faults import support

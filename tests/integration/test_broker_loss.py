@@ -13,8 +13,8 @@ import pytest
 import tensorflow_federated as tff
 
 import flaap_mq
-from flaap_mq.testing.broker import PrivateBrokerNode
-from flaap_mq.testing.workers import WorkerFleet
+from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.local.workers import WorkerFleet
 
 pytestmark = pytest.mark.broker_node
 

@@ -25,8 +25,8 @@ import tensorflow as tf
 import flaap_mq
 from flaap_mq.data import digits
 from flaap_mq.data.fleet import SiloDataFleet
+from flaap_mq.local.broker import PrivateBrokerNode
 from flaap_mq.protocol import envelope
-from flaap_mq.testing.broker import PrivateBrokerNode
 from flaap_mq.training.config import TrainingConfig
 from flaap_mq.training.fedavg import SiloFedAvg
 from flaap_mq.training.model import model_bytes

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from flaap_mq.testing.workers import WorkerFleet
+from flaap_mq.local.workers import WorkerFleet
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ import pika
 import psutil
 import pytest
 
-from flaap_mq.testing.broker import PrivateBrokerNode, broker_answers
+from flaap_mq.local.broker import PrivateBrokerNode, broker_answers
 
 QUEUE = "flaap-durability-check"
 BODY = b"survives a broker restart"

@@ -13,9 +13,9 @@ import portpicker
 import pytest
 
 from flaap_mq.broker.declare import declare_blocking
+from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.local.workers import WorkerProcess
 from flaap_mq.protocol import topology
-from flaap_mq.testing.broker import PrivateBrokerNode
-from flaap_mq.testing.workers import WorkerProcess
 
 pytestmark = pytest.mark.broker_node
 

@@ -14,8 +14,8 @@ import pytest
 
 from flaap_mq.broker.link import BrokerError, BrokerLink, default_properties
 from flaap_mq.broker.urls import parse_broker_urls
+from flaap_mq.local.broker import PrivateBrokerNode
 from flaap_mq.protocol import topology
-from flaap_mq.testing.broker import PrivateBrokerNode
 
 pytestmark = pytest.mark.broker_node
 

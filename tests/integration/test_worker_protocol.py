@@ -21,9 +21,9 @@ from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import placements
 
 from flaap_mq.broker.declare import declare_blocking
+from flaap_mq.local.workers import WorkerProcess
 from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
-from flaap_mq.testing.workers import WorkerProcess
 
 
 class RawCoordinator:

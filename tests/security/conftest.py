@@ -27,8 +27,8 @@ import portpicker
 import pytest
 
 from flaap_mq.broker.urls import BrokerAddress
+from flaap_mq.local.broker import PrivateBrokerNode
 from flaap_mq.testing import cli
-from flaap_mq.testing.broker import PrivateBrokerNode
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY_CONF = REPO / "deploy" / "rabbitmq" / "rabbitmq.conf"

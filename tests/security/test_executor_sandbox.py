@@ -28,7 +28,7 @@ import tensorflow_federated as tff
 import flaap_mq
 import flaap_mq.executor
 from flaap_mq.coordinator.errors import SiloExecutionError
-from flaap_mq.testing.workers import SANDBOX_PROGRAM, WorkerFleet
+from flaap_mq.local.workers import SANDBOX_PROGRAM, WorkerFleet
 
 SILO = "sealed"
 CANARY = f"canary-{uuid.uuid4().hex}"  # a secret in the worker's environment

@@ -46,8 +46,8 @@ import pytest
 from flaap_mq.admin import definitions
 from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.broker.urls import BrokerAddress
+from flaap_mq.local.broker import PrivateBrokerNode
 from flaap_mq.protocol import topology
-from flaap_mq.testing.broker import PrivateBrokerNode
 from tests.security.conftest import (
     COORDINATOR,
     PREFIX,

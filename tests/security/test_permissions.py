@@ -30,9 +30,9 @@ from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.broker.link import BrokerRefused
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.examples import temperature_average
+from flaap_mq.local.workers import WorkerProcess
 from flaap_mq.protocol import envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
-from flaap_mq.testing.workers import WorkerProcess
 from tests.security.conftest import COORDINATOR, IDLE_SILO, PREFIX, SILOS, VHOST, SecureBroker
 
 pytestmark = pytest.mark.broker_node

@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from flaap_mq.broker.urls import parse_broker_urls, with_tls_options
-from flaap_mq.testing.broker import redact_url
+from flaap_mq.local.broker import redact_url
 
 
 @pytest.mark.parametrize(
