@@ -10,7 +10,6 @@ round must have both silos again. Every process started here is stopped.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import threading
 import time
@@ -19,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pika
 import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow.python.data.experimental.ops.testing import sleep
 
 import flaap_mq
+from flaap_mq.broker.declare import delete_topology
 from flaap_mq.local.workers import WorkerFleet, WorkerProcess
 from flaap_mq.protocol import topology
 
@@ -68,13 +67,7 @@ def _kill_once_running(victim: WorkerProcess, before: int, killed: list[float]) 
 
 
 def _delete_topology(broker_url: str, prefix: str, silo_ids: list[str]) -> None:
-    names = topology.Names(prefix)
-    with contextlib.closing(pika.BlockingConnection(pika.URLParameters(broker_url))) as conn:
-        channel = conn.channel()
-        for queue in [names.silo_queue(s) for s in silo_ids] + [names.dead_letter_queue]:
-            channel.queue_delete(queue)
-        for exchange in (names.tasks_exchange, names.replies_exchange, names.dead_letter_exchange):
-            channel.exchange_delete(exchange)
+    delete_topology(broker_url, topology.Names(prefix), silos=silo_ids)
 
 
 def measure_dropout(broker_url: str, log_dir: Path, repeats: int) -> dict[str, Any]:

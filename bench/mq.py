@@ -8,17 +8,14 @@ of that prefix.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
-import pika
-import pika.exceptions
 import tensorflow_federated as tff
 
 import flaap_mq
 from bench.wire import WireCount, count_task_client
+from flaap_mq.broker.declare import delete_topology
 from flaap_mq.coordinator.silo_executor import SiloExecutor
 from flaap_mq.local.workers import WorkerFleet
 from flaap_mq.protocol import topology
@@ -84,24 +81,9 @@ class MqSilos:
         return SiloExecutor(context.client, context.silo_ids[0], {tff.CLIENTS: 1})
 
     def _delete_topology(self) -> None:
-        names = topology.Names(self.prefix)
-        queues = [names.silo_queue(s) for s in self.silo_ids]
-        queues += [names.reply_queue(j) for j in self._job_ids]
-        queues.append(names.dead_letter_queue)
-        exchanges = [names.tasks_exchange, names.replies_exchange, names.dead_letter_exchange]
-        delete_topology(self.broker_url, queues, exchanges)
-
-
-def delete_topology(broker_url: str, queues: Sequence[str], exchanges: Sequence[str]) -> None:
-    """Deletes the queues and exchanges; ones that do not exist are skipped."""
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url.split(",")[0]))
-    try:
-        for queue in queues:
-            # A missing queue closes the channel (404): one channel per deletion.
-            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
-                connection.channel().queue_delete(queue)
-        for exchange in exchanges:
-            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
-                connection.channel().exchange_delete(exchange)
-    finally:
-        connection.close()
+        delete_topology(
+            self.broker_url,
+            topology.Names(self.prefix),
+            silos=self.silo_ids,
+            jobs=self._job_ids,
+        )

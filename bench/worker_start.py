@@ -39,6 +39,7 @@ from typing import Any
 
 import psutil
 
+from flaap_mq.broker.declare import delete_topology
 from flaap_mq.broker.urls import BROKER_URL_ENV, DEFAULT_BROKER_URL
 from flaap_mq.local.broker import throwaway_broker
 from flaap_mq.local.workers import WorkerProcess, queue_consumers, worker_binaries_of
@@ -113,13 +114,7 @@ def _one_start(broker_url: str, log_dir: Path) -> dict[str, Any]:
 
 
 def _delete_topology(broker_url: str, names: topology.Names) -> None:
-    from bench.mq import delete_topology  # here: bench.mq imports TFF, not needed before
-
-    delete_topology(
-        broker_url,
-        [names.silo_queue("s0"), names.dead_letter_queue],
-        [names.tasks_exchange, names.replies_exchange, names.dead_letter_exchange],
-    )
+    delete_topology(broker_url, names, silos=["s0"])
 
 
 def measure_start(broker_url: str, log_dir: Path, repeats: int) -> dict[str, Any]:

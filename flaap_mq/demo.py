@@ -189,21 +189,9 @@ def _client_datasets(tf: Any, num_clients: int, seed: int) -> list[Any]:
 
 
 def _delete_topology(url: str, prefix: str, silos: list[str], job_id: str) -> None:
-    """The demo leaves the broker as it found it."""
-    import pika
-
+    """The demo leaves the broker as it found it (as far as it can: it is done anyway)."""
+    from flaap_mq.broker.declare import delete_topology
     from flaap_mq.protocol import topology
 
-    names = topology.Names(prefix)
     with contextlib.suppress(Exception):
-        connection = pika.BlockingConnection(pika.URLParameters(url.split(",")[0]))
-        channel = connection.channel()
-        for queue in [
-            *map(names.silo_queue, silos),
-            names.reply_queue(job_id),
-            names.dead_letter_queue,
-        ]:
-            channel.queue_delete(queue)
-        for exchange in (names.tasks_exchange, names.replies_exchange, names.dead_letter_exchange):
-            channel.exchange_delete(exchange)
-        connection.close()
+        delete_topology(url, topology.Names(prefix), silos=silos, jobs=[job_id])

@@ -8,19 +8,17 @@ tests never see each other's queues, and its queues are deleted afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pika
-import pika.exceptions
 import psutil
 import pytest
 
 from flaap_mq import logs
+from flaap_mq.broker import declare
 from flaap_mq.broker.urls import DEFAULT_BROKER_URL
 from flaap_mq.local.broker import throwaway_broker
 from flaap_mq.local.workers import WorkerFleet, all_executor_processes
@@ -108,17 +106,8 @@ def prefix(broker_url: str) -> Iterator[str]:
 
 
 def delete_topology(broker_url: str, prefix: str) -> None:
-    names = topology.Names(prefix)
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-    try:
-        for queue in list_queues(prefix):
-            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
-                connection.channel().queue_delete(queue)
-        for exchange in (names.tasks_exchange, names.replies_exchange, names.dead_letter_exchange):
-            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
-                connection.channel().exchange_delete(exchange)
-    finally:
-        connection.close()
+    """Every queue of `prefix` on the node, and its exchanges."""
+    declare.delete_topology(broker_url, topology.Names(prefix), queues=list_queues(prefix))
 
 
 def list_queues(prefix: str) -> list[str]:

@@ -16,10 +16,11 @@ ACCESS_REFUSED (`is_access_refused`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from flaap_mq.protocol.topology import Binding, Declaration, Exchange, Queue
+from flaap_mq.protocol.topology import Binding, Declaration, Exchange, Names, Queue
 
 
 def declare_blocking(
@@ -112,3 +113,43 @@ __all__ = [
     "is_not_found",
     "missing_message",
 ]
+
+
+def delete_topology(
+    broker_url: str,
+    names: Names,
+    *,
+    silos: Iterable[str] = (),
+    jobs: Iterable[str] = (),
+    queues: Iterable[str] = (),
+) -> None:
+    """Deletes a prefix's topology: the silos' and jobs' queues, `queues`, the
+    dead-letter queue and the three exchanges; what does not exist is skipped.
+
+    How the demo, the benchmarks and the tests leave the broker as they found
+    it (an operator removes a silo with `flaap-mq admin remove-silo`, which
+    checks first). Connects to the first of `broker_url`'s nodes.
+    """
+    import pika
+    import pika.exceptions
+
+    from flaap_mq.broker.urls import BrokerAddress
+
+    doomed = [
+        *map(names.silo_queue, silos),
+        *map(names.reply_queue, jobs),
+        *queues,
+        names.dead_letter_queue,
+    ]
+    exchanges = [names.tasks_exchange, names.replies_exchange, names.dead_letter_exchange]
+    connection = pika.BlockingConnection(BrokerAddress(broker_url.split(",")[0]).parameters())
+    try:
+        # A missing queue or exchange closes the channel (404): one channel each.
+        for queue in dict.fromkeys(doomed):
+            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                connection.channel().queue_delete(queue)
+        for exchange in exchanges:
+            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                connection.channel().exchange_delete(exchange)
+    finally:
+        connection.close()
