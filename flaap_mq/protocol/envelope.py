@@ -261,13 +261,6 @@ def task_envelope(
     )
 
 
-def build_task(*, request: protobuf_message.Message, **fields: object) -> task_pb2.Task:
-    """A whole Task for `request` (`task_envelope`'s arguments); for small tasks and tests."""
-    task = task_envelope(kind=spec_for_request(request).kind, **fields)  # type: ignore[arg-type]
-    task.request = request.SerializeToString()
-    return task
-
-
 _TASK_PAYLOAD = task_pb2.Task.DESCRIPTOR.fields_by_name["request"].number
 _RESULT_PAYLOAD = task_pb2.TaskResult.DESCRIPTOR.fields_by_name["response"].number
 
@@ -296,13 +289,6 @@ def read_task(body: bytes) -> tuple[task_pb2.Task, memoryview]:
     if task.kind not in KINDS:
         raise MalformedEnvelope(f"task {task.task_id} has unknown request kind {task.kind}")
     return task, request
-
-
-def parse_task(body: bytes) -> task_pb2.Task:
-    """`read_task`, with the request put back in the Task (a copy: for small tasks)."""
-    task, request = read_task(body)
-    task.request = bytes(request)
-    return task
 
 
 def encode_task(task: task_pb2.Task, request: bytes, chunk_bytes: int) -> list[bytes]:
@@ -462,11 +448,3 @@ def read_result(body: bytes) -> tuple[task_pb2.TaskResult, memoryview]:
             raise MalformedEnvelope(f"result {result.task_id} has neither response nor error")
         response = memoryview(b"")
     return result, response
-
-
-def parse_result(body: bytes) -> task_pb2.TaskResult:
-    """`read_result`, with the response put back in the TaskResult (a copy)."""
-    result, response = read_result(body)
-    if result.WhichOneof("outcome") is None:
-        result.response = bytes(response)
-    return result

@@ -21,6 +21,7 @@ from tensorflow_federated.python.core.impl.types import placements
 from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.protocol import envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.testing import messages
 from tests.faults import support
 
 TASKS = 10_000
@@ -30,7 +31,7 @@ SILO = "bp"
 
 
 def _task(request, task_id: str, incarnation: str = "") -> bytes:
-    return envelope.build_task(
+    return messages.build_task(
         request=request,
         job_id="bp",
         silo_id=SILO,

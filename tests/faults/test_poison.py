@@ -26,6 +26,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.protocol import envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.testing import messages
 from tests.faults import support
 
 POISON_COUNT = 1000
@@ -37,7 +38,7 @@ def _valid_task(task_id: str) -> task_pb2.Task:
         executor=executor_pb2.ExecutorId(id="nobody/clients=1"),
         value_ref=executor_pb2.ValueRef(id="1"),
     )
-    return envelope.build_task(
+    return messages.build_task(
         request=request,
         job_id="poison",
         silo_id=SILO,

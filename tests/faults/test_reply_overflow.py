@@ -25,6 +25,7 @@ from tensorflow_federated.python.core.impl.types import placements
 
 from flaap_mq.protocol import envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.testing import messages
 from flaap_mq.worker import request as request_module
 from tests.faults import support
 
@@ -48,7 +49,7 @@ def _declare_reply_queue(
 
 
 def _send_get_executor(channel: object, names: topology.Names, job: str, task_id: str) -> None:
-    task = envelope.build_task(
+    task = messages.build_task(
         request=executor_pb2.GetExecutorRequest(
             cardinalities=value_serialization.serialize_cardinalities({placements.CLIENTS: 1})
         ),

@@ -33,6 +33,7 @@ from flaap_mq.coordinator import errors
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.protocol import chunking, envelope, topology, wire
 from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.testing import messages
 
 MiB = 1024 * 1024
 # The receiver's stated bound on what chunked transfers may hold
@@ -176,7 +177,7 @@ class HostileCoordinator:
             if method is None:
                 time.sleep(0.05)
                 continue
-            result = envelope.parse_result(body)
+            result = messages.parse_result(body)
             found[result.task_id] = result
         assert len(found) == count, f"{len(found)} of {count} replies: {found}"
         return found
@@ -340,7 +341,7 @@ class HostileSilo:
         method, properties, body = next(self._tasks)
         if method is None:
             raise TimeoutError("no task for silo evil")
-        return envelope.parse_task(body), properties.reply_to
+        return messages.parse_task(body), properties.reply_to
 
     def publish(self, body: bytes, reply_to: str, correlation_id: str) -> None:
         self.channel.basic_publish(

@@ -27,6 +27,7 @@ from flaap_mq.data import digits
 from flaap_mq.data.fleet import SiloDataFleet
 from flaap_mq.local.broker import PrivateBrokerNode
 from flaap_mq.protocol import envelope
+from flaap_mq.testing import messages
 from flaap_mq.training.config import TrainingConfig
 from flaap_mq.training.fedavg import SiloFedAvg
 from flaap_mq.training.model import model_bytes
@@ -65,7 +66,7 @@ class Traced:
         for exchange, body in self.bodies:
             if exchange != tasks_exchange:
                 continue
-            task = envelope.parse_task(body)
+            task = messages.parse_task(body)
             if task.HasField("chunk") and task.chunk.count > 1:
                 kinds["chunked"] += len(body)
                 continue

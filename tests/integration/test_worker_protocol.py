@@ -24,6 +24,7 @@ from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.local.workers import WorkerProcess
 from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.testing import messages
 
 
 class RawCoordinator:
@@ -63,7 +64,7 @@ class RawCoordinator:
         self, request: object, task_id: str, *, incarnation: str = "", reply: bool = False
     ) -> None:
         """A task as flaap-mq's coordinator sends it: one-way unless `reply`."""
-        task = envelope.build_task(
+        task = messages.build_task(
             request=request,
             job_id=self.job_id,
             silo_id="a",
@@ -149,7 +150,7 @@ def raw(broker_url, prefix, workers):
 
 
 def _get_executor_task(task_id: str, **overrides: object) -> task_pb2.Task:
-    task = envelope.build_task(
+    task = messages.build_task(
         request=executor_pb2.GetExecutorRequest(
             cardinalities=value_serialization.serialize_cardinalities({placements.CLIENTS: 1})
         ),
@@ -187,7 +188,7 @@ def test_request_for_an_unknown_incarnation_is_retryable_state_lost(raw):
         executor=executor_pb2.ExecutorId(id="clients=1"),
         value_ref=executor_pb2.ValueRef(id="1"),
     )
-    task = envelope.build_task(
+    task = messages.build_task(
         request=request, job_id="raw", silo_id="a", task_id="t3", incarnation="someoneelse"
     )
     raw.send("a", task.SerializeToString(), "t3")

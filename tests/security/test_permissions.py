@@ -33,6 +33,7 @@ from flaap_mq.examples import temperature_average
 from flaap_mq.local.workers import WorkerProcess
 from flaap_mq.protocol import envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.testing import messages
 from tests.security.conftest import COORDINATOR, IDLE_SILO, PREFIX, SILOS, VHOST, SecureBroker
 
 pytestmark = pytest.mark.broker_node
@@ -366,7 +367,7 @@ def _take_task(broker: SecureBroker, silo: str) -> tuple[object, pika.BasicPrope
         ):
             if method is None:
                 break
-            return envelope.parse_task(body), props
+            return messages.parse_task(body), props
         raise TimeoutError(f"no task reached {silo}")
     finally:
         connection.close()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from flaap_mq.protocol import chunking, envelope, wire
 from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.testing.messages import parse_result, parse_task
 
 
 def _split(payload: bytes, size: int) -> list[tuple[task_pb2.Chunk, bytes]]:
@@ -110,7 +111,7 @@ def test_encode_task_keeps_every_envelope_field_on_every_slice():
         whole = collector.add(part.task_id, part.chunk, payload)
     assert whole.join() == request
     [single] = envelope.encode_task(task, request, 1000)
-    assert envelope.parse_task(single) == task_pb2.Task(request=request, **_fields(task))
+    assert parse_task(single) == task_pb2.Task(request=request, **_fields(task))
     assert chunking.headers(3, 4) == {chunking.CHUNK_HEADER: "4/4"}
     assert chunking.headers(0, 1) is None
 
@@ -122,7 +123,7 @@ def _fields(message):
 def test_encode_result_slices_only_large_responses():
     result = task_pb2.TaskResult(task_id="t", silo_id="s", worker_incarnation="i")
     [small] = envelope.encode_result(result, b"x", 100)
-    assert envelope.parse_result(small).response == b"x"
+    assert parse_result(small).response == b"x"
     response = os.urandom(1000)
     parts = [envelope.read_result(m) for m in envelope.encode_result(result, response, 400)]
     assert [p.chunk.index for p, _ in parts] == [0, 1, 2]

@@ -11,10 +11,11 @@ from tensorflow_federated.python.core.impl.executors import executors_errors
 from flaap_mq.coordinator import errors
 from flaap_mq.protocol import envelope, wire
 from flaap_mq.protocol.v1 import task_pb2
+from flaap_mq.testing import messages
 
 
 def _task(**overrides):
-    task = envelope.build_task(
+    task = messages.build_task(
         request=executor_pb2.ComputeRequest(executor=executor_pb2.ExecutorId(id="x")),
         job_id="job-1",
         silo_id="a",
@@ -29,10 +30,10 @@ def _task(**overrides):
 def test_every_tff_request_kind_round_trips():
     assert len(envelope.KINDS) == 8
     for spec in envelope.KINDS.values():
-        task = envelope.build_task(
+        task = messages.build_task(
             request=spec.request_type(), job_id="j", silo_id="s", task_id="t"
         )
-        parsed = envelope.parse_task(task.SerializeToString())
+        parsed = messages.parse_task(task.SerializeToString())
         assert parsed.kind == spec.kind
         assert isinstance(envelope.decode_request(parsed), spec.request_type)
 
@@ -47,14 +48,14 @@ def test_build_task_fills_the_envelope():
 
 def test_build_task_refuses_what_is_not_an_executor_request():
     with pytest.raises(TypeError, match="ComputeResponse is not a TFF executor request"):
-        envelope.build_task(
+        messages.build_task(
             request=executor_pb2.ComputeResponse(), job_id="j", silo_id="s", task_id="t"
         )
 
 
 def test_garbage_is_malformed_with_a_reason():
     with pytest.raises(envelope.MalformedEnvelope, match=r"not a flaap_mq\.v1\.Task"):
-        envelope.parse_task(b"\xff\xff\xff garbage")
+        messages.parse_task(b"\xff\xff\xff garbage")
 
 
 @pytest.mark.parametrize("field", ["task_id", "job_id", "silo_id"])
@@ -62,16 +63,16 @@ def test_missing_fields_are_named(field):
     task = _task()
     task.ClearField(field)
     with pytest.raises(envelope.MalformedEnvelope, match=f"missing {field}"):
-        envelope.parse_task(task.SerializeToString())
+        messages.parse_task(task.SerializeToString())
 
 
 def test_unknown_kind_is_malformed():
     with pytest.raises(envelope.MalformedEnvelope, match="unknown request kind 42"):
-        envelope.parse_task(_task(kind=42).SerializeToString())
+        messages.parse_task(_task(kind=42).SerializeToString())
 
 
 def test_unknown_protocol_version_is_returned_for_an_error_reply():
-    parsed = envelope.parse_task(_task(protocol_version=99).SerializeToString())
+    parsed = messages.parse_task(_task(protocol_version=99).SerializeToString())
     assert parsed.protocol_version == 99
 
 
@@ -91,7 +92,7 @@ def test_deadlines():
 
 def test_results_round_trip():
     ok = envelope.result_ok(_task(), b"resp", incarnation="i1", duration_us=5)
-    parsed = envelope.parse_result(ok.SerializeToString())
+    parsed = messages.parse_result(ok.SerializeToString())
     assert parsed.response == b"resp" and parsed.worker_incarnation == "i1"
     error = envelope.result_error(
         task_id="t1",
@@ -101,13 +102,13 @@ def test_results_round_trip():
         message="gone",
         incarnation="i2",
     )
-    parsed = envelope.parse_result(error.SerializeToString())
+    parsed = messages.parse_result(error.SerializeToString())
     assert parsed.error.retryable and parsed.error.code == envelope.ErrorCode.STATE_LOST
 
 
 def test_result_with_neither_outcome_is_malformed():
     with pytest.raises(envelope.MalformedEnvelope, match="neither response nor error"):
-        envelope.parse_result(task_pb2.TaskResult(task_id="t").SerializeToString())
+        messages.parse_result(task_pb2.TaskResult(task_id="t").SerializeToString())
 
 
 @pytest.mark.parametrize(
@@ -263,7 +264,7 @@ def _requests_of_every_kind():
 def test_a_light_request_rewritten_is_tffs_request_rewritten(request_):
     """The worker's rewrite of value names, on the light message, as on TFF's."""
     spec = envelope.spec_for_request(request_)
-    task = envelope.build_task(request=request_, job_id="j", silo_id="s", task_id="t")
+    task = messages.build_task(request=request_, job_id="j", silo_id="s", task_id="t")
     light = envelope.decode_request(task, light=True)
     assert isinstance(light, spec.light_request_type)
     assert envelope.spec_for_request(light) is spec

@@ -3,12 +3,12 @@ from __future__ import annotations
 import pytest
 from tensorflow_federated.proto.v0 import executor_pb2
 
-from flaap_mq.protocol import envelope
+from flaap_mq.testing import messages
 from flaap_mq.worker.incarnation import Incarnation, StateLost
 
 
 def _task(request, incarnation: str = ""):
-    return envelope.build_task(
+    return messages.build_task(
         request=request, job_id="j", silo_id="s", task_id="t", incarnation=incarnation
     )
 

@@ -12,6 +12,7 @@ from flaap_mq.executor import ExecutorCallError
 from flaap_mq.protocol import envelope
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.protocol.v1 import tff_executor_pb2 as light
+from flaap_mq.testing import messages
 from flaap_mq.worker.outcome import Outcome, OutcomeKind
 from flaap_mq.worker.pipeline import Pipeline
 from flaap_mq.worker.values import ValueTable
@@ -115,7 +116,7 @@ def _create_value(pipeline: Pipeline, values: ValueTable, name: str) -> Outcome:
 
 
 def _result(outcome: Outcome) -> task_pb2.TaskResult:
-    return envelope.parse_result(outcome.messages[0])
+    return messages.parse_result(outcome.messages[0])
 
 
 def test_a_created_value_is_answered_with_its_name_and_kept_under_the_services_ref(
