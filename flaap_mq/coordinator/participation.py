@@ -40,7 +40,10 @@ from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.logs import get_logger
 from flaap_mq.tff_internals import (
     computation_types,
+    compute_after_merged,
     context_base,
+    invoke_up_to_merge_and_return_context,
+    merge_results,
     mergeable_comp_execution_context,
     type_analysis,
 )
@@ -215,7 +218,7 @@ class ParticipationPolicy:
             raise self._too_few(lost)
         tasks = {
             asyncio.create_task(
-                partitioning._invoke_up_to_merge_and_return_context(comp, arg_list[i], contexts[i])
+                invoke_up_to_merge_and_return_context(comp, arg_list[i], contexts[i])
             ): i
             for i in indices
         }
@@ -270,7 +273,7 @@ class ParticipationPolicy:
                     merged = (
                         partial
                         if merged is _NOTHING
-                        else await partitioning._merge_results(
+                        else await merge_results(
                             comp, merged, partial, merge_context or contexts[i]
                         )
                     )
@@ -286,9 +289,7 @@ class ParticipationPolicy:
                 merged = (
                     partial
                     if merged is _NOTHING
-                    else await partitioning._merge_results(
-                        comp, merged, partial, merge_context or contexts[i]
-                    )
+                    else await merge_results(comp, merged, partial, merge_context or contexts[i])
                 )
         answered = tuple(s for i, s in enumerate(self.silo_ids) if i in indices and s not in lost)
         if len(answered) < self.min_silos or merged is _NOTHING:
@@ -297,9 +298,7 @@ class ParticipationPolicy:
         self.last = Participation(answered, dropped)
         if dropped:
             log.warning("invocation_completed_without", silos=list(answered), dropped=dropped)
-        return await partitioning._compute_after_merged(
-            comp, arg_list[0], merged, merge_context or last_context
-        )
+        return await compute_after_merged(comp, arg_list[0], merged, merge_context or last_context)
 
     def _too_few(self, lost: Mapping[str, str]) -> errors.NotEnoughSilosError:
         answered = [s for s in self.silo_ids if s not in lost]
