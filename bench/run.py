@@ -56,8 +56,9 @@ from bench.baseline import DirectSilos
 from bench.cpu import CpuMeter
 from bench.mq import MqSilos
 from flaap_mq import logs
-from flaap_mq.broker.urls import BROKER_URL_ENV, DEFAULT_BROKER_URL
-from flaap_mq.local.broker import redact_url, throwaway_broker
+from flaap_mq.broker.credentials import BROKER_URL_ENV, DEFAULT_BROKER_URL
+from flaap_mq.broker.urls import redact_url
+from flaap_mq.local.broker import throwaway_broker
 
 BENCH_DIR = Path(__file__).resolve().parent
 MODEL_ELEMENTS = 16 * 1024 * 1024  # float32: 64 MiB, under the broker's 128 MiB limit

@@ -39,8 +39,8 @@ from typing import Any
 
 import psutil
 
+from flaap_mq.broker.credentials import BROKER_URL_ENV, DEFAULT_BROKER_URL
 from flaap_mq.broker.declare import delete_topology
-from flaap_mq.broker.urls import BROKER_URL_ENV, DEFAULT_BROKER_URL
 from flaap_mq.local.broker import throwaway_broker
 from flaap_mq.local.workers import WorkerProcess, queue_consumers, worker_binaries_of
 from flaap_mq.protocol import envelope, topology

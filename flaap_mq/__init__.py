@@ -31,7 +31,7 @@ _PUBLIC = {
     "SiloProtocolError": "flaap_mq.coordinator.errors",
     "SiloRetryableError": "flaap_mq.coordinator.errors",
     "SiloTimeoutError": "flaap_mq.coordinator.errors",
-    "read_broker_url_file": "flaap_mq.broker.urls",
+    "read_broker_url_file": "flaap_mq.broker.credentials",
     "load_config": "flaap_mq.config",
 }
 

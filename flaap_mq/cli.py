@@ -18,18 +18,15 @@ from typing import TYPE_CHECKING
 
 from flaap_mq import config as federation_config
 from flaap_mq import logs
-from flaap_mq.broker.urls import (
+from flaap_mq.broker.address import parse_broker_urls
+from flaap_mq.broker.connect import open_connection
+from flaap_mq.broker.credentials import (
     BROKER_URL_ENV,
     BROKER_URL_FILE_ENV,
-    CA_FILE_ENV,
-    CERT_FILE_ENV,
     DEFAULT_BROKER_URL,
-    KEY_FILE_ENV,
-    open_connection,
-    parse_broker_urls,
     resolve_broker_url,
-    with_tls_options,
 )
+from flaap_mq.broker.tls import CA_FILE_ENV, CERT_FILE_ENV, KEY_FILE_ENV, with_tls_options
 
 if TYPE_CHECKING:
     from flaap_mq.protocol import chunking

@@ -53,21 +53,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flaap_mq.broker.urls import (
+from flaap_mq.broker.address import parse_broker_urls
+from flaap_mq.broker.credentials import (
     BROKER_URL_ENV,
     BROKER_URL_FILE_ENV,
-    CA_FILE_ENV,
-    CERT_FILE_ENV,
     DEFAULT_BROKER_URL,
-    KEY_FILE_ENV,
     BrokerUrlSource,
-    parse_broker_urls,
     read_broker_url_file,
-    redact_url,
     resolve_broker_url,
-    split_broker_urls,
-    with_tls_options,
 )
+from flaap_mq.broker.tls import CA_FILE_ENV, CERT_FILE_ENV, KEY_FILE_ENV, with_tls_options
+from flaap_mq.broker.urls import redact_url, split_broker_urls
 from flaap_mq.protocol.topology import QueueType, validate_id
 
 CONFIG_ENV = "FLAAP_MQ_CONFIG"

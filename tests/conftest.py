@@ -19,7 +19,7 @@ import pytest
 
 from flaap_mq import logs
 from flaap_mq.broker import declare
-from flaap_mq.broker.urls import DEFAULT_BROKER_URL
+from flaap_mq.broker.credentials import DEFAULT_BROKER_URL
 from flaap_mq.local.broker import throwaway_broker
 from flaap_mq.local.workers import WorkerFleet, all_executor_processes
 from flaap_mq.protocol import topology

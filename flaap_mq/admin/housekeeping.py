@@ -56,8 +56,9 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from flaap_mq.broker.address import parse_broker_urls
+from flaap_mq.broker.connect import open_connection
 from flaap_mq.broker.declare import is_not_found
-from flaap_mq.broker.urls import open_connection, parse_broker_urls
 from flaap_mq.protocol import topology
 
 # Between unbinding a silo queue and checking it again: tasks the broker

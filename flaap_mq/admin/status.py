@@ -39,7 +39,9 @@ import pika
 import pika.exceptions
 
 from flaap_mq.admin.housekeeping import reason_of
-from flaap_mq.broker.urls import BrokerAddress, open_connection, parse_broker_urls, redact_url
+from flaap_mq.broker.address import BrokerAddress, parse_broker_urls
+from flaap_mq.broker.connect import open_connection
+from flaap_mq.broker.urls import redact_url
 from flaap_mq.executor.service import HOST_NETWORK_MARK
 from flaap_mq.protocol import topology
 

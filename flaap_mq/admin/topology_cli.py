@@ -12,13 +12,14 @@ import sys
 import pika
 import pika.exceptions
 
+from flaap_mq.broker.address import parse_broker_urls
+from flaap_mq.broker.connect import open_connection
 from flaap_mq.broker.declare import (
     declare_blocking,
     is_access_refused,
     is_not_found,
     missing_message,
 )
-from flaap_mq.broker.urls import open_connection, parse_broker_urls
 from flaap_mq.protocol import topology
 
 

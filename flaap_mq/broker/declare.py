@@ -133,7 +133,7 @@ def delete_topology(
     import pika
     import pika.exceptions
 
-    from flaap_mq.broker.urls import BrokerAddress
+    from flaap_mq.broker.address import BrokerAddress
 
     doomed = [
         *map(names.silo_queue, silos),

@@ -49,7 +49,8 @@ next; split across modules, each part would reach into the same attributes
 and the transitions would no longer read in one place. The parts that need
 none of that state live apart and are tested without a broker: publisher
 confirms (`confirms.py`), what a broker's close means (`refusals.py`), the
-declarations (`declare.py`), URLs and connect failures (`urls.py`).
+declarations (`declare.py`), URLs and connect failures (`urls.py`, `address.py`,
+`connect.py`).
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ import pika.spec
 import tenacity
 
 from flaap_mq.broker import refusals
+from flaap_mq.broker.address import BrokerAddress
 from flaap_mq.broker.confirms import DEFAULT_CONFIRM_TIMEOUT_S, ConfirmTracker, Outgoing
+from flaap_mq.broker.connect import describe_unreachable, explain_connect_failure, root_cause
 from flaap_mq.broker.declare import declare_async, missing_message
 from flaap_mq.broker.errors import (
     BrokerError,
@@ -80,12 +83,6 @@ from flaap_mq.broker.errors import (
     Unroutable,
 )
 from flaap_mq.broker.errors import describe as _describe
-from flaap_mq.broker.urls import (
-    BrokerAddress,
-    describe_unreachable,
-    explain_connect_failure,
-    root_cause,
-)
 from flaap_mq.logs import get_logger
 from flaap_mq.protocol import topology
 

@@ -11,7 +11,7 @@ function of the code and the text, so that the link's handling reads as one
 
 A broker that does not answer at all (connection refused, unknown host,
 timeout) and a refused login, vhost or TLS handshake are connection
-failures, told apart by `flaap_mq.broker.urls` (`describe_unreachable`,
+failures, told apart by `flaap_mq.broker.connect` (`describe_unreachable`,
 `explain_connect_failure`): they never reach a channel.
 """
 

@@ -34,8 +34,9 @@ from collections.abc import Mapping, Sequence
 import tenacity
 
 from flaap_mq import config as federation_config
+from flaap_mq.broker.credentials import resolve_broker_url
 from flaap_mq.broker.link import DEFAULT_MAX_MESSAGE_BYTES
-from flaap_mq.broker.urls import resolve_broker_url, with_tls_options
+from flaap_mq.broker.tls import with_tls_options
 from flaap_mq.coordinator.local_merge import LocalMergeContext, create_local_merge_context
 from flaap_mq.coordinator.participation import Participation, ParticipationPolicy
 from flaap_mq.coordinator.partitioning import SiloSplittingContext
@@ -211,7 +212,7 @@ def create_execution_context(
     Args:
       broker_url: AMQP URL of the broker (several, comma-separated, for a
         cluster); `None` reads the file named by `FLAAP_MQ_BROKER_URL_FILE`,
-        else `FLAAP_MQ_BROKER_URL` (`flaap_mq.broker.urls.resolve_broker_url`;
+        else `FLAAP_MQ_BROKER_URL` (`flaap_mq.broker.credentials.resolve_broker_url`;
         `read_broker_url_file(path)` reads any other file).
       silos: the silo ids; each must have a worker (`flaap-mq worker`).
         Tasks for a silo whose worker is not up yet wait in its queue.
@@ -256,7 +257,7 @@ def create_execution_context(
       ca_file, cert_file, key_file: TLS for an `amqps://` URL: the CA to
         trust for the broker (default: the system's), and a client
         certificate and key; the same as the URL's `cacertfile`, `certfile`
-        and `keyfile` query options (see `flaap_mq.broker.urls`).
+        and `keyfile` query options (see `flaap_mq.broker.tls`).
       executor_network: "sandbox" (default): the coordinator's own TFF
         executor, where `merge` runs, has no network and is reached through
         a Unix socket (`flaap_mq.executor`). "host" runs it on a TCP port of

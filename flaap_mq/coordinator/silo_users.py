@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from flaap_mq.broker.urls import parse_broker_urls
+from flaap_mq.broker.address import parse_broker_urls
 
 ANY_USER: Literal["any"] = "any"
 SHARED_DEVELOPMENT_LOGIN = "guest"

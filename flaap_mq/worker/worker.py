@@ -26,8 +26,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from flaap_mq.broker.address import parse_broker_urls
+from flaap_mq.broker.credentials import credential_files
 from flaap_mq.broker.link import BrokerLink
-from flaap_mq.broker.urls import credential_files, parse_broker_urls
 from flaap_mq.executor import HOST_NETWORK_MARK, ExecutorNetwork, ExecutorService
 from flaap_mq.logs import get_logger
 from flaap_mq.protocol import chunking, envelope, topology

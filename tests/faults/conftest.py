@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.local.private_node import PrivateBrokerNode
 
 # Small enough that a test can send a message over it cheaply, large enough
 # for every computation these tests run (a few KB to a few hundred KB).

@@ -48,9 +48,7 @@ class BackgroundRound:
 
 def pending_requests(context: FederatedSilosContext) -> list[tuple[str, str]]:
     """(silo, request) of every call the coordinator is waiting on right now."""
-    client = context.client
-    with client._lock:
-        return [(p.silo_id, p.request) for p in client._pending.values()]
+    return [(p.silo_id, p.request) for p in context.client._calls.waiting()]
 
 
 def wait_for_pending(

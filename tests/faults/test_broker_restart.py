@@ -14,7 +14,7 @@ import time
 import pytest
 
 import flaap_mq
-from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.local.private_node import PrivateBrokerNode
 from flaap_mq.local.workers import WorkerFleet
 from flaap_mq.protocol import topology
 from tests.faults import comps, support

@@ -32,7 +32,7 @@ import flaap_mq
 from flaap_mq.data import digits
 from flaap_mq.data.fleet import SiloDataFleet
 from flaap_mq.data.silo import read_silo_dataset
-from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.local.private_node import PrivateBrokerNode
 from flaap_mq.local.workers import WorkerFleet
 from flaap_mq.protocol import topology
 from flaap_mq.testing.tff_local import local_cpp_contexts

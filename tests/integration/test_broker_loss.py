@@ -13,7 +13,7 @@ import pytest
 import tensorflow_federated as tff
 
 import flaap_mq
-from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.local.private_node import PrivateBrokerNode
 from flaap_mq.local.workers import WorkerFleet
 
 pytestmark = pytest.mark.broker_node

@@ -13,8 +13,8 @@ from pathlib import Path
 import portpicker
 import pytest
 
+from flaap_mq.broker.address import parse_broker_urls
 from flaap_mq.broker.link import BrokerLink, BrokerUnavailable
-from flaap_mq.broker.urls import parse_broker_urls
 from flaap_mq.testing.cli import run_cli
 
 COMMANDS = {

@@ -25,7 +25,7 @@ import tensorflow as tf
 import flaap_mq
 from flaap_mq.data import digits
 from flaap_mq.data.fleet import SiloDataFleet
-from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.local.private_node import PrivateBrokerNode
 from flaap_mq.protocol import envelope
 from flaap_mq.testing import messages
 from flaap_mq.training.config import TrainingConfig

@@ -12,8 +12,8 @@ import os
 
 import pika
 
+from flaap_mq.broker.address import parse_broker_urls
 from flaap_mq.broker.link import BrokerLink, default_properties
-from flaap_mq.broker.urls import parse_broker_urls
 
 
 def test_all_settled_resolves_once_every_publish_is_confirmed(broker_url, prefix):

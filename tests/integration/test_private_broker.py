@@ -10,7 +10,8 @@ import pika
 import psutil
 import pytest
 
-from flaap_mq.local.broker import PrivateBrokerNode, broker_answers
+from flaap_mq.local.broker import broker_answers
+from flaap_mq.local.private_node import PrivateBrokerNode
 
 QUEUE = "flaap-durability-check"
 BODY = b"survives a broker restart"

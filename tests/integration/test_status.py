@@ -13,7 +13,7 @@ import portpicker
 import pytest
 
 from flaap_mq.broker.declare import declare_blocking
-from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.local.private_node import PrivateBrokerNode
 from flaap_mq.local.workers import WorkerProcess
 from flaap_mq.protocol import topology
 

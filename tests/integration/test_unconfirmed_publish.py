@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 
+from flaap_mq.broker.address import parse_broker_urls
 from flaap_mq.broker.link import BrokerError, BrokerLink, default_properties
-from flaap_mq.broker.urls import parse_broker_urls
-from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.local.private_node import PrivateBrokerNode
 from flaap_mq.protocol import topology
 
 pytestmark = pytest.mark.broker_node

@@ -26,8 +26,8 @@ import pika.exceptions
 import portpicker
 import pytest
 
-from flaap_mq.broker.urls import BrokerAddress
-from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.broker.address import BrokerAddress
+from flaap_mq.local.private_node import PrivateBrokerNode
 from flaap_mq.testing import cli
 
 REPO = Path(__file__).resolve().parents[2]

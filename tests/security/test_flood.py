@@ -44,9 +44,9 @@ import psutil
 import pytest
 
 from flaap_mq.admin import definitions
+from flaap_mq.broker.address import BrokerAddress
 from flaap_mq.broker.declare import declare_blocking
-from flaap_mq.broker.urls import BrokerAddress
-from flaap_mq.local.broker import PrivateBrokerNode
+from flaap_mq.local.private_node import PrivateBrokerNode
 from flaap_mq.protocol import topology
 from tests.security.conftest import (
     COORDINATOR,

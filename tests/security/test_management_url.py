@@ -24,7 +24,7 @@ import pytest
 import trustme
 
 from flaap_mq.admin.status import ManagementApi, ManagementRedirected
-from flaap_mq.broker.urls import BrokerAddress
+from flaap_mq.broker.address import BrokerAddress
 from tests.security.conftest import run_cli
 
 PASSWORD = "Zq9-management-Wv8"

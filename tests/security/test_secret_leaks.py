@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flaap_mq.broker.address import parse_broker_urls
 from flaap_mq.broker.link import BrokerLink, BrokerUnavailable
-from flaap_mq.broker.urls import parse_broker_urls
 from tests.security.conftest import run_cli
 
 HEAD, TAIL = "Zq9", "Wv8"  # in every password, in no message

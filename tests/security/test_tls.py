@@ -10,8 +10,9 @@ import pika
 import pika.exceptions
 import pytest
 
+from flaap_mq.broker.address import BrokerAddress, parse_broker_urls
+from flaap_mq.broker.connect import check_login
 from flaap_mq.broker.link import BrokerLink, BrokerRefused
-from flaap_mq.broker.urls import BrokerAddress, check_login, parse_broker_urls
 from tests.security.conftest import COORDINATOR, SecureBroker
 
 pytestmark = pytest.mark.broker_node

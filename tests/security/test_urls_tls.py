@@ -7,7 +7,8 @@ import ssl
 import pytest
 import trustme
 
-from flaap_mq.broker.urls import BrokerAddress, parse_broker_urls, with_tls_options
+from flaap_mq.broker.address import BrokerAddress, parse_broker_urls
+from flaap_mq.broker.tls import with_tls_options
 
 
 @pytest.fixture(scope="module")

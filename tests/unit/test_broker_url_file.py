@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from flaap_mq import cli
-from flaap_mq.broker.urls import (
+from flaap_mq.broker.address import parse_broker_urls
+from flaap_mq.broker.credentials import (
     BROKER_URL_ENV,
     BROKER_URL_FILE_ENV,
     DEFAULT_BROKER_URL,
-    parse_broker_urls,
     read_broker_url_file,
     resolve_broker_url,
 )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flaap_mq import config
-from flaap_mq.broker.urls import DEFAULT_BROKER_URL
+from flaap_mq.broker.credentials import DEFAULT_BROKER_URL
 
 SECRET = "s3cr3t-Pa55"
 URL = f"amqp://coord:{SECRET}@broker.example.org:5672/fl"

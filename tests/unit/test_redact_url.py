@@ -12,8 +12,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from flaap_mq.broker.urls import parse_broker_urls, with_tls_options
-from flaap_mq.local.broker import redact_url
+from flaap_mq.broker.address import parse_broker_urls
+from flaap_mq.broker.tls import with_tls_options
+from flaap_mq.broker.urls import redact_url
 
 
 @pytest.mark.parametrize(

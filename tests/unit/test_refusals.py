@@ -85,8 +85,8 @@ def test_only_closes_by_the_broker_are_refusals():
 def test_the_link_leaves_a_connection_close_to_its_connection_handler():
     """pika closes each channel with its connection's reason first (a 320 on a
     node's shutdown): while declaring, that must not read as a refused topology."""
+    from flaap_mq.broker.address import parse_broker_urls
     from flaap_mq.broker.link import BrokerLink
-    from flaap_mq.broker.urls import parse_broker_urls
 
     link = BrokerLink(parse_broker_urls("amqp://guest:guest@127.0.0.1:1/"), name="dispatch")
     channel = object()
