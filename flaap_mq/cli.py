@@ -3,6 +3,11 @@
 Errors an operator can fix (a wrong password, an unreachable broker, a bad
 id) end in one line naming what is wrong and a non-zero exit, not a
 traceback.
+
+Why one module of some 590 lines: it is the one argument parser of every
+command, so that flags, defaults, environment variables and help read alike
+across commands; the work of each command lives in its own module
+(`worker/`, `admin/`, `training/cli.py`, `data/`, `demo.py`).
 """
 
 from __future__ import annotations
