@@ -57,8 +57,7 @@ def test_a_killed_coordinator_resumes_where_it_stopped(
 ):
     out = tmp_path / "out"
     args = tr.train_args(broker_url, module_prefix, data_dir, out)
-    worker_logs = [w.log_path for w in fleet.workers.values()]
-    tr.kill_mid_round(args, tmp_path, worker_logs)
+    tr.kill_mid_round(args, tmp_path)
     # Killed mid-round: round KILL_AFTER is the last saved, and the last released.
     assert tr.saved_rounds(out)[-1] == tr.KILL_AFTER
     assert tr.row_rounds(out) == list(range(tr.KILL_AFTER + 1))

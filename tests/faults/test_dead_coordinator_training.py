@@ -51,7 +51,7 @@ def test_a_dead_training_coordinator_leaves_every_queue_empty(
     worker_logs = [w.log_path for w in fleet.workers.values()]
     executors = [pid for w in fleet.workers.values() for pid in w.executor_pids()]
     try:
-        dead_job = tr.kill_mid_round(args, tmp_path, worker_logs)
+        dead_job = tr.kill_mid_round(args, tmp_path)
         killed_at = time.monotonic()
         # Asked with rabbitmqctl: a passive declare would count as a use and
         # keep the queue from expiring.
