@@ -17,7 +17,10 @@
 Retries: TFF's `AsyncExecutionContext` retries an invocation that raises
 `RetryableError` forever (30 s apart at most); a silo that is gone for good
 would hang the program. `SiloExecutionContext` retries a bounded number of
-times and then raises the silo's error. A silo *lost* to an invocation (no
+times, 1, 2, 4 ... (at most 10) s apart, and then raises the silo's error:
+long enough to wait out a quorum queue electing a new leader when a broker
+node stops (it refuses publishes meanwhile), which retries 0.1, 0.2 and
+0.4 s apart did not (a rolling restart failed on it). A silo *lost* to an invocation (no
 consumer on its queue for `silo_grace` seconds, or no answer by the
 invocation's deadline) raises `SiloLostError`, which is never retried:
 `flaap_mq.coordinator.participation` then completes the invocation over the
@@ -75,7 +78,7 @@ class SiloExecutionContext(async_execution_context.AsyncExecutionContext):
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(executors_errors.RetryableError),
             stop=tenacity.stop_after_attempt(self._max_attempts),
-            wait=tenacity.wait_exponential(multiplier=0.1, max=5.0),
+            wait=tenacity.wait_exponential(multiplier=1.0, max=10.0),
             before_sleep=self._log_retry,
             reraise=True,
         )
