@@ -74,10 +74,11 @@ class Cluster:
         has just come back may still be catching up on its queue's log.
         """
         count = 'io:format("~p~n", [length(rabbit_quorum_queue:list_with_minimum_quorum())]).'
-        deadline = time.monotonic() + timeout
-        while (critical := node.rabbitmqctl("eval", count).split()[0]) != "0":
-            assert time.monotonic() < deadline, f"{node.node_name}: {critical} queues need it"
-            time.sleep(1)
+        support.wait_until(
+            lambda: node.rabbitmqctl("eval", count).split()[0] == "0",
+            timeout,
+            f"no quorum queue needs {node.node_name} for its majority",
+        )
 
     def leader(self, queue: str) -> str:
         for node in self.nodes:
