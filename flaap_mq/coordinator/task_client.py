@@ -201,18 +201,6 @@ class TaskClient:
         for observer in self._observers:
             observer(exchange)
 
-    async def call(
-        self,
-        silo_id: str,
-        request: envelope.Request,
-        *,
-        incarnation: str = "",
-        timeout_s: float | None = None,
-    ) -> protobuf_message.Message:
-        """Runs one executor request on `silo_id` and returns its response."""
-        answer = await self.ask(silo_id, request, incarnation=incarnation, timeout_s=timeout_s)
-        return answer.response
-
     async def ask(
         self,
         silo_id: str,

@@ -245,7 +245,6 @@ def task_envelope(
     silo_id: str,
     task_id: str,
     deadline_unix_ms: int = 0,
-    attempt: int = 1,
     incarnation: str = "",
 ) -> task_pb2.Task:
     """A Task without its request, to be sent with `encode_task`."""
@@ -255,7 +254,6 @@ def task_envelope(
         task_id=task_id,
         job_id=job_id,
         silo_id=silo_id,
-        attempt=attempt,
         deadline_unix_ms=deadline_unix_ms,
         kind=kind,
     )

@@ -14,8 +14,11 @@ and
   release managers, `flaap_mq.training.run_dir`), so that the same command
   run again after the coordinator died resumes after the last saved round.
 
-At the end it writes `OUT/accuracy.png` and `OUT/weights.npz` (the final
-trainable weights). Row 0 of the CSV is the initial model.
+At the end it writes `OUT/accuracy.png` (`plot.py`) and `OUT/weights.npz`
+(the final trainable weights). Row 0 of the CSV is the initial model.
+
+A round's row and the run's result are `records.py`; the log lines kept above
+the progress bar, `progress.py`.
 """
 
 from __future__ import annotations
@@ -26,17 +29,27 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import tensorflow_federated as tff
 from tqdm import tqdm
 
-from flaap_mq.logs import get_logger, redirect_cli_output
+from flaap_mq.logs import get_logger
 from flaap_mq.training import model as model_lib
 from flaap_mq.training import run_dir as run_dir_lib
 from flaap_mq.training.fedavg import SiloFedAvg, flat_weights
 from flaap_mq.training.meter import PayloadCounts, PayloadMeter
+from flaap_mq.training.plot import plot_accuracy
+
+# Re-exported: `training/cli.py` and users read them here, as before they
+# had modules of their own.
+from flaap_mq.training.progress import (
+    route_logs_above_progress_bars as route_logs_above_progress_bars,
+)
+from flaap_mq.training.records import TARGET_ACCURACY as TARGET_ACCURACY
+from flaap_mq.training.records import RoundRecord as RoundRecord
+from flaap_mq.training.records import TrainingResult as TrainingResult
 
 log = get_logger("flaap_mq.training")
 
@@ -44,80 +57,6 @@ METRICS_FILE = run_dir_lib.METRICS_FILE
 PLOT_FILE = run_dir_lib.PLOT_FILE
 WEIGHTS_FILE = run_dir_lib.WEIGHTS_FILE
 TENSORBOARD_DIR = run_dir_lib.TENSORBOARD_DIR
-TARGET_ACCURACY = 0.90
-
-
-@dataclasses.dataclass(frozen=True)
-class RoundRecord:
-    round: int
-    train_loss: float | None
-    train_accuracy: float | None
-    num_examples: int
-    test_loss: float
-    test_accuracy: float
-    round_seconds: float
-    bytes_sent: int
-    bytes_received: int
-    requests: int
-    # Who took part (`FederatedSilosContext.last_participation`): the silos
-    # that answered, "a;b", and those dropped with the reason,
-    # "c:no-consumer-60s" ("" on TFF's local runtime, and when none was dropped).
-    silos: str = ""
-    dropped: str = ""
-
-    @classmethod
-    def fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    def values(self) -> dict[str, Any]:
-        """Every field by name: what is released (a metrics.csv row) and saved."""
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
-class TrainingResult:
-    records: list[RoundRecord]
-    weights: list[np.ndarray]
-    out_dir: Path | None
-    model_bytes: int
-    # The last round the run's directory held when this command started
-    # (None: it started from the initial model).
-    resumed_after: int | None = None
-
-    @property
-    def final_accuracy(self) -> float:
-        return self.records[-1].test_accuracy
-
-    def first_round_reaching(self, accuracy: float) -> int | None:
-        for record in self.records:
-            if record.round > 0 and record.test_accuracy >= accuracy:
-                return record.round
-        return None
-
-
-class TqdmStream:
-    """A text stream whose lines are printed above the progress bars (`tqdm.write`)."""
-
-    def __init__(self, file: TextIO | None = None) -> None:
-        self._file = file
-        self._buffer = ""
-
-    def write(self, text: str) -> int:
-        self._buffer += text
-        while "\n" in self._buffer:
-            line, self._buffer = self._buffer.split("\n", 1)
-            tqdm.write(line, file=self._file or sys.stderr)
-        return len(text)
-
-    def flush(self) -> None:
-        if self._buffer:
-            tqdm.write(self._buffer, file=self._file or sys.stderr)
-            self._buffer = ""
-
-
-def route_logs_above_progress_bars() -> None:
-    """The CLI's log lines are printed with `tqdm.write`, so they do not tear the bar."""
-    redirect_cli_output(TqdmStream())
 
 
 @contextlib.contextmanager
@@ -344,70 +283,3 @@ def _run_directory(
     client = getattr(context, "client", None)
     silos = list(client.silo_ids) if client is not None else None
     return open_run_directory(out_dir, algorithm.config, silos, test_set, fresh=fresh)
-
-
-def _count(field: str) -> int:
-    return len(field.split(";")) if field else 0
-
-
-def plot_accuracy(result: TrainingResult, path: Path, *, title: str | None = None) -> Path:
-    """Test and train accuracy per round, with the 0.90 target.
-
-    When a round ran without some silo (`--min-silos`), a second panel below
-    shows, per round, how many silos took part and how many were dropped.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    rounds = [r.round for r in result.records]
-    trained_rounds = [r for r in result.records if r.round > 0]
-    show_participation = any(r.dropped for r in trained_rounds)
-    if show_participation:
-        figure, (axis, lower) = plt.subplots(
-            2, 1, figsize=(7, 5.6), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-        )
-    else:
-        figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
-    try:
-        axis.plot(rounds, [r.test_accuracy for r in result.records], "o-", label="test (held out)")
-        trained = [r for r in result.records if r.train_accuracy is not None]
-        axis.plot(
-            [r.round for r in trained],
-            [r.train_accuracy for r in trained],
-            "s--",
-            alpha=0.7,
-            label="train (silos, during the round)",
-        )
-        axis.axhline(TARGET_ACCURACY, color="grey", linestyle=":", label=f"{TARGET_ACCURACY:.2f}")
-        axis.set_ylabel("accuracy")
-        axis.set_ylim(0, 1.0)
-        axis.set_xlim(0, max(rounds) if rounds else 1)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.grid(alpha=0.3)
-        axis.legend(loc="lower right")
-        axis.set_title(
-            title
-            or f"FedAvg on silo-resident digits: {result.final_accuracy:.3f} after "
-            f"{rounds[-1]} rounds"
-        )
-        bottom = axis
-        if show_participation:
-            took = [_count(r.silos) for r in trained_rounds]
-            lost = [_count(r.dropped) for r in trained_rounds]
-            x = [r.round for r in trained_rounds]
-            lower.bar(x, took, color="tab:green", label="took part")
-            lower.bar(x, lost, bottom=took, color="tab:red", label="dropped")
-            lower.set_ylabel("silos")
-            lower.yaxis.set_major_locator(MaxNLocator(integer=True))
-            lower.legend(loc="lower right", fontsize="small")
-            lower.grid(alpha=0.3, axis="y")
-            bottom = lower
-        bottom.set_xlabel("round")
-        figure.tight_layout()
-        figure.savefig(path)
-    finally:
-        plt.close(figure)
-    return path

@@ -1,8 +1,9 @@
 """The silo worker: consumes its silo's queue and runs each task on TFF's executor.
 
 The worker only ever dials out: to the broker, and to its own executor
-service on loopback. `SiloWorker` wires the parts and owns the lifecycle
-(start, serve, drain, stop):
+service, through a Unix socket into the executor's sandbox (on loopback
+with `--executor-network host`). `SiloWorker` wires the parts and owns the
+lifecycle (start, serve, drain, stop):
 
 * `intake`: on the link's I/O thread, each delivery becomes a
   `request.TaskRequest`; slices of a large task are collected, values
@@ -362,7 +363,6 @@ class SiloWorker:
                 task_id=task.task_id if task else None,
                 job=task.job_id if task else None,
                 kind=envelope.kind_name(task.kind) if task else None,
-                attempt=task.attempt if task else None,
                 outcome=outcome.kind.value if outcome else "error",
                 cached=outcome.cached if outcome else False,
                 one_way=not delivery.properties.reply_to,

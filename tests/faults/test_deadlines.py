@@ -50,7 +50,7 @@ def test_stale_tasks_are_dead_lettered_expired_not_run(workers, broker_url, pref
         )
         for _ in range(3):
             with pytest.raises(flaap_mq.SiloTimeoutError):
-                asyncio.run(context.client.call("late", request, timeout_s=1.5))
+                asyncio.run(context.client.ask("late", request, timeout_s=1.5))
         sent = context.client.requests_sent
     finally:
         context.close()

@@ -41,7 +41,7 @@ def test_task_over_the_known_limit_is_refused_before_sending(broker_url, prefix)
     client.start()
     try:
         with pytest.raises(flaap_mq.MessageTooLargeError) as raised:
-            asyncio.run(client.call("a", _create_value(100 * 1024), timeout_s=30))
+            asyncio.run(client.ask("a", _create_value(100 * 1024), timeout_s=30))
     finally:
         client.close()
     assert "over the broker's limit of 65536 bytes" in str(raised.value)
@@ -67,14 +67,14 @@ def test_task_over_the_brokers_own_limit_fails_clearly_and_the_link_recovers(
             too_big = _create_value(PRIVATE_MAX_MESSAGE_BYTES + 1024 * 1024)
             started = time.monotonic()
             with pytest.raises(flaap_mq.MessageTooLargeError) as raised:
-                asyncio.run(context.client.call("a", too_big, timeout_s=60))
+                asyncio.run(context.client.ask("a", too_big, timeout_s=60))
             refused_in = time.monotonic() - started
             assert refused_in < 20, "the caller waited for a timeout instead of an error"
             assert "refused by the broker: over its limit of 4194304 bytes" in str(raised.value)
             # The next over-sized message is refused before sending: the link
             # learnt the broker's limit.
             with pytest.raises(flaap_mq.MessageTooLargeError):
-                asyncio.run(context.client.call("a", too_big, timeout_s=60))
+                asyncio.run(context.client.ask("a", too_big, timeout_s=60))
             # Everything else goes on working on the same connection.
             assert comps.mean([2.0, 4.0]) == pytest.approx(3.0)
         sent = context.client.requests_sent

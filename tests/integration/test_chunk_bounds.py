@@ -455,6 +455,6 @@ def test_a_hostile_silo_cannot_grow_the_coordinator_past_its_bound(hostile_silo)
     assert rss.growth < BOUND + SLACK
     # Ordinary chunked traffic still works.
     silo.serve([honest(12 * MiB)])
-    response = asyncio.run(client.call("evil", request, timeout_s=30))
+    response = asyncio.run(client.ask("evil", request, timeout_s=30)).response
     assert len(response.executor.id) == 12 * MiB
     assert client.transfer_bytes == 0

@@ -82,7 +82,7 @@ def test_no_worker_is_warned_at_start_and_named_in_the_timeout(
             assert f"flaap-mq worker --silo-id ghost --prefix {prefix}" in warning["fix"]
             started = time.monotonic()
             with pytest.raises(errors.SiloTimeoutError) as raised:
-                asyncio.run(client.call("ghost", _get_executor()))
+                asyncio.run(client.ask("ghost", _get_executor()))
             waited = time.monotonic() - started
         finally:
             client.close()
@@ -116,14 +116,14 @@ def test_a_worker_that_goes_away_while_a_task_waits_is_warned_about(
                 client.start()
                 # Someone consumes: no warning, and a timeout does not blame the worker's absence.
                 with pytest.raises(errors.SiloTimeoutError) as raised:
-                    asyncio.run(client.call("quiet", _get_executor()))
+                    asyncio.run(client.ask("quiet", _get_executor()))
                 assert "no worker is consuming" not in str(raised.value)
                 assert not _named(events, "silo_has_no_worker")
                 connection.close()  # the worker goes away
                 started = time.monotonic()
 
                 async def wait_and_watch() -> float:
-                    call = asyncio.ensure_future(client.call("quiet", _get_executor(), timeout_s=4))
+                    call = asyncio.ensure_future(client.ask("quiet", _get_executor(), timeout_s=4))
                     while not _named(events, "silo_has_no_worker"):
                         assert not call.done(), call
                         await asyncio.sleep(0.05)

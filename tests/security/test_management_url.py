@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from flaap_mq.admin.status import ManagementApi, ManagementRedirected
+from flaap_mq.admin.management_api import ManagementApi, ManagementRedirected
 from flaap_mq.broker.address import BrokerAddress
 from tests.security.conftest import run_cli
 

@@ -330,7 +330,7 @@ def test_reply_from_the_wrong_silo_is_dropped(secure_broker):
 
         async def ask_and_answer() -> object:
             call = asyncio.ensure_future(
-                client.call(d, executor_pb2.GetExecutorRequest(), timeout_s=60)
+                client.ask(d, executor_pb2.GetExecutorRequest(), timeout_s=60)
             )
             task, props = await asyncio.to_thread(_take_task, secure_broker, d)
             response = executor_pb2.GetExecutorResponse(
@@ -347,7 +347,7 @@ def test_reply_from_the_wrong_silo_is_dropped(secure_broker):
             assert not call.done(), "a reply from silo b was accepted for silo d"
             genuine = envelope.result_ok(task, response, incarnation="x", duration_us=1)
             await asyncio.to_thread(_reply_as, secure_broker, d, props, genuine, d)
-            return await asyncio.wait_for(call, 30)
+            return (await asyncio.wait_for(call, 30)).response
 
         result = asyncio.run(ask_and_answer())
     finally:
@@ -431,7 +431,7 @@ def test_reply_from_the_wrong_silo_is_dropped_by_default(secure_broker):
 
         async def ask_and_answer() -> object:
             call = asyncio.ensure_future(
-                client.call(d, executor_pb2.GetExecutorRequest(), timeout_s=60)
+                client.ask(d, executor_pb2.GetExecutorRequest(), timeout_s=60)
             )
             task, props = await asyncio.to_thread(_take_task, secure_broker, d)
             forged = envelope.result_ok(
@@ -454,7 +454,7 @@ def test_reply_from_the_wrong_silo_is_dropped_by_default(secure_broker):
                 duration_us=1,
             )
             await asyncio.to_thread(_reply_as, secure_broker, d, props, genuine, d)
-            return await asyncio.wait_for(call, 30)
+            return (await asyncio.wait_for(call, 30)).response
 
         result = asyncio.run(ask_and_answer())
     assert result.executor.id == "from-d"

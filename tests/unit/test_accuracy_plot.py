@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flaap_mq.training.run import RoundRecord, TrainingResult, plot_accuracy
+from flaap_mq.training.plot import plot_accuracy
+from flaap_mq.training.records import RoundRecord, TrainingResult
 
 
 def _record(round_: int, silos: str, dropped: str = "") -> RoundRecord:

@@ -90,7 +90,6 @@ def test_encode_task_keeps_every_envelope_field_on_every_slice():
         task_id="t",
         job_id="j",
         silo_id="s",
-        attempt=2,
         deadline_unix_ms=5,
         kind=envelope.RequestKind.CREATE_VALUE,
         incarnation="i",
@@ -100,11 +99,11 @@ def test_encode_task_keeps_every_envelope_field_on_every_slice():
     collector = chunking.Collector()
     for message in messages:
         part, payload = envelope.read_task(message)
-        assert (part.task_id, part.job_id, part.silo_id, part.attempt, part.kind) == (
+        assert (part.task_id, part.job_id, part.silo_id, part.deadline_unix_ms, part.kind) == (
             "t",
             "j",
             "s",
-            2,
+            5,
             envelope.RequestKind.CREATE_VALUE,
         )
         assert part.incarnation == "i"

@@ -41,9 +41,19 @@ def test_every_tff_request_kind_round_trips():
 def test_build_task_fills_the_envelope():
     task = _task()
     assert task.protocol_version == envelope.PROTOCOL_VERSION
-    assert (task.task_id, task.job_id, task.silo_id, task.attempt) == ("t1", "job-1", "a", 1)
+    assert (task.task_id, task.job_id, task.silo_id) == ("t1", "job-1", "a")
     assert task.kind == envelope.RequestKind.COMPUTE
     assert executor_pb2.ComputeRequest.FromString(task.request).executor.id == "x"
+
+
+def test_a_task_from_an_older_coordinator_with_an_attempt_reads_the_same():
+    """Field 5 (`attempt`, always 1) is reserved now; a worker ignores it in an older task."""
+    body = _task().SerializeToString()
+    older = body + b"\x28\x01"  # attempt = 1, as coordinators sent it before
+    task, payload = envelope.read_task(older)
+    expected, expected_payload = envelope.read_task(body)
+    assert task.ListFields() == expected.ListFields()
+    assert bytes(payload) == bytes(expected_payload)
 
 
 def test_build_task_refuses_what_is_not_an_executor_request():

@@ -15,13 +15,13 @@ REQUEST = task_pb2.Task.DESCRIPTOR.fields_by_name["request"].number
 @settings(max_examples=200, deadline=None)
 @given(
     task_id=st.text(max_size=40),
-    attempt=st.integers(min_value=0, max_value=2**32 - 1),
+    version=st.integers(min_value=0, max_value=2**32 - 1),
     deadline=st.integers(min_value=-(2**63), max_value=2**63 - 1),
     request=st.binary(max_size=3000),
 )
-def test_split_off_and_append_round_trip_any_task(task_id, attempt, deadline, request):
+def test_split_off_and_append_round_trip_any_task(task_id, version, deadline, request):
     task = task_pb2.Task(
-        task_id=task_id, attempt=attempt, deadline_unix_ms=deadline, request=request
+        task_id=task_id, protocol_version=version, deadline_unix_ms=deadline, request=request
     )
     rest, payload = wire.split_off(task.SerializeToString(), REQUEST)
     # proto3 does not write an empty bytes field: then it is absent.
@@ -29,7 +29,11 @@ def test_split_off_and_append_round_trip_any_task(task_id, attempt, deadline, re
     assert bytes(payload or b"") == request
     header = task_pb2.Task.FromString(rest)
     assert header.request == b""
-    assert (header.task_id, header.attempt, header.deadline_unix_ms) == (task_id, attempt, deadline)
+    assert (header.task_id, header.protocol_version, header.deadline_unix_ms) == (
+        task_id,
+        version,
+        deadline,
+    )
     rebuilt = wire.append_bytes_field(rest, REQUEST, request)
     assert task_pb2.Task.FromString(rebuilt) == task
 
@@ -60,7 +64,9 @@ def test_bytes_that_are_not_a_message_are_refused(garbage):
 def test_a_body_of_countless_tiny_fields_is_refused_at_once():
     """64 MiB of 2-byte fields would hold a reading thread for seconds: refused early."""
     task = task_pb2.Task(task_id="t", request=b"x").SerializeToString()
-    flood = task + b"\x28\x01" * (32 * 1024 * 1024)  # field 5 (attempt) again and again
+    flood = task + b"\x28\x01" * (
+        32 * 1024 * 1024
+    )  # field 5 (reserved, once attempt), again and again
     with pytest.raises(wire.WireError, match="top-level fields"):
         wire.split_off(flood, REQUEST)
     # A real envelope is far below the limit.

@@ -60,12 +60,11 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ..., sha256: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("protocol_version", "task_id", "job_id", "silo_id", "attempt", "deadline_unix_ms", "kind", "request", "chunk", "incarnation")
+    __slots__ = ("protocol_version", "task_id", "job_id", "silo_id", "deadline_unix_ms", "kind", "request", "chunk", "incarnation")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SILO_ID_FIELD_NUMBER: _ClassVar[int]
-    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -75,13 +74,12 @@ class Task(_message.Message):
     task_id: str
     job_id: str
     silo_id: str
-    attempt: int
     deadline_unix_ms: int
     kind: RequestKind
     request: bytes
     chunk: Chunk
     incarnation: str
-    def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., silo_id: _Optional[str] = ..., attempt: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., request: _Optional[bytes] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., silo_id: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., request: _Optional[bytes] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "retryable")
