@@ -10,7 +10,7 @@ result on its own reply queue.
     flaap_mq.set_execution_context(None, ["a", "b", "c"])
     # ... any TFF program: its federated work now runs on the silos' workers
 
-The public names below load TensorFlow, so they are imported on first use:
+Most public names below load TensorFlow, so all are imported on first use:
 `import flaap_mq` (and `flaap-mq --help`) stays instant.
 """
 

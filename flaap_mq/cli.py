@@ -1,4 +1,4 @@
-"""The `flaap-mq` command: run a silo worker, inspect the topology, run the demo.
+"""The `flaap-mq` command: worker, topology, status, admin, dead-letters, data, train, demo.
 
 Errors an operator can fix (a wrong password, an unreachable broker, a bad
 id) end in one line naming what is wrong and a non-zero exit, not a

@@ -90,7 +90,7 @@ class Refusal:
                 return (
                     f"the broker answers, but {queue} has no quorum: a majority of the cluster's "
                     f"nodes is down ({self.code} {self.text}); it resumes when enough nodes "
-                    "are back (see docs/deploy.md, 'Losing nodes')"
+                    "are back (see docs/deploy.md, 'A broker cluster')"
                 )
             case _:
                 return f"{self.code} {self.text}"

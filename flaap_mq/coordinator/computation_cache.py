@@ -2,10 +2,10 @@
 
 TFF's execution context creates the computation it invokes as a new value in
 the executor on every call (`create_value(comp)` in `_invoke`), so a training
-loop ships the same TFF program to every silo every round: about 460 KB per
-round for the digits model, and one more request on each invocation's
-critical path (the executor service parses the program before the call that
-uses it can start). A computation is immutable and an executor value is not
+loop ships the same TFF program to every silo every round: about 380 KB per
+round for the digits model over three silos, and one more request on each
+invocation's critical path (the executor service parses the program before
+the call that uses it can start). A computation is immutable and an executor value is not
 consumed by a call, so the value made the first time serves every later
 invocation on the same executor.
 

@@ -4,9 +4,10 @@ Why this module exists
 ----------------------
 flaap-mq runs a computation in TFF's mergeable form: `up_to_merge` on every
 silo, `merge` of the silos' partial results, then `after_merge` on the silos.
-TFF 0.87's `_invoke_merge_in_async_pool` runs each `merge` on whichever *silo*
-context finished last, so that silo receives another silo's partial aggregate
-(with one client per silo: that client's whole model update).  In cross-silo
+TFF 0.87's `_invoke_merge_in_async_pool` runs each `merge` on the *silo*
+context that has just finished, so every silo to finish after the first
+receives the partial aggregate of those before it (with one client per silo:
+their whole model updates).  In cross-silo
 FL only the coordinator may see per-silo partial aggregates.
 
 :class:`LocalMergeContext` is the TFF execution context in which

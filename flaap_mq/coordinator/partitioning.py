@@ -339,8 +339,9 @@ async def _invoke_merge_on_coordinator(
     but floating-point sums are not associative, and merging in finishing
     order (as TFF does) gave runs on the same inputs results differing in
     their last bits (`make demo`'s FedAvg loss).  Returns the merged result
-    and, as TFF does, the silo context that finished last (where an all-equal
-    `after_merge` then runs, on the merged result only).
+    and, as TFF does, the silo context that finished last (unused by the
+    callers here: given a `merge_context`, an all-equal `after_merge` runs
+    in it, not on a silo).
     """
 
     async def run_part(
@@ -450,12 +451,14 @@ class SiloSplittingContext(mergeable_comp_execution_context.MergeableCompExecuti
     `_invoke_mergeable_comp_form_in_order`, which returns CLIENTS-placed
     results in client order, instead of TFF's `_invoke_mergeable_comp_form`.
     Beyond TFF, the constructor takes where `merge` runs (`merge_context`)
-    and which silos an invocation needs (`participation`).
+    and which silos an invocation needs (`participation`; with one, `invoke`
+    hands the invocation to it, which keeps both fixes).
     Construction, compilation to `MergeableCompForm`, running `up_to_merge` /
-    `merge` / `after_merge` over the silos and repackaging results are TFF's
-    helpers.  The number of parts is TFF's `num_subrounds` (by default the
-    number of silo contexts; extra parts are run sequentially, as in TFF: a
-    context that finishes a part runs the next one).
+    `after_merge` over the silos and repackaging results are TFF's helpers,
+    and so is `merge` when no `merge_context` is given.  The number of parts
+    is TFF's `num_subrounds` (by default the number of silo contexts; extra
+    parts are run sequentially, as in TFF: a context that finishes a part
+    runs the next one).
 
     Given a `merge_context` (an async TFF context the coordinator owns, see
     `flaap_mq.coordinator.local_merge`), every `merge` runs there, so no silo
@@ -535,7 +538,7 @@ class SiloSplittingContext(mergeable_comp_execution_context.MergeableCompExecuti
                 comp, arg, self._async_execution_contexts, self._merge_context
             )
         else:
-            # Fix 2 of 2: TFF's
+            # Fix 2 of 2 (the participation path above keeps it too): TFF's
             # `_invoke_mergeable_comp_form` returns CLIENTS-placed results in
             # the order the silos finish; this keeps them in client order.
             run = _invoke_mergeable_comp_form_in_order(

@@ -11,8 +11,9 @@ Unix socket in a private directory (0700, socket 0600).
 
 Both flaap-mq processes that run TFF computations use it: the silo worker,
 and the coordinator for `merge`. `ExecutorNetwork.HOST` starts the binary
-the old way, on a loopback port of the host's network; it exists for hosts
-that forbid the namespaces, only behind an explicit flag, with a warning.
+the old way, listening on every interface of the host (its owner dials it
+on loopback); it exists for hosts that forbid the namespaces, only behind
+an explicit flag, with a warning.
 
 The service owns the process tree outright, as TFF's own launcher does not
 (it leaks the binary and stops it with a SIGINT the binary ignores): every

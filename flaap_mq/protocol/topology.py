@@ -14,7 +14,7 @@ Names (prefix `flaap` by default):
 | `flaap.silo.<silo>`       | quorum queue         | one silo's tasks; single active consumer |
 | `flaap.replies`           | direct exchange      | results, routing key = job id |
 | `flaap.reply.<job>`       | quorum queue         | one coordinator's results; expires unused |
-| `flaap.dead-letter`       | fanout exchange      | rejected, expired and malformed tasks |
+| `flaap.dead-letter`       | fanout exchange      | rejected, expired, over delivery limit |
 | `flaap.dead-letter`       | quorum queue         | where they wait for an operator |
 
 Replies go through their own exchange, never the default one: a silo that
