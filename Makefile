@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BROKER_URL ?= $(FLAAP_MQ_BROKER_URL)
 
-.PHONY: install demo test test-faults test-slow test-systemd lint protos bench topology clean
+.PHONY: install demo test test-faults test-slow test-systemd lint protos bench clean
 
 install: $(STAMP)
 
@@ -27,8 +27,19 @@ $(STAMP): requirements.lock pyproject.toml
 demo: install
 	$(VENV)/bin/flaap-mq demo
 
+# Most tests wait (on brokers, executors, subprocesses), so four pytest-xdist
+# workers share the 2 cores; --dist loadfile keeps a module's tests, and its
+# module-scoped fleets and broker nodes, in one worker. Tests marked serial push
+# a broker to its alarms and run alone afterwards. Both runs run, so a failure
+# in the first does not hide the second's.
+TEST_WORKERS ?= 4
+TEST_MARKS := not faults and not slow
 test: install
-	$(PY) -m pytest tests -m "not faults and not slow"
+	$(PY) -m pytest tests -m "$(TEST_MARKS) and not serial" -n $(TEST_WORKERS) --dist loadfile; \
+	  parallel=$$?; \
+	  $(PY) -m pytest tests -m "$(TEST_MARKS) and serial"; \
+	  serial=$$?; \
+	  test $$parallel -eq 0 -a $$serial -eq 0
 
 # --tb=native: pytest's own traceback formatting crashed (INTERNALERROR, an
 # AST recursion error in Python 3.11) on a failed fault test here, hiding it.

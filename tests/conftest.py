@@ -40,29 +40,54 @@ def broker_url() -> Iterator[str]:
         pytest.skip(f"no RabbitMQ broker could be had: {e}")
 
 
-# Every process this run starts inherits this marker, so the leak check below
-# finds exactly our executors, however they were started and whoever their
+# Every process this run starts inherits this marker, so the leak checks below
+# find exactly our executors, however they were started and whoever their
 # parent is now, and never another run's. Executors start with a minimal
 # environment (flaap_mq.executor.environment): FLAAP_MQ_EXECUTOR_ENV lets the
 # marker through, as an operator would pass a variable of their own.
-RUN_MARKER = ("FLAAP_TEST_RUN", uuid.uuid4().hex)
-os.environ[RUN_MARKER[0]] = RUN_MARKER[1]
-os.environ["FLAAP_MQ_EXECUTOR_ENV"] = RUN_MARKER[0]
+# `make test` runs the suite in pytest-xdist workers: the controller (or a run
+# without xdist) draws the run's id, each worker inherits it and adds its own
+# name, so a worker can check its own executors while the others' still run,
+# and the controller checks the whole run once every worker has finished.
+_RUN_VARIABLE = "FLAAP_TEST_RUN"
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in xdist's workers only
+if _XDIST_WORKER is None:
+    os.environ[_RUN_VARIABLE] = uuid.uuid4().hex
+RUN_ID = os.environ[_RUN_VARIABLE].split("/")[0]
+PROCESS_MARKER = f"{RUN_ID}/{_XDIST_WORKER or 'main'}"
+os.environ[_RUN_VARIABLE] = PROCESS_MARKER
+os.environ["FLAAP_MQ_EXECUTOR_ENV"] = _RUN_VARIABLE
 
 
-def executors_of_this_run() -> list[int]:
+def _executors_marked(matches: Callable[[str], bool]) -> list[int]:
     found = []
     for process in all_executor_processes():
         try:
-            if process.environ().get(RUN_MARKER[0]) == RUN_MARKER[1]:
+            if matches(process.environ().get(_RUN_VARIABLE, "")):
                 found.append(process.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
 
 
+def executors_of_this_process() -> list[int]:
+    """Executors started by this pytest process (one xdist worker, or the whole run)."""
+    return _executors_marked(lambda marker: marker == PROCESS_MARKER)
+
+
+def executors_of_this_run() -> list[int]:
+    """Executors started by any process of this run, every xdist worker included."""
+    return _executors_marked(lambda marker: marker.startswith(f"{RUN_ID}/"))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fails the run if any test left a TFF `worker_binary` or its sandbox running."""
+    """Fails the run if any test left a TFF `worker_binary` or its sandbox running.
+
+    Checked where the run ends: an xdist worker's exit status does not reach the
+    controller, so the controller checks every worker's executors after all of them.
+    """
+    if _XDIST_WORKER is not None:
+        return
     deadline = time.monotonic() + 15  # a stopped worker's executor may take a moment
     leaked = executors_of_this_run()
     while leaked and time.monotonic() < deadline:

@@ -192,6 +192,7 @@ def test_a_computation_sees_its_own_sandbox_only(context, broker_url):
         (f"/run/credentials/{_unit(SILO_A)}/broker-url", "No such file"),  # masked
         (f"/var/lib/flaap-mq/{SILO_B}/{DATASET}", "No such file"),  # another silo's
     ],
+    ids=["credential", "other-silo-data"],  # stable ids: the paths hold random names
 )
 def test_a_computation_reads_no_credential_and_no_other_silo(context, path, error):
     with pytest.raises(SiloExecutionError, match=error):
@@ -199,7 +200,9 @@ def test_a_computation_reads_no_credential_and_no_other_silo(context, path, erro
 
 
 @pytest.mark.parametrize(
-    "path", [f"/var/lib/flaap-mq/{SILO_A}/{DATASET}", f"/run/flaap-mq/{SILO_A}/x", "/tmp/x"]
+    "path",
+    [f"/var/lib/flaap-mq/{SILO_A}/{DATASET}", f"/run/flaap-mq/{SILO_A}/x", "/tmp/x"],
+    ids=["silo-data", "runtime-dir", "tmp"],
 )
 def test_a_computation_writes_nothing(context, path):
     def write():
