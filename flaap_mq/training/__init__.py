@@ -6,6 +6,11 @@
 * `run.train`: the loop: rounds, Keras evaluation on the coordinator,
   progress bar, one `training_round` event per round, metrics.csv and
   accuracy.png.
+* `records`: what a round and a run leave (`RoundRecord`, `TrainingResult`);
+  `plot.plot_accuracy` draws accuracy.png from them; `progress` keeps log
+  lines above the progress bars.
+* `model`: the Keras model trained and the silos' preprocessing; `cli`: the
+  `train` and `data split-digits` commands.
 * `meter.PayloadMeter`: executor payload bytes per round and per silo.
 * `run_dir.RunDirectory`: the run's `--out` directory: state saved after every
   round and metrics released with TFF's program API, a run resumed, a
