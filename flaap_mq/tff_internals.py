@@ -29,9 +29,11 @@ from tensorflow_federated.python.core.impl.execution_contexts import (
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
 from tensorflow_federated.python.core.impl.executors import (
     cardinalities_utils,
+    cardinality_carrying_base,
     executor_base,
     executor_value_base,
     executors_errors,
+    ingestable_base,
     remote_executor,
     remote_executor_grpc_stub,
     value_serialization,
@@ -47,6 +49,7 @@ from tensorflow_federated.python.core.impl.types import (
 __all__ = [
     "async_execution_context",
     "cardinalities_utils",
+    "cardinality_carrying_base",
     "compiler",
     "computation_base",
     "computation_impl",
@@ -57,6 +60,7 @@ __all__ = [
     "executor_base",
     "executor_value_base",
     "executors_errors",
+    "ingestable_base",
     "invoke_merge_in_async_pool",
     "invoke_once",
     "invoke_up_to_merge_and_return_context",

@@ -206,7 +206,7 @@ class ParticipationPolicy:
         """Runs on the silos online now; merges, in silo order, those that answer."""
         # The argument has no per-client part (`droppable`): every part is the
         # whole argument, and each silo runs over its own clients.
-        arg_list = arg.value() if arg is not None else [None] * len(contexts)
+        arg_list = partitioning.part_arguments(arg, len(contexts))
         lost: dict[str, str] = {}
         for silo in self.silo_ids:
             # Without a worker now: left out at once (nothing is sent to it).

@@ -33,6 +33,9 @@ This module provides:
   ``CLIENTS`` leaf, wherever it sits in the argument.
 * :class:`PartitionedArgument`, a drop-in replacement for TFF's
   ``MergeableCompExecutionContextValue`` built on :func:`split_over_silos`.
+* :func:`part_arguments`, each part wrapped so that a silo receives it once
+  for both ``up_to_merge`` and ``after_merge`` (``flaap_mq.coordinator.sent_once``),
+  where TFF sends it twice.
 * :func:`_invoke_mergeable_comp_form_in_order`, TFF's
   ``_invoke_mergeable_comp_form`` with ``after_merge`` results kept in part
   (hence client) order.
@@ -63,6 +66,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from flaap_mq import tff_internals as tffi
+from flaap_mq.coordinator import sent_once
 from flaap_mq.tff_internals import (
     cardinalities_utils,
     computation_base,
@@ -80,6 +84,7 @@ from flaap_mq.tff_internals import (
 __all__ = [
     "PartitionedArgument",
     "SiloSplittingContext",
+    "part_arguments",
     "split_over_silos",
 ]
 
@@ -268,6 +273,21 @@ class PartitionedArgument(typed_object.TypedObject):
         return self._parts
 
 
+def part_arguments(
+    arg: PartitionedArgument | None, num_contexts: int
+) -> list[sent_once.SentOnce | None]:
+    """What each part's `up_to_merge` and `after_merge` are given.
+
+    Not in TFF: each part is a `SentOnce`, so that a silo receives its part
+    once, not once for `up_to_merge` and again for `after_merge`. Without an
+    argument, every context runs the computation once, over its default
+    clients.
+    """
+    if arg is None:
+        return [None] * num_contexts
+    return sent_once.sent_once(arg.value(), arg.type_signature)
+
+
 async def _invoke_after_merge_in_order(
     comp: mergeable_comp_execution_context.MergeableCompForm,
     merge_result: object,
@@ -406,9 +426,8 @@ async def _invoke_mergeable_comp_form_in_order(
     instead of on a silo, by way of `_invoke_merge_on_coordinator`, and so does
     an `after_merge` whose result has no per-client part.
     """
-    # No argument: every context runs the computation once, over its default
-    # clients.
-    arg_list = arg.value() if arg is not None else [None] * len(execution_contexts)
+    # Not TFF's: each part is sent to a silo once (see `part_arguments`).
+    arg_list = part_arguments(arg, len(execution_contexts))
 
     if merge_context is None:
         merge_result, last_context = await tffi.invoke_merge_in_async_pool(

@@ -306,3 +306,38 @@ def test_each_computation_is_sent_to_a_silo_once(silos):
         assert temperature_average(data) == pytest.approx(2.0)
     # Each later invocation sends only its argument: one CreateValue less.
     assert sent.count("CreateValue") == 3 * (first - 1)
+
+
+def _clients_identity(elements: int) -> tff.Computation:
+    model_type = tff.TensorType(np.float32, [elements])
+
+    @tff.tensorflow.computation(model_type)
+    def identity(model):
+        return tf.identity(model)
+
+    @tff.federated_computation(tff.FederatedType(model_type, tff.CLIENTS))
+    def round_trip(models):
+        return tff.federated_map(identity, models)
+
+    return round_trip
+
+
+def test_each_silo_receives_its_part_of_the_argument_once(silos):
+    """TFF gives a silo's part to up_to_merge and again to after_merge (a per-client
+    result needs it): each invocation ingests it anew, so TFF sends it twice.
+    flaap-mq sends it once (coordinator/sent_once.py), and a later invocation
+    sends its own new values, never reuses the last one's."""
+    context = tff.framework.get_context_stack().current
+    sent: collections.Counter[str] = collections.Counter()
+    context.client.observe(lambda e: sent.update({e.silo_id: e.bytes_sent}))
+    elements = 250_000  # 1 MB per client, one client per silo
+    round_trip = _clients_identity(elements)
+    round_trip([np.zeros(elements, np.float32)] * 3)  # warm: the computations are sent once
+    for shift in (10.0, 20.0):
+        sent.clear()
+        models = [np.full(elements, client + shift, np.float32) for client in range(3)]
+        results = round_trip(models)
+        assert [float(r[0]) for r in results] == [shift, shift + 1, shift + 2]
+        assert all(np.array_equal(r, m) for r, m in zip(results, models, strict=True))
+        part = models[0].nbytes
+        assert all(part <= sent[silo] < 1.5 * part for silo in SILOS), dict(sent)
