@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import psutil
@@ -20,6 +20,7 @@ import pytest
 from flaap_mq import logs
 from flaap_mq.broker import declare
 from flaap_mq.broker.credentials import DEFAULT_BROKER_URL
+from flaap_mq.data.fleet import SiloDataFleet
 from flaap_mq.local.broker import throwaway_broker
 from flaap_mq.local.workers import WorkerFleet, all_executor_processes
 from flaap_mq.protocol import topology
@@ -178,6 +179,29 @@ def module_prefix(broker_url: str) -> Iterator[str]:
     value = f"m{uuid.uuid4().hex[:10]}"
     yield value
     delete_topology(broker_url, value)
+
+
+@pytest.fixture(scope="module")
+def module_data_workers(
+    broker_url: str, module_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[Mapping[str, Path]], SiloDataFleet]]:
+    """Starts a worker per silo, each serving its own data directory (`--data-dir`),
+    shared by the tests of one module; stopped at the module's end."""
+    fleets: list[SiloDataFleet] = []
+
+    def start(data_dirs: Mapping[str, Path]) -> SiloDataFleet:
+        fleet = SiloDataFleet(
+            broker_url,
+            data_dirs,
+            prefix=module_prefix,
+            log_dir=tmp_path_factory.mktemp("data-workers"),
+        )
+        fleets.append(fleet)
+        return fleet.start()
+
+    yield start
+    for fleet in fleets:
+        fleet.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ import tensorflow_federated as tff
 
 import flaap_mq
 from flaap_mq.data import digits
-from flaap_mq.data.fleet import SiloDataFleet
 from flaap_mq.data.silo import read_silo_dataset, silo_dataset
 from flaap_mq.testing.cli import run_cli
 from flaap_mq.testing.tff_local import local_cpp_contexts
@@ -43,15 +42,9 @@ def data_dir(digits_split) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fleet(broker_url, module_prefix, data_dir, tmp_path_factory):
+def fleet(module_data_workers, data_dir):
     """One worker per silo, each with its own data directory."""
-    with SiloDataFleet(
-        broker_url,
-        {silo: data_dir / silo for silo in SILOS},
-        prefix=module_prefix,
-        log_dir=tmp_path_factory.mktemp("worker-logs"),
-    ) as started:
-        yield started
+    return module_data_workers({silo: data_dir / silo for silo in SILOS})
 
 
 @pytest.fixture

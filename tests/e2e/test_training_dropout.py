@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from flaap_mq.data import digits
-from flaap_mq.data.fleet import SiloDataFleet
 from flaap_mq.testing.cli import run_cli
 from tests.faults import support
 
@@ -34,15 +33,10 @@ def data_dir(digits_split) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fleet(broker_url, module_prefix, data_dir, tmp_path_factory):
+def fleet(module_data_workers, data_dir):
     """Workers for silo-1 and silo-2 only."""
-    with SiloDataFleet(
-        broker_url,
-        {silo: data_dir / silo for silo in ONLINE},
-        prefix=module_prefix,
-        log_dir=tmp_path_factory.mktemp("dropout-logs"),
-    ) as started:
-        yield started
+    started = module_data_workers({silo: data_dir / silo for silo in ONLINE})
+    yield started
     support.assert_nothing_left(started)
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flaap_mq.data.fleet import SiloDataFleet
 from flaap_mq.testing.cli import run_cli
 from flaap_mq.training import run_dir
 from tests import training_resume as tr
@@ -31,14 +30,8 @@ def data_dir(digits_split) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fleet(broker_url, module_prefix, data_dir, tmp_path_factory):
-    with SiloDataFleet(
-        broker_url,
-        {silo: data_dir / silo for silo in tr.SILOS},
-        prefix=module_prefix,
-        log_dir=tmp_path_factory.mktemp("worker-logs"),
-    ) as started:
-        yield started
+def fleet(module_data_workers, data_dir):
+    return module_data_workers({silo: data_dir / silo for silo in tr.SILOS})
 
 
 @pytest.fixture(scope="module")
