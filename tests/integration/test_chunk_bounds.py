@@ -28,12 +28,12 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import placements
 
-from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.coordinator import errors
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.protocol import chunking, envelope, topology, wire
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.testing import messages
+from flaap_mq.testing.raw_peer import RawPeer
 
 MiB = 1024 * 1024
 # The receiver's stated bound on what chunked transfers may hold
@@ -118,20 +118,10 @@ def _get_executor_request() -> executor_pb2.GetExecutorRequest:
 # ------------------------------------------------------------ hostile coordinator
 
 
-class HostileCoordinator:
+class HostileCoordinator(RawPeer):
     """Publishes crafted tasks to silo a's queue; reads the worker's answers."""
 
-    def __init__(self, broker_url: str, prefix: str) -> None:
-        self.names = topology.Names(prefix)
-        self.job_id = f"hostile-{uuid.uuid4().hex[:8]}"
-        self.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-        self.channel = self.connection.channel()
-        declare_blocking(
-            self.channel,
-            topology.shared_declarations(self.names)
-            + topology.reply_declarations(self.names, self.job_id),
-        )
-        self.channel.confirm_delivery()
+    job_label = "hostile"
 
     def task(self, task_id: str, kind: int, **fields: object) -> task_pb2.Task:
         fields.setdefault("deadline_unix_ms", envelope.deadline_after(60))
@@ -215,9 +205,6 @@ class HostileCoordinator:
         response = executor_pb2.ComputeResponse.FromString(result.response)
         back, _ = value_serialization.deserialize_value(response.value)
         return back
-
-    def close(self) -> None:
-        self.connection.close()
 
 
 @pytest.fixture

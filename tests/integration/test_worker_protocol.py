@@ -25,24 +25,13 @@ from flaap_mq.local.workers import WorkerProcess
 from flaap_mq.protocol import chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.testing import messages
+from flaap_mq.testing.raw_peer import RawPeer
 
 
-class RawCoordinator:
+class RawCoordinator(RawPeer):
     """A reply queue and a publisher, with nothing of flaap-mq's coordinator."""
 
     worker: WorkerProcess | None = None  # silo a's worker, where a test started one
-
-    def __init__(self, broker_url: str, prefix: str) -> None:
-        self.names = topology.Names(prefix)
-        self.job_id = f"raw-{uuid.uuid4().hex[:8]}"
-        self.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-        self.channel = self.connection.channel()
-        declare_blocking(
-            self.channel,
-            topology.shared_declarations(self.names)
-            + topology.reply_declarations(self.names, self.job_id),
-        )
-        self.channel.confirm_delivery()
 
     def send(
         self, silo_id: str, body: bytes, correlation_id: str, *, reply: bool = True, **props: object
@@ -103,9 +92,6 @@ class RawCoordinator:
                 return properties, task_pb2.TaskResult.FromString(body)
             time.sleep(0.1)
         raise TimeoutError("no reply")
-
-    def close(self) -> None:
-        self.connection.close()
 
     def dead_letter(self, message_id: str, timeout_s: float = 20.0) -> pika.BasicProperties:
         """The properties of task `message_id` once it is in the dead-letter queue."""
