@@ -158,22 +158,27 @@ LINK_STEPS: list[tuple[str, str, Callable[..., int] | None]] = [
     ),
     (
         "pika.connection:Connection._send_message",
-        "pika: frames out (slice + marshal: 2 copies)",
-        lambda self, channel, method, content: 2 * len(content[1]),
+        "pika: frames out (slice + marshal's two concatenations: 3 copies)",
+        lambda self, channel, method, content: 3 * len(content[1]),
     ),
     (f"{PIKA_IO}._sigint_safe_recv", "pika: recv() calls", None),
     (f"{PIKA_IO}._sigint_safe_send", "pika: send() calls", lambda sock, data: len(data)),
     ("flaap_mq.broker.link:BrokerLink._send", "link: publish on I/O thread", None),
     ("flaap_mq.broker.link:BrokerLink._on_confirm", "link: confirm received", None),
     (
-        "flaap_mq.protocol.wire:append_bytes_field",
-        "copy: envelope + payload joined (append_bytes_field)",
-        lambda message, number, value: len(message) + len(value),
+        "flaap_mq.protocol.chunking:Collector._store",
+        "io: slice written into its buffer + sha256 update (Collector._store)",
+        lambda self, task_id, transfer, index, part: len(part),
     ),
     (
         "flaap_mq.protocol.chunking:Parts.join",
-        "copy: slices joined + sha256 (Parts.join)",
-        lambda self: sum(len(p) for p in self.parts),
+        "copy: whole payload to bytes (Parts.join)",
+        lambda self: self.total_size,
+    ),
+    (
+        "flaap_mq.protocol.chunking:sha256_of",
+        "hash: sha256 of a payload to send (sha256_of)",
+        lambda payload: len(payload),
     ),
 ]
 
@@ -218,6 +223,11 @@ COORDINATOR_STEPS: list[tuple[str, str, Callable[..., int] | None]] = [
     (f"{_REMOTE}:RemoteExecutor.create_value", "RemoteExecutor.create_value", None),
     (f"{_REMOTE}:RemoteExecutor._compute", "RemoteExecutor._compute", None),
     *((f"{_STUB}:RemoteExecutorGrpcStub.{m}", f"gRPC: {m}", None) for m in STUB_METHODS),
+    (
+        "flaap_mq.coordinator.value_wire:serialize_value",
+        "value_wire: serialize_value (large arrays from their memory, else TFF's)",
+        None,
+    ),
     ("flaap_mq.protocol.envelope:create_value_request", "envelope: create_value_request", None),
     ("flaap_mq.protocol.envelope:encode_task", "envelope: encode_task (slices)", None),
     ("flaap_mq.coordinator.publish:publish_task", "publish_task (caller thread)", None),

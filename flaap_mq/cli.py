@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pending-transfer-bytes",
         type=int,
         default=None,
-        help="most bytes held by chunked tasks not yet complete or not yet run, counted as "
-        "the messages they keep in memory (default 2 GiB)",
+        help="most bytes held by chunked tasks not yet complete or not yet run, each counted "
+        "at its declared size from its first slice (default 2 GiB)",
     )
 
     topo = sub.add_parser("topology", help="declare the topology and show what exists")

@@ -14,10 +14,14 @@ A reply settles the call its AMQP `correlation_id` names, and only if
   login) any user is accepted.
 
 Anything else is dropped before it can touch the call or fill its transfer.
-A large result's slices are collected in the call table's `transfers`
-within its `Limits`, keyed by the call's task id and expiring with its
-deadline (`calls`); they are joined and checked by the caller, off the I/O
-thread every silo shares.
+A large result's slices are written, as they arrive, into one buffer in the
+call table's `transfers` (within its `Limits`, keyed by the call's task id
+and expiring with its deadline: `calls`), and hashed on the way; the last
+one settles the call with that buffer (`chunking.Parts`). The caller checks
+it and makes the `bytes` protobuf parses from (`Parts.join`: no pass over it
+but that copy), off the I/O thread every silo shares. (protobuf copies a
+`memoryview` into `bytes` before it parses one: handing it the buffer
+itself would cost that copy and hold the buffer beside it.)
 
 Nothing here logs: `take` says what it dropped, and the `TaskClient` logs it.
 """
@@ -144,7 +148,7 @@ def _collect_slice(
 
     The transfer is keyed by the call's task id, so each call has at most
     one, and it expires with the call's deadline. Only collected here: the
-    caller (`TaskClient.ask`) joins and checks the slices.
+    caller (`TaskClient.ask`) checks the whole and makes its `bytes`.
     """
     parts = transfers.add(part.task_id, part.chunk, payload, expires_at=call.expires_at)
     if parts is None:

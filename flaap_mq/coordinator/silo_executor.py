@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 
 from tensorflow_federated.proto.v0 import executor_pb2
 
+from flaap_mq.coordinator import value_wire
 from flaap_mq.coordinator.computation_cache import ComputationCache
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.protocol import envelope
@@ -189,7 +190,8 @@ class SiloExecutor(executor_base.Executor):
         remote = await self._executor()
 
         async def create() -> SiloValue:
-            value_proto, value_type = value_serialization.serialize_value(value, type_spec)
+            # As TFF's serialize_value, large arrays written from their own memory.
+            value_proto, value_type = value_wire.serialize_value(value, type_spec)
             request = envelope.create_value_request(remote.executor_id, value_proto)
             return self._make(remote, request, value_type)
 

@@ -4,11 +4,18 @@ A model can outgrow the broker's message size limit (RabbitMQ's default is
 128 MiB, and operators often set less). A Task's `request` or a TaskResult's
 `response` larger than the chunk size travels as several envelopes with the
 same task id, each carrying a slice of the payload and a `Chunk` (index,
-count, SHA-256 and length of the whole payload). The receiver keeps the
-slices in a `Collector` until the last one arrives; `Parts.join` then puts
-them together and checks length and digest before anything uses the payload.
-The two steps are apart so that a receiver can collect slices on its I/O
-thread, in delivery order, and join and check a large payload elsewhere.
+count, SHA-256 and length of the whole payload). The receiver writes each
+slice, as it arrives, into one buffer of the declared size and feeds it to a
+running SHA-256 (`Collector`); once the last one is in, `Parts` hands the
+buffer on, checked against the declared length and digest, without another
+pass over it but the copy into the `bytes` its reader needs (`Parts.join`).
+
+A sender's payload may be one `bytes` or a `Gathered` list of buffers (a
+tensor's serialized header and the array's own memory, say): it is never
+joined into one piece; each message copies its slice out of the pieces once
+(`sliced`, `envelope.encode_task`). The digest is in every slice's header,
+so the sender reads the payload once to hash it before it writes the first
+message.
 
 Both sides use this one mechanism, and tell a slice the same way: by the
 envelope's own `Chunk` (`is_chunked`), which is what decides how its payload
@@ -26,22 +33,24 @@ A peer is not trusted with the receiver's memory: a hostile silo (against
 the coordinator) or coordinator (against a worker) cannot make a `Collector`
 hold more than `Limits.max_pending_bytes`, however it lies:
 
-* Slices are charged at what they pin, not at their length. A slice is a
-  view of its AMQP body (no copy: an 8 MiB slice is never copied before the
-  join), so it keeps the whole body alive; it is charged `len(body)` plus
-  bookkeeping (`pinned_size`, `SLICE_COST`). A body that carries far more
-  than its slice (its payload field written many times: protobuf keeps the
-  last, but the body is as big as all of them) is refused, not charged:
-  nothing flaap-mq sends exceeds its slice by more than the envelope's few
-  hundred bytes, so `Limits.max_envelope_bytes` of slack costs an honest
-  sender nothing. (Copying such a slice out instead would make it cheap to
-  hold, but would reward a sender nobody honest resembles.)
+* A transfer is charged its declared size from its first slice on, plus
+  bookkeeping (`TRANSFER_COST` a transfer, `SLICE_COST` a slice): that is
+  its buffer, made then, into which each slice is copied when it arrives;
+  its message is not kept. A buffer of a megabyte or more is an anonymous
+  memory map, whose pages the system provides only as they are written, so
+  a transfer that never gets its slices holds less than it is charged, but
+  a peer cannot reserve more address space (or more maps) than the budget.
+  A body that carries far more than its slice (its payload field written
+  many times: protobuf keeps the last, but the body is as big as all of
+  them) is refused: nothing flaap-mq sends exceeds its slice by more than
+  the envelope's few hundred bytes, so `Limits.max_envelope_bytes` of slack
+  costs an honest sender nothing.
 * A transfer's declared size is capped (`max_transfer_bytes`, `max_slices`)
   and must fit in what is left of the budget when its first slice arrives;
   its slices may not add up to more than it declared.
-* Charges last until the slices are freed: a complete transfer stays charged
-  until it is joined (or dropped unjoined), so complete transfers waiting for
-  a worker thread count too.
+* Charges last until the buffer is handed on: a complete transfer stays
+  charged until it is joined (or dropped unjoined), so complete transfers
+  waiting for a worker thread count too.
 * A partial transfer is dropped at its task's deadline (at `max_age_s`
   without one), on any inconsistency, and when its receiver says
   so (`discard`: the coordinator drops a call's transfer when the call ends).
@@ -58,22 +67,27 @@ import dataclasses
 import hashlib
 import heapq
 import itertools
+import mmap
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from flaap_mq.protocol.v1 import task_pb2
 
 # Payload bytes per message; envelope fields add well under a kilobyte.
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 
-# Bookkeeping charged on top of the bytes a slice pins (a memoryview is 184
-# bytes, its list slot 8), and per transfer on top of its key (the transfer's
-# record, its dict entry, its expiry entry, its digest): rounded up, so the
+# Bookkeeping charged per slice, and per transfer on top of its key and its
+# buffer (the transfer's record, its dict entry, its expiry entry, its
+# digests, its running SHA-256, its buffer's object): rounded up, so the
 # charge is never below what is really held.
 SLICE_COST = 256
 TRANSFER_COST = 1024
+# From this size a transfer's buffer is an anonymous memory map (pages
+# provided as they are written); below it, a bytearray.
+_MAP_FROM_BYTES = 1024 * 1024
 
 _SHA256_BYTES = hashlib.sha256().digest_size
 
@@ -112,16 +126,91 @@ class Limits:
                 raise ValueError(f"chunk limit {field.name} must be positive")
 
 
-def slices(payload: bytes, chunk_bytes: int) -> Iterator[tuple[task_pb2.Chunk, memoryview]]:
-    """The `Chunk` header and payload slice of each part, in order."""
+Buffer = bytes | bytearray | memoryview
+
+
+class Gathered:
+    """A payload given as several buffers, one after the other, never joined into one.
+
+    A tensor's serialized `Value` is a few header bytes and the array's own
+    memory: `sliced` cuts messages straight out of the pieces, so the payload
+    is copied once, into the messages, instead of first into one `bytes`.
+    """
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self, pieces: Iterable[Buffer | Gathered]) -> None:
+        views: list[memoryview] = []
+        for piece in pieces:
+            if isinstance(piece, Gathered):
+                views.extend(piece.pieces)
+            else:
+                view = memoryview(piece)
+                if view.nbytes:
+                    views.append(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
+        self.pieces: tuple[memoryview, ...] = tuple(views)
+        self.size = sum(view.nbytes for view in self.pieces)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+Payload = bytes | Gathered
+
+
+def pieces_of(payload: Payload) -> tuple[memoryview, ...]:
+    """The buffers `payload` is made of, in order (one for `bytes`)."""
+    if isinstance(payload, Gathered):
+        return payload.pieces
+    return (memoryview(payload),)
+
+
+def sha256_of(payload: Payload) -> bytes:
+    """The SHA-256 of the whole payload, read piece by piece (nothing copied)."""
+    digest = hashlib.sha256()
+    for piece in pieces_of(payload):
+        digest.update(piece)
+    return digest.digest()
+
+
+def sliced(
+    payload: Payload, chunk_bytes: int
+) -> Iterator[tuple[task_pb2.Chunk, tuple[memoryview, ...]]]:
+    """The `Chunk` header and the views making each `chunk_bytes` slice, in order.
+
+    Nothing is copied: a slice is one view, or several where it spans pieces
+    of a `Gathered` payload. The digest, which every header carries, is
+    taken first, in one read of the payload.
+    """
     if chunk_bytes <= 0:
         raise ValueError(f"chunk size must be positive, got {chunk_bytes}")
-    count = max(1, -(-len(payload) // chunk_bytes))
-    digest = hashlib.sha256(payload).digest()
-    view = memoryview(payload)
+    size = len(payload)
+    count = max(1, -(-size // chunk_bytes))
+    digest = sha256_of(payload)
+    pieces = iter(pieces_of(payload))
+    rest = next(pieces, memoryview(b""))
     for index in range(count):
-        header = task_pb2.Chunk(index=index, count=count, sha256=digest, total_size=len(payload))
-        yield header, view[index * chunk_bytes : (index + 1) * chunk_bytes]
+        header = task_pb2.Chunk(index=index, count=count, sha256=digest, total_size=size)
+        wanted = min(chunk_bytes, size - index * chunk_bytes)
+        part: list[memoryview] = []
+        while wanted:
+            while not rest.nbytes:
+                rest = next(pieces)
+            take = min(wanted, rest.nbytes)
+            part.append(rest[:take])
+            rest, wanted = rest[take:], wanted - take
+        yield header, tuple(part)
+
+
+def slices(payload: bytes, chunk_bytes: int) -> Iterator[tuple[task_pb2.Chunk, memoryview]]:
+    """The `Chunk` header and payload slice of each part of one `bytes`, in order."""
+    view = memoryview(payload)
+    for header, part in sliced(payload, chunk_bytes):
+        start = header.index * chunk_bytes
+        yield header, view[start : start + sum(p.nbytes for p in part)]
 
 
 def is_chunked(chunk: task_pb2.Chunk) -> bool:
@@ -143,10 +232,21 @@ Slice = bytes | memoryview
 
 
 def pinned_size(part: Slice) -> int:
-    """The bytes `part` keeps alive: a view pins the whole buffer it was cut from."""
+    """The bytes `part` keeps alive: a view pins the whole buffer it was cut from.
+
+    A slice far smaller than the message it is cut from is refused (see the
+    module docstring), though it is copied out and its message not kept.
+    """
     if isinstance(part, memoryview) and part.obj is not None:
         return memoryview(part.obj).nbytes
     return len(part)
+
+
+def _new_buffer(size: int) -> bytearray | mmap.mmap:
+    """A zeroed buffer of `size` bytes; a large one takes memory only where written."""
+    if size < _MAP_FROM_BYTES:
+        return bytearray(size)
+    return mmap.mmap(-1, size)
 
 
 def monotonic_deadline(deadline_unix_ms: int) -> float | None:
@@ -157,10 +257,10 @@ def monotonic_deadline(deadline_unix_ms: int) -> float | None:
 
 
 class Parts:
-    """Every slice of one payload, in order; `join()` makes and checks the whole, once.
+    """One whole payload, written slice by slice into one buffer; handed on once, checked.
 
-    The slices stay charged to their collector until joined, or until this
-    object is dropped unjoined (a task refused before it was read).
+    The buffer stays charged to its collector until handed on (`join`), or
+    until this object is dropped unused (a task refused before it was read).
     """
 
     def __init__(
@@ -169,56 +269,72 @@ class Parts:
         count: int,
         sha256: bytes,
         total_size: int,
-        parts: list[Slice],
+        buffer: Buffer | mmap.mmap,
+        digest: bytes,
         *,
         charge: int = 0,
         release: Callable[[int], object] = lambda _charge: None,
     ) -> None:
         self.task_id = task_id
         self.count = count
-        self.sha256 = sha256
+        self.sha256 = sha256  # declared by the sender
         self.total_size = total_size
-        self.parts = parts
-        self._joined = False
-        # Gives `charge` back once: at the join, or when this object is collected.
+        self._buffer: Buffer | mmap.mmap | None = buffer
+        self._digest = digest  # of what arrived, taken slice by slice
+        # Gives `charge` back once: when handed on, or when this object is collected.
         self._release = weakref.finalize(self, release, charge)
         self._release.atexit = False
 
-    def join(self) -> bytes:
-        """The whole payload; raises `ChunkError` if its length or digest is wrong.
+    def _checked(self) -> memoryview:
+        """The whole payload, read-only, in the buffer the slices were written into.
 
-        Lets go of the slices (and their messages) and of their charge, so
-        that the payload is not held twice while it is used.
+        Raises `ChunkError` if its length or digest is wrong. No copy and no
+        pass over the payload: the digest was taken as the slices arrived.
+        Lets go of the buffer and of its charge.
         """
-        if self._joined:
+        if self._buffer is None:
             raise ChunkError(f"task {self.task_id}: slices already joined")
-        self._joined = True
-        try:
-            payload = b"".join(self.parts)
-        finally:
-            self.parts = []
-            self._release()
-        if len(payload) != self.total_size:
+        buffer, self._buffer = self._buffer, None
+        self._release()
+        if len(buffer) != self.total_size:
             raise ChunkError(
-                f"task {self.task_id}: reassembled {len(payload)} bytes, expected {self.total_size}"
+                f"task {self.task_id}: reassembled {len(buffer)} bytes, expected {self.total_size}"
             )
-        if hashlib.sha256(payload).digest() != self.sha256:
+        if self._digest != self.sha256:
             raise ChunkError(f"task {self.task_id}: reassembled payload fails its SHA-256 check")
-        return payload
+        return memoryview(buffer).toreadonly()
+
+    def join(self) -> bytes:
+        """The whole payload, checked, as `bytes`; raises `ChunkError` if it is wrong.
+
+        One copy out of the buffer and no other pass over it. Both readers
+        need `bytes`: gRPC's Python API takes nothing else (the worker's
+        call to its executor), and protobuf copies any other buffer into
+        `bytes` before it parses it (the coordinator's answer). The buffer
+        and its charge are let go: the caller holds the payload, as it holds
+        an unchunked one.
+        """
+        view = self._checked()
+        try:
+            return view.tobytes()
+        finally:
+            view.release()
 
 
 @dataclasses.dataclass
 class _Transfer:
-    """One partial transfer: what its first slice declared, and the slices so far."""
+    """One partial transfer: what its first slice declared, and what arrived so far."""
 
     serial: int
     count: int
     sha256: bytes
     total_size: int
     expires: float
-    parts: list[Slice] = dataclasses.field(default_factory=list)
-    received: int = 0  # payload bytes in `parts`
-    charged: int = 0  # what `parts` and the record are charged (see `pinned_size`)
+    buffer: bytearray | mmap.mmap | None = None  # of `total_size`, made by `Collector._start`
+    digest: Any = dataclasses.field(default_factory=hashlib.sha256)  # of what arrived
+    slices: int = 0  # slices written into `buffer`
+    received: int = 0  # payload bytes written into `buffer`
+    charged: int = 0  # what the record, the buffer and the slices are charged
 
 
 class Collector:
@@ -244,7 +360,7 @@ class Collector:
 
     @property
     def pinned_bytes(self) -> int:
-        """What is held now, charged as `pinned_size`: never above `max_pending_bytes`."""
+        """What transfers are charged now (their buffers): never above `max_pending_bytes`."""
         with self._lock:
             self._settle()
             return self._charged
@@ -262,8 +378,9 @@ class Collector:
         *,
         expires_at: float | None = None,
     ) -> Parts | None:
-        """Stores one slice (not copied); returns all of them once the last one is in.
+        """Writes one slice into its transfer's buffer; returns the whole once the last is in.
 
+        The slice (and the message it is a view of) is not kept.
         `expires_at` is the task's deadline on the collector's clock (see
         `monotonic_deadline`); the partial transfer is dropped then. Returns
         None while slices are missing, and for a slice not stored (a
@@ -294,14 +411,14 @@ class Collector:
             ):
                 self._drop(task_id)
                 raise ChunkError(f"task {task_id}: chunks disagree about the whole payload")
-            if chunk.index < len(transfer.parts):
+            if chunk.index < transfer.slices:
                 return None  # a redelivered slice we already hold
             try:
                 self._store(task_id, transfer, chunk.index, part)
             except ChunkError:
                 self._drop(task_id)
                 raise
-            if len(transfer.parts) < transfer.count:
+            if transfer.slices < transfer.count:
                 return None
             self._remove(task_id)
             if transfer.received != transfer.total_size:
@@ -357,17 +474,23 @@ class Collector:
         transfer = _Transfer(
             next(self._serials), chunk.count, chunk.sha256, chunk.total_size, expires
         )
-        transfer.charged = record
-        self._charged += record
+        try:
+            transfer.buffer = _new_buffer(chunk.total_size)
+        except (OSError, MemoryError) as e:
+            raise ChunkError(
+                f"task {task_id}: no buffer of {chunk.total_size} bytes for its payload: {e}"
+            ) from None
+        transfer.charged = record + chunk.total_size
+        self._charged += transfer.charged
         self._partials[task_id] = transfer
         heapq.heappush(self._expiry, (expires, transfer.serial, task_id))
         return transfer
 
     def _store(self, task_id: str, transfer: _Transfer, index: int, part: Slice) -> None:
-        """Appends slice `index` to `transfer` and charges it, or raises why not."""
-        if index != len(transfer.parts):
+        """Writes slice `index` into `transfer`'s buffer and charges it, or raises why not."""
+        if index != transfer.slices:
             raise ChunksMissing(
-                f"task {task_id}: chunk {index} arrived after {len(transfer.parts)} "
+                f"task {task_id}: chunk {index} arrived after {transfer.slices} "
                 f"of {transfer.count}; some were lost"
             )
         pinned = pinned_size(part)
@@ -381,25 +504,32 @@ class Collector:
                 f"task {task_id}: chunks add up to more than the declared "
                 f"{transfer.total_size} bytes"
             )
-        cost = pinned + SLICE_COST
+        # The buffer the slice goes into was charged when the transfer began.
+        cost = SLICE_COST
         if self._charged + cost > self.limits.max_pending_bytes:
             raise ChunkError(
                 f"task {task_id}: reassembly would hold more than "
                 f"{self.limits.max_pending_bytes} bytes (max_pending_bytes)"
             )
-        transfer.parts.append(part)
-        transfer.received += len(part)
+        assert transfer.buffer is not None  # made by `_start`
+        end = transfer.received + len(part)
+        transfer.buffer[transfer.received : end] = part
+        transfer.digest.update(part)
+        transfer.slices += 1
+        transfer.received = end
         transfer.charged += cost
         self._charged += cost
 
     def _hand_out(self, task_id: str, transfer: _Transfer) -> Parts:
-        """The complete transfer, still charged until joined or dropped."""
+        """The complete transfer, still charged until handed on or dropped."""
+        assert transfer.buffer is not None  # made by `_start`
         return Parts(
             task_id,
             transfer.count,
             transfer.sha256,
             transfer.total_size,
-            transfer.parts,
+            transfer.buffer,
+            transfer.digest.digest(),
             charge=transfer.charged,
             release=self._released.append,
         )

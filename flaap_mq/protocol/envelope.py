@@ -201,10 +201,15 @@ def new_task_id() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class SerializedRequest:
-    """A TFF executor request already serialized, and its kind."""
+    """A TFF executor request already serialized, and its kind.
+
+    A large request may be `chunking.Gathered` pieces (a CreateValue around a
+    tensor's own memory, `create_value_request`): it is sent as it is, never
+    joined into one `bytes`.
+    """
 
     spec: KindSpec
-    payload: bytes
+    payload: chunking.Payload
 
 
 Request = protobuf_message.Message | SerializedRequest
@@ -222,20 +227,36 @@ _CREATE_VALUE_VALUE = _CREATE_VALUE_FIELDS["value"].number
 _CREATE_VALUE_EXECUTOR = _CREATE_VALUE_FIELDS["executor"].number
 
 
+def bytes_field_head(number: int, size: int) -> bytes:
+    """The key and length that come before a `size`-byte bytes (or message) field."""
+    return wire.varint(number << 3 | 2) + wire.varint(size)
+
+
 def create_value_request(
-    executor: executor_pb2.ExecutorId, value: executor_pb2.Value
+    executor: executor_pb2.ExecutorId, value: executor_pb2.Value | chunking.Gathered
 ) -> SerializedRequest:
-    """A CreateValueRequest, serialized without first copying `value` into it.
+    """A CreateValueRequest, serialized without copying `value` into it.
 
     `CreateValueRequest(value=value)` deep-copies the value, and TFF keeps a
     tensor in a repeated field, so the copy walks every element (0.2 s per
     64 MiB here). An embedded message is written as its serialized bytes, so
-    serializing the value alone and appending it as the `value` field gives
-    the same message in one pass.
+    the request is the value's serialized bytes between two short fields,
+    in the order protobuf writes them: the same bytes as
+    `CreateValueRequest(executor=..., value=...).SerializeToString()`. A
+    value already serialized as pieces (`coordinator.value_wire`) stays in
+    pieces, which the messages are cut from (`encode_task`).
     """
-    head = wire.append_bytes_field(b"", _CREATE_VALUE_EXECUTOR, executor.SerializeToString())
-    payload = wire.append_bytes_field(head, _CREATE_VALUE_VALUE, value.SerializeToString())
-    return SerializedRequest(KINDS[RequestKind.CREATE_VALUE], payload)
+    body = value if isinstance(value, chunking.Gathered) else value.SerializeToString()
+    executor_bytes = executor.SerializeToString()
+    fields = {
+        _CREATE_VALUE_VALUE: (bytes_field_head(_CREATE_VALUE_VALUE, len(body)), body),
+        _CREATE_VALUE_EXECUTOR: (
+            bytes_field_head(_CREATE_VALUE_EXECUTOR, len(executor_bytes)),
+            executor_bytes,
+        ),
+    }
+    pieces = [piece for number in sorted(fields) for piece in fields[number]]
+    return SerializedRequest(KINDS[RequestKind.CREATE_VALUE], chunking.Gathered(pieces))
 
 
 def task_envelope(
@@ -289,33 +310,48 @@ def read_task(body: bytes) -> tuple[task_pb2.Task, memoryview]:
     return task, request
 
 
-def encode_task(task: task_pb2.Task, request: bytes, chunk_bytes: int) -> list[bytes]:
+def encode_task(task: task_pb2.Task, request: chunking.Payload, chunk_bytes: int) -> list[bytes]:
     """The messages carrying `task` (without its request) and `request` (see `_encode`)."""
     return _encode(task, _TASK_PAYLOAD, request, chunk_bytes)
 
 
-def encode_result(result: task_pb2.TaskResult, response: bytes, chunk_bytes: int) -> list[bytes]:
+def encode_result(
+    result: task_pb2.TaskResult, response: chunking.Payload, chunk_bytes: int
+) -> list[bytes]:
     """The messages carrying `result` (without its response) and `response`."""
     return _encode(result, _RESULT_PAYLOAD, response, chunk_bytes)
 
 
 def _encode(
-    message: task_pb2.Task | task_pb2.TaskResult, number: int, payload: bytes, chunk_bytes: int
+    message: task_pb2.Task | task_pb2.TaskResult,
+    number: int,
+    payload: chunking.Payload,
+    chunk_bytes: int,
 ) -> list[bytes]:
     """One serialized message, or one per `chunk_bytes` slice of a larger payload.
 
     The payload is written after the serialized envelope, never copied into
-    a protobuf message (`wire.append_bytes_field`): one copy per message.
+    a protobuf message (concatenated messages merge): each byte of it is
+    copied once, into the message that carries it (`bytes`, which pika
+    needs), straight from the payload's own pieces.
     """
     if len(payload) <= chunk_bytes:
-        return [wire.append_bytes_field(message.SerializeToString(), number, payload)]
+        pieces = chunking.pieces_of(payload)
+        head = message.SerializeToString() + bytes_field_head(number, len(payload))
+        return [b"".join((head, *pieces))]
     out = []
     piece = type(message)()
-    for header, part in chunking.slices(payload, chunk_bytes):
+    for header, part in chunking.sliced(payload, chunk_bytes):
         piece.CopyFrom(message)
         piece.chunk.CopyFrom(header)
-        out.append(wire.append_bytes_field(piece.SerializeToString(), number, part))
+        head = piece.SerializeToString() + bytes_field_head(number, _size_of(part))
+        out.append(b"".join((head, *part)))
     return out
+
+
+def _size_of(part: Sequence[memoryview]) -> int:
+    """The bytes in one slice's views."""
+    return sum(view.nbytes for view in part)
 
 
 def decode_request(

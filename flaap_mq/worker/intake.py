@@ -2,11 +2,13 @@
 
 Each delivery becomes a `TaskRequest`. Its envelope is read here (the
 request stays a view of the body), so that a slice of a large task is told
-by its `Chunk`, as the coordinator tells its replies, and collected here in
-delivery order; only a whole task goes on to the pool, which joins the
-slices. A Create* task's value is announced here, in delivery order, before
-any later task can name it, and each task gets its place in delivery order
-(`InFlight`), which a disposal waits on. All of it is quick: the I/O thread
+by its `Chunk`, as the coordinator tells its replies, and written here, in
+delivery order, into its task's one buffer (hashed on the way; the message
+is not kept); only a whole task goes on to the pool, which makes the
+`bytes` the executor's gRPC call needs from that buffer. A Create* task's
+value is announced here, in delivery order, before any later task can name
+it, and each task gets its place in delivery order (`InFlight`), which a
+disposal waits on. All of it is quick: the I/O thread
 must hand the work off and return.
 """
 

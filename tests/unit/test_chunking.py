@@ -78,7 +78,7 @@ def test_memory_is_bounded():
     collector.add("t", *parts[0])
     with pytest.raises(chunking.ChunkError, match="does not fit"):
         collector.add("u", *parts[0])
-    assert collector.pinned_bytes == chunking.TRANSFER_COST + 1 + 1000 + chunking.SLICE_COST
+    assert collector.pinned_bytes == chunking.TRANSFER_COST + 1 + 3000 + chunking.SLICE_COST
     collector.discard("t")
     assert collector.pinned_bytes == 0
 
@@ -167,13 +167,17 @@ def _deliver(
     return collector.add(task.task_id, task.chunk, payload, expires_at=expires_at)
 
 
-def test_a_slice_is_charged_the_whole_message_it_keeps_alive():
+def test_a_slice_is_copied_into_its_transfer_and_its_message_let_go():
     header, part = next(chunking.slices(os.urandom(3000), 1000))
     body = _message("t", header, [bytes(300), bytes(part)])  # 300 dead bytes, within slack
+    alive = weakref.ref(body)
     collector = chunking.Collector()
     assert _deliver(collector, body) is None
+    del body
+    assert alive() is None  # not kept: the slice was written into the transfer's buffer
+    # Charged its buffer, the whole declared payload, from the first slice on.
     assert collector.pinned_bytes == (
-        chunking.TRANSFER_COST + len("t") + len(body) + chunking.SLICE_COST
+        chunking.TRANSFER_COST + len("t") + 3000 + chunking.SLICE_COST
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -9,7 +10,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import executors_errors
 
 from flaap_mq.coordinator import errors
-from flaap_mq.protocol import envelope, wire
+from flaap_mq.protocol import chunking, envelope, wire
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.testing import messages
 
@@ -197,14 +198,28 @@ def test_create_value_request_is_the_same_message_without_the_copy():
     serialized = envelope.create_value_request(executor, value)
     assert serialized.spec.kind == envelope.RequestKind.CREATE_VALUE
     assert executor_pb2.CreateValueRequest.FromString(
-        serialized.payload
+        bytes(serialized.payload)
     ) == executor_pb2.CreateValueRequest(executor=executor, value=value)
     assert envelope.serialized(serialized) is serialized
     plain = envelope.serialized(executor_pb2.CreateValueRequest(executor=executor, value=value))
     assert plain.spec is serialized.spec
-    assert executor_pb2.CreateValueRequest.FromString(
-        plain.payload
-    ) == executor_pb2.CreateValueRequest.FromString(serialized.payload)
+    # Byte for byte what protobuf writes, from a Value or from its pieces.
+    assert bytes(serialized.payload) == plain.payload
+    pieces = chunking.Gathered([b"", value.SerializeToString()[:7], value.SerializeToString()[7:]])
+    assert bytes(envelope.create_value_request(executor, pieces).payload) == plain.payload
+
+
+def test_a_gathered_payload_is_sent_as_the_same_messages_as_its_bytes():
+    task = envelope.task_envelope(
+        kind=envelope.RequestKind.CREATE_VALUE, job_id="j", silo_id="s", task_id="t"
+    )
+    payload = bytes(range(256)) * 40
+    cuts = [0, 1, 1, 700, 701, 5000, 10239, 10240]
+    gathered = chunking.Gathered(payload[a:b] for a, b in itertools.pairwise(cuts))
+    for chunk_bytes in (1, 7, 700, 1000, 10240, 20000):
+        assert envelope.encode_task(task, gathered, chunk_bytes) == envelope.encode_task(
+            task, payload, chunk_bytes
+        )
 
 
 # ------------------------------------------ the light messages (no TensorFlow)

@@ -110,6 +110,28 @@ def test_slices_are_collected_and_the_last_settles_the_call():
     assert taken == [None] * 11 and joined == response and held > 0
 
 
+def test_a_result_failing_its_digest_fails_its_check():
+    async def main() -> tuple[replies.Dropped | None, chunking.Parts]:
+        table = calls.CallTable()
+        call = _pending(asyncio.get_running_loop())
+        table.add("t1", call)
+        good, bad = _bodies(b"a" * 1000, 100), _bodies(b"b" * 1000, 100)
+        for body in good[:-1]:
+            assert replies.take(table, body, _props(), USERS) is None
+        # The last slice of another payload of the same size, with the first's digest.
+        result, part = envelope.read_result(bad[-1])
+        result.chunk.sha256 = envelope.read_result(good[-1])[0].chunk.sha256
+        forged = envelope.encode_result(result, bytes(part), 1000)[0]
+        dropped = replies.take(table, forged, _props(), USERS)
+        _, parts = await call.future
+        return dropped, parts
+
+    dropped, parts = asyncio.run(main())
+    assert dropped is None  # checked by the caller, `TaskClient.ask`, which fails the call
+    with pytest.raises(chunking.ChunkError, match="SHA-256"):
+        parts.join()
+
+
 def test_a_slice_over_the_limits_fails_the_call_retryable():
     async def main() -> tuple[replies.Dropped | None, BaseException]:
         table = calls.CallTable(chunking.Limits(max_transfer_bytes=500))
