@@ -1,7 +1,7 @@
 """Benchmark flaap-mq against TFF's own remote path, side by side, in one run.
 
-    .venv/bin/python -m bench.run            # full run (make bench), ~5-10 min
-    .venv/bin/python -m bench.run --quick    # smoke run, 1 and 2 silos, < 3 min
+    .venv/bin/python -m bench.run            # full run (make bench), ~10-15 min
+    .venv/bin/python -m bench.run --quick    # smoke run, 1 and 2 silos, no curves, < 3 min
     .venv/bin/python -m bench.run --silos 1,2,4,8
 
 Rows (see docs/benchmarks.md):
@@ -21,7 +21,12 @@ Rows (see docs/benchmarks.md):
    completing without it; goal: within `silo_grace` + 3 s;
 7. a silo worker's start (`bench.worker_start`): importing it, resident
    memory and seconds until it consumes (its executor started first), and
-   what it does to each request; goals: under 100 MB and 3 s.
+   what it does to each request; goals: under 100 MB and 3 s;
+8. the curves of issue 13 (`bench.curves`, full run only: `--quick` skips
+   them): throughput against model size, 1 MiB to 1 GiB through a broker
+   with a 16 MiB message limit, with each process's peak RSS growth, and the
+   tiny call's time against silo count, 1 to 16; printed and kept in the
+   results, drawn by `python -m bench.curves`.
 
 flaap-mq runs on real `flaap-mq worker` processes through the broker, under
 a topology prefix of this run's own, deleted afterwards. TFF's direct path
@@ -51,7 +56,7 @@ from typing import Any
 import psutil
 import tensorflow_federated as tff
 
-from bench import computations, cpu, dropout, measure, report, sandbox, worker_start
+from bench import computations, cpu, curves, dropout, measure, report, sandbox, worker_start
 from bench.baseline import DirectSilos
 from bench.cpu import CpuMeter
 from bench.mq import MqSilos
@@ -76,6 +81,7 @@ class Settings:
     large_model_elements: int  # 0: no 512 MB row (quick mode)
     dropout_repeats: int
     worker_start_repeats: int
+    curves: bool  # row 8, bench.curves
     output: Path
 
 
@@ -110,6 +116,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         large_model_elements=0 if args.quick else 512 * 1024 * 1024 // 4,
         dropout_repeats=1 if args.quick else 2,
         worker_start_repeats=2 if args.quick else 5,
+        curves=not args.quick,
         output=args.output or BENCH_DIR / name,
     )
 
@@ -239,6 +246,9 @@ def print_report(rows: dict[str, Any], s: Settings, verdicts: list[report.Verdic
     print()
     print(worker_start.format_worker_start(rows["worker_start"]))
     print()
+    if "curves" in rows:
+        print(curves.format_curves(rows["curves"]))
+        print()
     print(report.format_verdicts(verdicts))
 
 
@@ -262,6 +272,9 @@ def benchmark(s: Settings, broker_url: str) -> dict[str, Any]:
             url, log_dir, s.worker_start_repeats
         )
         print(f"  worker_start: measured in {time.monotonic() - start:.0f} s", flush=True)
+        if s.curves:
+            rows["curves"] = curves.measure_curves(url, log_dir)
+            print(f"  curves: measured in {rows['curves']['duration_s']:.0f} s", flush=True)
     verdicts = [
         report.round_verdict(rows["round"]),
         report.tiny_verdict(rows["tiny"]),
