@@ -17,7 +17,7 @@ interleaved samples after warm-ups, every result checked, CPU by process):
    path's `worker_binary`. Each process's `VmHWM` is reset to its RSS just
    before the sample (`bench.profile.reset_peak`) and read just after it.
    The "1 GiB" point is 1 GiB less 4 KiB: its request must fit flaap-mq's
-   default 1 GiB transfer limit (`chunking.Limits.max_transfer_bytes`), with
+   default 1 GiB transfer limit (`collector.Limits.max_transfer_bytes`), with
    TFF's `Value` header, and `MqSilos` keeps the defaults.
    From `LARGE_MIB` up, one sample per path (after one warm-up each), on
    fresh silos: interleaved if the machine has `MEMORY_FACTOR` times the
@@ -64,7 +64,8 @@ from bench.profile import reset_peak, status_kib
 from flaap_mq.broker.credentials import BROKER_URL_ENV, DEFAULT_BROKER_URL
 from flaap_mq.broker.urls import redact_url
 from flaap_mq.local.private_node import PrivateBrokerNode
-from flaap_mq.protocol.chunking import DEFAULT_CHUNK_BYTES, Limits
+from flaap_mq.protocol.chunking import DEFAULT_CHUNK_BYTES
+from flaap_mq.protocol.collector import Limits
 
 MiB = 1024 * 1024
 SIZES_MIB = [1, 4, 16, 64, 256, 512, 1024]

@@ -92,7 +92,7 @@ def run_mq(mib: int, timeline: bool) -> dict[str, Any]:
     import flaap_mq
     from flaap_mq.local.private_node import PrivateBrokerNode
     from flaap_mq.local.workers import WorkerFleet
-    from flaap_mq.protocol import chunking
+    from flaap_mq.protocol import collector
 
     limit = str(TRANSFER_LIMIT)
     with (
@@ -111,7 +111,7 @@ def run_mq(mib: int, timeline: bool) -> dict[str, Any]:
             topology_prefix="peakmem",
             task_timeout=1800,
             max_attempts=1,
-            chunk_limits=chunking.Limits(
+            chunk_limits=collector.Limits(
                 max_transfer_bytes=TRANSFER_LIMIT,
                 max_pending_bytes=TRANSFER_LIMIT,
                 max_slices=1 << 16,

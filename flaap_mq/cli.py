@@ -34,7 +34,7 @@ from flaap_mq.broker.credentials import (
 from flaap_mq.broker.tls import CA_FILE_ENV, CERT_FILE_ENV, KEY_FILE_ENV, with_tls_options
 
 if TYPE_CHECKING:
-    from flaap_mq.protocol import chunking
+    from flaap_mq.protocol import collector
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keep it below the broker's max_message_size",
     )
     # Bounds on what a coordinator's chunked tasks can make the worker hold
-    # (flaap_mq.protocol.chunking.Limits); a task over them is answered CHUNK_INVALID.
+    # (flaap_mq.protocol.collector.Limits); a task over them is answered CHUNK_INVALID.
     worker.add_argument(
         "--max-transfer-bytes",
         type=int,
@@ -575,16 +575,16 @@ def _worker(args: argparse.Namespace) -> int:
     return worker.run_until_stopped()
 
 
-def _chunk_limits(args: argparse.Namespace) -> chunking.Limits:
-    """The worker's `chunking.Limits`: the defaults, with the flags given."""
-    from flaap_mq.protocol import chunking
+def _chunk_limits(args: argparse.Namespace) -> collector.Limits:
+    """The worker's `collector.Limits`: the defaults, with the flags given."""
+    from flaap_mq.protocol import collector
 
     given = {
         "max_transfer_bytes": args.max_transfer_bytes,
         "max_slices": args.max_transfer_slices,
         "max_pending_bytes": args.max_pending_transfer_bytes,
     }
-    return chunking.Limits(**{k: v for k, v in given.items() if v is not None})
+    return collector.Limits(**{k: v for k, v in given.items() if v is not None})
 
 
 if __name__ == "__main__":

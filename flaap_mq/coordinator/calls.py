@@ -6,7 +6,7 @@ reply, a failed publish, the broker gone) or that loop itself (its timeout).
 `CallTable` is what those threads share, under one lock.
 
 A call's transfer in progress (the slices of its large result, collected in
-the table's `transfers`, one `chunking.Collector` for all silos) is keyed by
+the table's `transfers`, one `collector.Collector` for all silos) is keyed by
 its task id and lives exactly as long as its entry: `forget` drops both under
 the lock a slice is stored under (`replies.take`), so no slice can start a
 transfer for a call already over. A silo can thus make the coordinator hold
@@ -30,12 +30,12 @@ import time
 from collections.abc import Iterator
 
 from flaap_mq.coordinator import errors
-from flaap_mq.protocol import chunking
+from flaap_mq.protocol import collector
 from flaap_mq.protocol.v1 import task_pb2
 
 # What a reply settles a call with: the result, and its response payload
 # (a view of the message, or the slices of a chunked one, joined by the caller).
-Reply = tuple[task_pb2.TaskResult, memoryview | chunking.Parts]
+Reply = tuple[task_pb2.TaskResult, memoryview | collector.Parts]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,12 +114,12 @@ class PendingCall:
 class CallTable:
     """The calls awaiting a reply, by task id, and their transfers in progress."""
 
-    def __init__(self, chunk_limits: chunking.Limits | None = None) -> None:
+    def __init__(self, chunk_limits: collector.Limits | None = None) -> None:
         # Held while a call is looked up for a reply and its slice stored
         # (`replies.take`), and while a call ends (`forget`).
         self.lock = threading.Lock()
         # What silos' chunked results may make this process hold (`chunking`).
-        self.transfers = chunking.Collector(chunk_limits)
+        self.transfers = collector.Collector(chunk_limits)
         self._calls: dict[str, PendingCall] = {}
 
     def add(self, task_id: str, call: PendingCall) -> None:

@@ -48,7 +48,7 @@ from flaap_mq.coordinator.silo_users import SiloUsers, reply_users
 from flaap_mq.coordinator.task_client import DEFAULT_SILO_GRACE_S, TaskClient
 from flaap_mq.executor import ExecutorNetwork
 from flaap_mq.logs import get_logger
-from flaap_mq.protocol import chunking, topology
+from flaap_mq.protocol import chunking, collector, topology
 from flaap_mq.tff_internals import (
     async_execution_context,
     compiler,
@@ -199,7 +199,7 @@ def create_execution_context(
     connect_timeout: float = 30.0,
     chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    chunk_limits: chunking.Limits | None = None,
+    chunk_limits: collector.Limits | None = None,
     silo_users: SiloUsers = None,
     ca_file: str | None = None,
     cert_file: str | None = None,
@@ -245,7 +245,7 @@ def create_execution_context(
       max_message_bytes: the broker's `max_message_size`; a message over it
         is refused before sending with `MessageTooLargeError`.
       chunk_limits: what silos' chunked results may make this process hold
-        (`flaap_mq.protocol.chunking.Limits`; by default a result of at most
+        (`flaap_mq.protocol.collector.Limits`; by default a result of at most
         1 GiB, and 2 GiB of slices in all); a result over them fails its
         call with a retryable `SiloRetryableError` saying which limit.
       silo_users: silo id -> the broker user that silo's worker logs in as.

@@ -17,7 +17,7 @@ Anything else is dropped before it can touch the call or fill its transfer.
 A large result's slices are written, as they arrive, into one buffer in the
 call table's `transfers` (within its `Limits`, keyed by the call's task id
 and expiring with its deadline: `calls`), and hashed on the way; the last
-one settles the call with that buffer (`chunking.Parts`). The caller checks
+one settles the call with that buffer (`collector.Parts`). The caller checks
 it and makes the `bytes` protobuf parses from (`Parts.join`: no pass over it
 but that copy), off the I/O thread every silo shares. (protobuf copies a
 `memoryview` into `bytes` before it parses one: handing it the buffer
@@ -36,7 +36,7 @@ import pika.spec
 
 from flaap_mq.coordinator import errors
 from flaap_mq.coordinator.calls import CallTable, PendingCall, Reply
-from flaap_mq.protocol import chunking, envelope
+from flaap_mq.protocol import chunking, collector, envelope
 from flaap_mq.protocol.v1 import task_pb2
 
 
@@ -139,7 +139,7 @@ def take(
 
 
 def _collect_slice(
-    transfers: chunking.Collector,
+    transfers: collector.Collector,
     call: PendingCall,
     part: task_pb2.TaskResult,
     payload: memoryview,

@@ -44,7 +44,7 @@ from flaap_mq.coordinator import calls, errors, publish, replies
 from flaap_mq.coordinator.silo_watch import CONSUMER_CHECK_INTERVAL_S as CONSUMER_CHECK_INTERVAL_S
 from flaap_mq.coordinator.silo_watch import DEFAULT_SILO_GRACE_S, SiloWatch
 from flaap_mq.logs import get_logger
-from flaap_mq.protocol import chunking, envelope, topology
+from flaap_mq.protocol import chunking, collector, envelope, topology
 
 log = get_logger("flaap_mq.coordinator")
 
@@ -90,7 +90,7 @@ class TaskClient:
         max_message_bytes: int = broker_link.DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES,
         silo_users: Mapping[str, str] | None = None,
-        chunk_limits: chunking.Limits | None = None,
+        chunk_limits: collector.Limits | None = None,
         silo_grace_s: float = DEFAULT_SILO_GRACE_S,
         reply_queue_expires_ms: int = topology.DEFAULT_REPLY_QUEUE_EXPIRES_MS,
     ) -> None:
@@ -168,7 +168,7 @@ class TaskClient:
     def transfer_bytes(self) -> int:
         """What silos' chunked results make this process hold now (for meters and tests).
 
-        Charged as `chunking.Collector.pinned_bytes`: never above the
+        Charged as `collector.Collector.pinned_bytes`: never above the
         `chunk_limits`' `max_pending_bytes`, and 0 once no call is waiting.
         """
         return self._calls.transfers.pinned_bytes
@@ -233,7 +233,7 @@ class TaskClient:
             result, payload = await self._watch.await_reply(pending, timeout_s, deadline)
             if result.WhichOneof("outcome") == "error":
                 raise errors.error_from_result(silo_id, spec.name, result.error)
-            if isinstance(payload, chunking.Parts):
+            if isinstance(payload, collector.Parts):
                 try:
                     payload = payload.join()  # here, not on the I/O thread every silo shares
                 except chunking.ChunkError as e:

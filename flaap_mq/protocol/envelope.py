@@ -17,6 +17,14 @@ names chosen by the coordinator (the task id of the Create* task that made
 the value, see `task.proto`): the worker forwards a request without value
 references (GetExecutor, CreateValue) untouched, and rewrites the names in
 the others to its executor service's own references (`worker.values`).
+
+Why one module of some 480 lines: it is the envelope both sides read the
+same way, as the table of request kinds (`KINDS`, about 170 lines) and the
+codec that writes and reads a kind's Task and TaskResult. Most callers use
+both together (`spec_for_request` then `encode_task`, `read_task` then
+`decode_request`). The table could move to a module of its own, with every
+`envelope.KINDS` and `envelope.kind_name` in the code and docs renamed;
+that was not done (issue 14's notes).
 """
 
 from __future__ import annotations

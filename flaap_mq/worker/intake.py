@@ -22,7 +22,7 @@ from collections.abc import Callable
 import structlog
 
 from flaap_mq.broker.link import Delivery
-from flaap_mq.protocol import chunking, envelope
+from flaap_mq.protocol import chunking, collector, envelope
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.worker.pipeline import Payload
 from flaap_mq.worker.request import TaskRequest
@@ -83,7 +83,7 @@ class Intake:
         *,
         new_request: Callable[[Delivery], TaskRequest],
         submit: Callable[[TaskRequest, int, Read | None], object],
-        collector: chunking.Collector,
+        collector: collector.Collector,
         values: ValueTable,
         in_flight: InFlight,
         log: structlog.stdlib.BoundLogger,
@@ -129,7 +129,7 @@ class Intake:
 
         Slices before the last are acked once stored (`TaskRequest.slice_stored`).
         The collector bounds what coordinators' slices can make this process
-        hold (`chunking.Limits`, `--max-pending-transfer-bytes`), and drops a
+        hold (`collector.Limits`, `--max-pending-transfer-bytes`), and drops a
         partial task at its deadline. A task refused there (declared too
         large, slices that lie) is answered CHUNK_INVALID like any bad slices.
         """
@@ -138,7 +138,7 @@ class Intake:
                 task.task_id,
                 task.chunk,
                 payload,
-                expires_at=chunking.monotonic_deadline(task.deadline_unix_ms),
+                expires_at=collector.monotonic_deadline(task.deadline_unix_ms),
             )
         except chunking.ChunkError as e:
             task.ClearField("chunk")

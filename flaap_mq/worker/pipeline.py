@@ -31,7 +31,7 @@ from google.protobuf import message as protobuf_message
 
 from flaap_mq.executor import ExecutorCallError
 from flaap_mq.logs import get_logger
-from flaap_mq.protocol import chunking, envelope
+from flaap_mq.protocol import chunking, collector, envelope
 from flaap_mq.protocol.v1 import task_pb2, tff_executor_pb2
 from flaap_mq.worker.cache import ResultCache
 from flaap_mq.worker.incarnation import Incarnation, StateLost
@@ -42,7 +42,7 @@ log = get_logger("flaap_mq.worker")
 
 # A task's request as received: a view of the message, every slice of it, or
 # why its slices do not make a whole.
-Payload = memoryview | chunking.Parts | chunking.ChunkError
+Payload = memoryview | collector.Parts | chunking.ChunkError
 
 
 class Executor(Protocol):
@@ -327,7 +327,7 @@ def read_request(
     if isinstance(received, chunking.ChunkError):
         raise received
     # The one copy of the request the worker makes: gRPC sends bytes.
-    payload = received.join() if isinstance(received, chunking.Parts) else bytes(received)
+    payload = received.join() if isinstance(received, collector.Parts) else bytes(received)
     if task.kind == envelope.RequestKind.GET_EXECUTOR:
         envelope.decode_request(task, payload, light=True)
         return "", payload, None

@@ -32,7 +32,7 @@ from flaap_mq.broker.credentials import credential_files
 from flaap_mq.broker.link import BrokerLink
 from flaap_mq.executor import HOST_NETWORK_MARK, ExecutorNetwork, ExecutorService
 from flaap_mq.logs import get_logger
-from flaap_mq.protocol import chunking, envelope, topology
+from flaap_mq.protocol import chunking, collector, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.worker.intake import InFlight, Intake, Read
 from flaap_mq.worker.outcome import Outcome
@@ -68,7 +68,7 @@ class SiloWorker:
         drain_timeout_s: float = 60.0,
         connect_timeout_s: float = 30.0,
         chunk_bytes: int = chunking.DEFAULT_CHUNK_BYTES,
-        chunk_limits: chunking.Limits | None = None,
+        chunk_limits: collector.Limits | None = None,
     ) -> None:
         self.silo_id = topology.validate_id("silo", silo_id)
         self._names = names or topology.Names()
@@ -125,7 +125,7 @@ class SiloWorker:
                 self._handle, request, sequence, whole
             ),
             # What coordinators' chunked tasks may make this process hold (`chunking`).
-            collector=chunking.Collector(chunk_limits),
+            collector=collector.Collector(chunk_limits),
             values=self._values,
             in_flight=self._in_flight,
             log=self._log,

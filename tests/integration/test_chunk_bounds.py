@@ -30,7 +30,7 @@ from tensorflow_federated.python.core.impl.types import placements
 
 from flaap_mq.coordinator import errors
 from flaap_mq.coordinator.task_client import TaskClient
-from flaap_mq.protocol import chunking, envelope, topology, wire
+from flaap_mq.protocol import chunking, collector, envelope, topology, wire
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.testing import messages
 from flaap_mq.testing.raw_peer import RawPeer
@@ -45,7 +45,7 @@ MAX_TRANSFER = 16 * MiB
 # in flight through pika (each body, and its frames while it is read) and
 # the allocator's slack. Far below what each attack tries to pin.
 SLACK = 48 * MiB
-LIMITS = chunking.Limits(max_transfer_bytes=MAX_TRANSFER, max_pending_bytes=BOUND)
+LIMITS = collector.Limits(max_transfer_bytes=MAX_TRANSFER, max_pending_bytes=BOUND)
 
 # serial: both tests measure a process's resident memory while it is
 # attacked; how many messages pika holds in flight at once depends on how

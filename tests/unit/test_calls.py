@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from flaap_mq.coordinator import calls, errors
-from flaap_mq.protocol import chunking
+from flaap_mq.protocol import chunking, collector
 
 
 def _call(loop: asyncio.AbstractEventLoop, silo: str = "a", *, expires_at: float = 1e9):
@@ -67,7 +67,7 @@ def test_settling_a_call_whose_loop_is_closed_is_harmless():
 
 
 def test_forgetting_a_call_drops_its_partial_transfer():
-    table = calls.CallTable(chunking.Limits(max_pending_bytes=1024 * 1024))
+    table = calls.CallTable(collector.Limits(max_pending_bytes=1024 * 1024))
     loop = asyncio.new_event_loop()
     try:
         call = _call(loop)

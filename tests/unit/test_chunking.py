@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flaap_mq.protocol import chunking, envelope, wire
+from flaap_mq.protocol import chunking, collector, envelope, wire
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.testing.messages import parse_result, parse_task
 
@@ -26,61 +26,61 @@ def test_any_payload_reassembles_exactly(payload, size):
     parts = _split(payload, size)
     assert len(parts) == max(1, -(-len(payload) // size))
     assert all(len(part) <= size for _, part in parts)
-    collector = chunking.Collector()
-    results = [collector.add("t", header, part) for header, part in parts]
+    receiver = collector.Collector()
+    results = [receiver.add("t", header, part) for header, part in parts]
     assert results[-1].join() == payload
     assert all(r is None for r in results[:-1])
-    assert collector.pinned_bytes == 0
+    assert receiver.pinned_bytes == 0
 
 
 def test_corrupt_slice_fails_the_digest_check():
     parts = _split(os.urandom(100), 30)
-    collector = chunking.Collector()
+    receiver = collector.Collector()
     for header, part in parts[:-1]:
-        collector.add("t", header, part)
+        receiver.add("t", header, part)
     header, part = parts[-1]
-    whole = collector.add("t", header, bytes([part[0] ^ 1]) + part[1:])
+    whole = receiver.add("t", header, bytes([part[0] ^ 1]) + part[1:])
     with pytest.raises(chunking.ChunkError, match="SHA-256"):
         whole.join()
 
 
 def test_last_slice_without_the_others_is_missing_chunks():
     header, part = _split(os.urandom(100), 30)[-1]
-    with pytest.raises(chunking.ChunksMissing, match="not the earlier ones"):
-        chunking.Collector().add("t", header, part)
+    with pytest.raises(collector.ChunksMissing, match="not the earlier ones"):
+        collector.Collector().add("t", header, part)
 
 
 def test_a_gap_is_missing_chunks_and_frees_memory():
     parts = _split(os.urandom(100), 30)
-    collector = chunking.Collector()
-    collector.add("t", *parts[0])
-    with pytest.raises(chunking.ChunksMissing, match="some were lost"):
-        collector.add("t", *parts[2])
-    assert collector.pinned_bytes == 0
+    receiver = collector.Collector()
+    receiver.add("t", *parts[0])
+    with pytest.raises(collector.ChunksMissing, match="some were lost"):
+        receiver.add("t", *parts[2])
+    assert receiver.pinned_bytes == 0
 
 
 def test_redelivered_slice_is_ignored():
     payload = os.urandom(100)
     parts = _split(payload, 30)
-    collector = chunking.Collector()
-    collector.add("t", *parts[0])
-    assert collector.add("t", *parts[0]) is None
+    receiver = collector.Collector()
+    receiver.add("t", *parts[0])
+    assert receiver.add("t", *parts[0]) is None
     for header, part in parts[1:-1]:
-        collector.add("t", header, part)
-    assert collector.add("t", *parts[-1]).join() == payload
+        receiver.add("t", header, part)
+    assert receiver.add("t", *parts[-1]).join() == payload
 
 
 def test_memory_is_bounded():
     parts = _split(os.urandom(3000), 1000)
     # Room for the first transfer's slices, but not for a second transfer's.
-    budget = chunking.TRANSFER_COST + 1 + 3000 + 3 * chunking.SLICE_COST
-    collector = chunking.Collector(chunking.Limits(max_pending_bytes=budget))
-    collector.add("t", *parts[0])
+    budget = collector.TRANSFER_COST + 1 + 3000 + 3 * collector.SLICE_COST
+    receiver = collector.Collector(collector.Limits(max_pending_bytes=budget))
+    receiver.add("t", *parts[0])
     with pytest.raises(chunking.ChunkError, match="does not fit"):
-        collector.add("u", *parts[0])
-    assert collector.pinned_bytes == chunking.TRANSFER_COST + 1 + 3000 + chunking.SLICE_COST
-    collector.discard("t")
-    assert collector.pinned_bytes == 0
+        receiver.add("u", *parts[0])
+    assert receiver.pinned_bytes == collector.TRANSFER_COST + 1 + 3000 + collector.SLICE_COST
+    receiver.discard("t")
+    assert receiver.pinned_bytes == 0
 
 
 def test_encode_task_keeps_every_envelope_field_on_every_slice():
@@ -96,7 +96,7 @@ def test_encode_task_keeps_every_envelope_field_on_every_slice():
     )
     messages = envelope.encode_task(task, request, 300)
     assert len(messages) == 4
-    collector = chunking.Collector()
+    receiver = collector.Collector()
     for message in messages:
         part, payload = envelope.read_task(message)
         assert (part.task_id, part.job_id, part.silo_id, part.deadline_unix_ms, part.kind) == (
@@ -107,7 +107,7 @@ def test_encode_task_keeps_every_envelope_field_on_every_slice():
             envelope.RequestKind.CREATE_VALUE,
         )
         assert part.incarnation == "i"
-        whole = collector.add(part.task_id, part.chunk, payload)
+        whole = receiver.add(part.task_id, part.chunk, payload)
     assert whole.join() == request
     [single] = envelope.encode_task(task, request, 1000)
     assert parse_task(single) == task_pb2.Task(request=request, **_fields(task))
@@ -132,7 +132,7 @@ def test_encode_result_slices_only_large_responses():
 
 # ------------------------------------------------------------------ bounds
 # What a hostile sender's slices can make a receiver hold: never more than
-# the collector's limits, charged at what the messages really pin.
+# the receiver's limits, charged at what the messages really pin.
 
 REQUEST_FIELD = task_pb2.Task.DESCRIPTOR.fields_by_name["request"].number
 MiB = 1024 * 1024
@@ -158,26 +158,26 @@ def _message(task_id: str, chunk: task_pb2.Chunk, payload_fields: list[bytes]) -
 
 
 def _deliver(
-    collector: chunking.Collector, body: Body, expires_at: float | None = None
-) -> chunking.Parts | None:
+    receiver: collector.Collector, body: Body, expires_at: float | None = None
+) -> collector.Parts | None:
     """What either side does with a message: read it, collect it if it is a slice."""
     task, payload = envelope.read_task(body)
     if not chunking.is_chunked(task.chunk):
         return None
-    return collector.add(task.task_id, task.chunk, payload, expires_at=expires_at)
+    return receiver.add(task.task_id, task.chunk, payload, expires_at=expires_at)
 
 
 def test_a_slice_is_copied_into_its_transfer_and_its_message_let_go():
     header, part = next(chunking.slices(os.urandom(3000), 1000))
     body = _message("t", header, [bytes(300), bytes(part)])  # 300 dead bytes, within slack
     alive = weakref.ref(body)
-    collector = chunking.Collector()
-    assert _deliver(collector, body) is None
+    receiver = collector.Collector()
+    assert _deliver(receiver, body) is None
     del body
     assert alive() is None  # not kept: the slice was written into the transfer's buffer
     # Charged its buffer, the whole declared payload, from the first slice on.
-    assert collector.pinned_bytes == (
-        chunking.TRANSFER_COST + len("t") + 3000 + chunking.SLICE_COST
+    assert receiver.pinned_bytes == (
+        collector.TRANSFER_COST + len("t") + 3000 + collector.SLICE_COST
     )
 
 
@@ -187,13 +187,13 @@ def test_a_message_repeating_its_payload_field_is_refused_not_held():
     header, part = next(chunking.slices(os.urandom(8), 4))
     body = _message("t", header, [bytes(MiB)] * 16 + [bytes(part)])
     alive = weakref.ref(body)
-    collector = chunking.Collector()
+    receiver = collector.Collector()
     with pytest.raises(chunking.ChunkError, match="payload written more than once"):
-        _deliver(collector, body)
+        _deliver(receiver, body)
     del body
     assert alive() is None
-    assert collector.pinned_bytes == 0
-    assert collector.partial_count == 0
+    assert receiver.pinned_bytes == 0
+    assert receiver.partial_count == 0
 
 
 @pytest.mark.parametrize(
@@ -208,78 +208,78 @@ def test_a_transfer_declaring_too_much_is_refused_at_its_first_slice(declared, r
     header, part = next(chunking.slices(os.urandom(3000), 1000))
     for name, value in declared.items():
         setattr(header, name, value)
-    collector = chunking.Collector()
+    receiver = collector.Collector()
     with pytest.raises(chunking.ChunkError, match=refusal):
-        collector.add("t", header, part)
-    assert collector.pinned_bytes == 0
+        receiver.add("t", header, part)
+    assert receiver.pinned_bytes == 0
 
 
 def test_slices_adding_up_to_more_or_less_than_declared_are_refused():
     payload = os.urandom(3000)
     headers = [header for header, _ in chunking.slices(payload, 1000)]
-    collector = chunking.Collector()
-    collector.add("long", headers[0], payload[:1500])
-    collector.add("long", headers[1], payload[1500:])
+    receiver = collector.Collector()
+    receiver.add("long", headers[0], payload[:1500])
+    receiver.add("long", headers[1], payload[1500:])
     with pytest.raises(chunking.ChunkError, match="add up to more than the declared 3000"):
-        collector.add("long", headers[2], b"x")
+        receiver.add("long", headers[2], b"x")
     for header in headers[:2]:
-        collector.add("short", header, b"y" * 900)
+        receiver.add("short", header, b"y" * 900)
     with pytest.raises(chunking.ChunkError, match="hold 2700 bytes, but declared 3000"):
-        collector.add("short", headers[2], b"y" * 900)
-    assert collector.pinned_bytes == 0
+        receiver.add("short", headers[2], b"y" * 900)
+    assert receiver.pinned_bytes == 0
 
 
 def test_a_partial_transfer_is_dropped_at_its_deadline():
     now = [100.0]
-    collector = chunking.Collector(chunking.Limits(max_age_s=60), clock=lambda: now[0])
+    receiver = collector.Collector(collector.Limits(max_age_s=60), clock=lambda: now[0])
     parts = _split(os.urandom(3000), 1000)
-    collector.add("t", *parts[0], expires_at=110.0)
-    collector.add("no-deadline", *parts[0])
+    receiver.add("t", *parts[0], expires_at=110.0)
+    receiver.add("no-deadline", *parts[0])
     now[0] = 109.9
-    collector.expire()
-    assert collector.partial_count == 2
+    receiver.expire()
+    assert receiver.partial_count == 2
     now[0] = 110.0
-    collector.expire()
-    assert collector.partial_count == 1
-    assert collector.add("t", *parts[1], expires_at=110.0) is None  # a stray slice now
-    with pytest.raises(chunking.ChunksMissing):
-        collector.add("t", *parts[2], expires_at=110.0)
+    receiver.expire()
+    assert receiver.partial_count == 1
+    assert receiver.add("t", *parts[1], expires_at=110.0) is None  # a stray slice now
+    with pytest.raises(collector.ChunksMissing):
+        receiver.add("t", *parts[2], expires_at=110.0)
     now[0] = 160.0  # max_age_s after it started
-    collector.expire()
-    assert collector.partial_count == 0
-    assert collector.pinned_bytes == 0
+    receiver.expire()
+    assert receiver.partial_count == 0
+    assert receiver.pinned_bytes == 0
     with pytest.raises(chunking.ChunkError, match="deadline passed"):
-        collector.add("late", *parts[0], expires_at=now[0])
+        receiver.add("late", *parts[0], expires_at=now[0])
 
 
 def test_complete_slices_stay_charged_until_joined_or_dropped():
     payload = os.urandom(3000)
-    collector = chunking.Collector()
+    receiver = collector.Collector()
     for key in ("joined", "dropped"):
         for header, part in _split(payload, 1000):
-            whole = collector.add(key, header, part)
-        assert collector.pinned_bytes > 3000
+            whole = receiver.add(key, header, part)
+        assert receiver.pinned_bytes > 3000
         if key == "joined":
             assert whole.join() == payload
             with pytest.raises(chunking.ChunkError, match="already joined"):
                 whole.join()
         del whole  # a task refused before its request was read
-        assert collector.pinned_bytes == 0
+        assert receiver.pinned_bytes == 0
 
 
 def test_the_expiry_records_of_dropped_transfers_do_not_pile_up():
     parts = _split(os.urandom(100), 30)
-    collector = chunking.Collector()
+    receiver = collector.Collector()
     for i in range(5000):
-        collector.add(f"t{i}", *parts[0])
+        receiver.add(f"t{i}", *parts[0])
         if i % 100:
-            collector.discard(f"t{i}")
-    assert collector.partial_count == 50
-    assert len(collector._expiry) <= 2 * 50 + 65  # the heap holds little besides live ones
+            receiver.discard(f"t{i}")
+    assert receiver.partial_count == 50
+    assert len(receiver._expiry) <= 2 * 50 + 65  # the heap holds little besides live ones
 
 
 # A receiver with small limits, and a sender that lies in every way it can.
-BOUNDS = chunking.Limits(
+BOUNDS = collector.Limits(
     max_transfer_bytes=4096,
     max_slices=16,
     max_pending_bytes=12 * 1024,
@@ -342,7 +342,7 @@ _transfers = st.lists(
 )
 
 
-def _check_join(parts: chunking.Parts, known: dict[bytes, bytes]) -> None:
+def _check_join(parts: collector.Parts, known: dict[bytes, bytes]) -> None:
     try:
         joined = parts.join()
     except chunking.ChunkError:
@@ -356,12 +356,12 @@ def _check_join(parts: chunking.Parts, known: dict[bytes, bytes]) -> None:
 def test_no_slice_sequence_exceeds_the_bound_or_joins_wrong(transfers, events):
     """Random orders, duplicates, gaps, lies about totals, oversized and repeated payloads."""
     now = [0.0]
-    collector = chunking.Collector(BOUNDS, clock=lambda: now[0])
+    receiver = collector.Collector(BOUNDS, clock=lambda: now[0])
     known = {hashlib.sha256(payload).digest(): payload for _, payload, _ in transfers}
     sliced = [[(h, bytes(p)) for h, p in chunking.slices(pl, n)] for _, pl, n in transfers]
     cursors = [0] * len(transfers)
     bodies: list[weakref.ref[Body]] = []
-    held: list[chunking.Parts] = []
+    held: list[collector.Parts] = []
 
     def send(t: int, index: int | None, lie: str, n: int, deadline_s: float) -> None:
         t %= len(transfers)
@@ -372,7 +372,7 @@ def test_no_slice_sequence_exceeds_the_bound_or_joins_wrong(transfers, events):
         body = _message(transfers[t][0], chunk, fields)
         bodies.append(weakref.ref(body))
         try:
-            whole = _deliver(collector, body, expires_at=now[0] + deadline_s)
+            whole = _deliver(receiver, body, expires_at=now[0] + deadline_s)
         except chunking.ChunkError:
             return
         if whole is not None:
@@ -386,22 +386,22 @@ def test_no_slice_sequence_exceeds_the_bound_or_joins_wrong(transfers, events):
                 send(event[1], None, "none", 0, 30)
         elif event[0] == "tick":
             now[0] += event[1]
-            collector.expire()
+            receiver.expire()
         elif event[0] == "discard":
-            collector.discard(event[1])
+            receiver.discard(event[1])
         elif held:
             parts = held.pop(event[1] % len(held))
             if event[2]:
                 _check_join(parts, known)
             del parts
-        pinned = collector.pinned_bytes
+        pinned = receiver.pinned_bytes
         assert pinned <= BOUNDS.max_pending_bytes
         # What is really kept alive is never more than what is charged.
         assert sum(len(b) for b in (r() for r in bodies) if b is not None) <= pinned
     while held:
         _check_join(held.pop(), known)
     now[0] += BOUNDS.max_age_s + 1
-    collector.expire()
-    assert collector.partial_count == 0
-    assert collector.pinned_bytes == 0
+    receiver.expire()
+    assert receiver.partial_count == 0
+    assert receiver.pinned_bytes == 0
     assert all(r() is None for r in bodies)

@@ -8,7 +8,7 @@ import pika.spec
 import pytest
 
 from flaap_mq.coordinator import calls, errors, replies
-from flaap_mq.protocol import chunking, envelope
+from flaap_mq.protocol import chunking, collector, envelope
 from flaap_mq.protocol.v1 import task_pb2
 
 TASK = envelope.task_envelope(
@@ -111,7 +111,7 @@ def test_slices_are_collected_and_the_last_settles_the_call():
 
 
 def test_a_result_failing_its_digest_fails_its_check():
-    async def main() -> tuple[replies.Dropped | None, chunking.Parts]:
+    async def main() -> tuple[replies.Dropped | None, collector.Parts]:
         table = calls.CallTable()
         call = _pending(asyncio.get_running_loop())
         table.add("t1", call)
@@ -134,7 +134,7 @@ def test_a_result_failing_its_digest_fails_its_check():
 
 def test_a_slice_over_the_limits_fails_the_call_retryable():
     async def main() -> tuple[replies.Dropped | None, BaseException]:
-        table = calls.CallTable(chunking.Limits(max_transfer_bytes=500))
+        table = calls.CallTable(collector.Limits(max_transfer_bytes=500))
         call = _pending(asyncio.get_running_loop())
         table.add("t1", call)
         dropped = replies.take(table, _bodies(b"x" * 1000, 100)[0], _props(), USERS)
