@@ -95,7 +95,7 @@ context = flaap_mq.create_execution_context(
 )
 print("JOB", context.job_id, flush=True)
 with tff.framework.get_context_stack().install(context):
-    comps.slow_total([[1.0] * 24, [2.0] * 24])
+    comps.slow_total([[1.0] * {readings}, [2.0] * {readings}])
 print("DONE", flush=True)
 """
 
@@ -106,7 +106,13 @@ def test_dead_coordinator_reply_queue_expires_and_worker_moves_on(
     names = topology.Names(prefix)
     fleet = workers(["a"])
     worker = fleet.workers["a"]
-    script = _COORDINATOR.format(repo=str(REPO), expires_s=3, url=broker_url, prefix=prefix)
+    # The silo must still be computing when the reply queue is gone: it expires
+    # 3 s after its coordinator died, noticed on a quorum queue's 5 s tick, so
+    # up to about 9 s after the kill; each client's 64 readings take 16 s (with
+    # 24, 6 s, a reply sometimes reached the queue before it expired).
+    script = _COORDINATOR.format(
+        repo=str(REPO), expires_s=3, url=broker_url, prefix=prefix, readings=64
+    )
     coordinator = subprocess.Popen(
         [sys.executable, "-c", script],
         stdout=subprocess.PIPE,
