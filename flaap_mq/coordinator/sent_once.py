@@ -60,11 +60,6 @@ class SentOnce(ingestable_base.Ingestable, cardinality_carrying_base.Cardinality
     def cardinality(self) -> dict[Any, int]:
         return dict(self._cardinality)
 
-    @property
-    def value(self) -> object:
-        """The part as it was given (for a caller that needs the value itself)."""
-        return self._value
-
     async def ingest(self, executor: executor_base.Executor) -> executor_value_base.ExecutorValue:
         known = self._ingested.get(id(executor))
         if known is not None and known[0] is executor:
