@@ -6,7 +6,7 @@ A model can outgrow the broker's message size limit (RabbitMQ's default is
 same task id, each carrying a slice of the payload and a `Chunk` (index,
 count, SHA-256 and length of the whole payload). The receiver writes each
 slice, as it arrives, into one buffer of the declared size and feeds it to a
-running SHA-256 (`Collector`); once the last one is in, `Parts` hands the
+running SHA-256 (`collector.Collector`); once the last one is in, `Parts` hands the
 buffer on, checked against the declared length and digest, without another
 pass over it but the copy into the `bytes` its reader needs (`Parts.join`).
 
@@ -118,14 +118,6 @@ def sliced(
             part.append(rest[:take])
             rest, wanted = rest[take:], wanted - take
         yield header, tuple(part)
-
-
-def slices(payload: bytes, chunk_bytes: int) -> Iterator[tuple[task_pb2.Chunk, memoryview]]:
-    """The `Chunk` header and payload slice of each part of one `bytes`, in order."""
-    view = memoryview(payload)
-    for header, part in sliced(payload, chunk_bytes):
-        start = header.index * chunk_bytes
-        yield header, view[start : start + sum(p.nbytes for p in part)]
 
 
 def is_chunked(chunk: task_pb2.Chunk) -> bool:

@@ -73,7 +73,8 @@ def test_forgetting_a_call_drops_its_partial_transfer():
         call = _call(loop)
         table.add("t1", call)
         assert table.get("t1") is call and table.waiting() == [call]
-        chunk, part = next(chunking.slices(b"x" * 300, 100))
+        chunk, pieces = next(chunking.sliced(b"x" * 300, 100))
+        part = b"".join(pieces)
         assert table.transfers.add("t1", chunk, part, expires_at=call.expires_at) is None
         assert table.transfers.pinned_bytes > 0
         table.forget("t1")

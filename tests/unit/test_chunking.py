@@ -17,7 +17,7 @@ from flaap_mq.testing.messages import parse_result, parse_task
 
 
 def _split(payload: bytes, size: int) -> list[tuple[task_pb2.Chunk, bytes]]:
-    return [(header, bytes(part)) for header, part in chunking.slices(payload, size)]
+    return [(header, b"".join(part)) for header, part in chunking.sliced(payload, size)]
 
 
 @settings(max_examples=200, deadline=None)
@@ -168,7 +168,7 @@ def _deliver(
 
 
 def test_a_slice_is_copied_into_its_transfer_and_its_message_let_go():
-    header, part = next(chunking.slices(os.urandom(3000), 1000))
+    header, part = _split(os.urandom(3000), 1000)[0]
     body = _message("t", header, [bytes(300), bytes(part)])  # 300 dead bytes, within slack
     alive = weakref.ref(body)
     receiver = collector.Collector()
@@ -184,7 +184,7 @@ def test_a_slice_is_copied_into_its_transfer_and_its_message_let_go():
 def test_a_message_repeating_its_payload_field_is_refused_not_held():
     # 4-byte slices; the first one's message also carries 16 MiB of earlier
     # payload fields, which a view of its last field would keep alive.
-    header, part = next(chunking.slices(os.urandom(8), 4))
+    header, part = _split(os.urandom(8), 4)[0]
     body = _message("t", header, [bytes(MiB)] * 16 + [bytes(part)])
     alive = weakref.ref(body)
     receiver = collector.Collector()
@@ -205,7 +205,7 @@ def test_a_message_repeating_its_payload_field_is_refused_not_held():
     ],
 )
 def test_a_transfer_declaring_too_much_is_refused_at_its_first_slice(declared, refusal):
-    header, part = next(chunking.slices(os.urandom(3000), 1000))
+    header, part = _split(os.urandom(3000), 1000)[0]
     for name, value in declared.items():
         setattr(header, name, value)
     receiver = collector.Collector()
@@ -216,7 +216,7 @@ def test_a_transfer_declaring_too_much_is_refused_at_its_first_slice(declared, r
 
 def test_slices_adding_up_to_more_or_less_than_declared_are_refused():
     payload = os.urandom(3000)
-    headers = [header for header, _ in chunking.slices(payload, 1000)]
+    headers = [header for header, _ in _split(payload, 1000)]
     receiver = collector.Collector()
     receiver.add("long", headers[0], payload[:1500])
     receiver.add("long", headers[1], payload[1500:])
@@ -358,7 +358,7 @@ def test_no_slice_sequence_exceeds_the_bound_or_joins_wrong(transfers, events):
     now = [0.0]
     receiver = collector.Collector(BOUNDS, clock=lambda: now[0])
     known = {hashlib.sha256(payload).digest(): payload for _, payload, _ in transfers}
-    sliced = [[(h, bytes(p)) for h, p in chunking.slices(pl, n)] for _, pl, n in transfers]
+    sliced = [_split(pl, n) for _, pl, n in transfers]
     cursors = [0] * len(transfers)
     bodies: list[weakref.ref[Body]] = []
     held: list[collector.Parts] = []
