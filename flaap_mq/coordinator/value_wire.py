@@ -29,7 +29,7 @@ import functools
 import numpy as np
 from tensorflow_federated.proto.v0 import array_pb2, executor_pb2
 
-from flaap_mq.protocol import chunking, envelope
+from flaap_mq.protocol import chunking, wire
 from flaap_mq.tff_internals import computation_types, structure, value_serialization
 
 # Smaller arrays go through TFF: the copies cost nothing worth the detour.
@@ -136,7 +136,7 @@ def _has_direct_array(value: object, type_spec: computation_types.Type | None) -
 
 def _field(number: int, pieces: Pieces) -> Pieces:
     """A length-delimited field around `pieces`."""
-    return [envelope.bytes_field_head(number, sum(len(memoryview(p)) for p in pieces)), *pieces]
+    return [wire.field_head(number, sum(len(memoryview(p)) for p in pieces)), *pieces]
 
 
 def _serialize(
@@ -161,7 +161,7 @@ def _array(value: np.ndarray) -> Pieces:
         dtype=_dtype_enum(value.dtype), shape=array_pb2.ArrayShape(dim=list(value.shape))
     ).SerializeToString()
     memory = memoryview(value.reshape(-1).view(np.uint8))
-    return [header, envelope.bytes_field_head(_ARRAY_CONTENT, memory.nbytes), memory]
+    return [header, wire.field_head(_ARRAY_CONTENT, memory.nbytes), memory]
 
 
 @functools.cache

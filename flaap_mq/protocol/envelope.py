@@ -235,11 +235,6 @@ _CREATE_VALUE_VALUE = _CREATE_VALUE_FIELDS["value"].number
 _CREATE_VALUE_EXECUTOR = _CREATE_VALUE_FIELDS["executor"].number
 
 
-def bytes_field_head(number: int, size: int) -> bytes:
-    """The key and length that come before a `size`-byte bytes (or message) field."""
-    return wire.varint(number << 3 | 2) + wire.varint(size)
-
-
 def create_value_request(
     executor: executor_pb2.ExecutorId, value: executor_pb2.Value | chunking.Gathered
 ) -> SerializedRequest:
@@ -257,9 +252,9 @@ def create_value_request(
     body = value if isinstance(value, chunking.Gathered) else value.SerializeToString()
     executor_bytes = executor.SerializeToString()
     fields = {
-        _CREATE_VALUE_VALUE: (bytes_field_head(_CREATE_VALUE_VALUE, len(body)), body),
+        _CREATE_VALUE_VALUE: (wire.field_head(_CREATE_VALUE_VALUE, len(body)), body),
         _CREATE_VALUE_EXECUTOR: (
-            bytes_field_head(_CREATE_VALUE_EXECUTOR, len(executor_bytes)),
+            wire.field_head(_CREATE_VALUE_EXECUTOR, len(executor_bytes)),
             executor_bytes,
         ),
     }
@@ -345,14 +340,14 @@ def _encode(
     """
     if len(payload) <= chunk_bytes:
         pieces = chunking.pieces_of(payload)
-        head = message.SerializeToString() + bytes_field_head(number, len(payload))
+        head = message.SerializeToString() + wire.field_head(number, len(payload))
         return [b"".join((head, *pieces))]
     out = []
     piece = type(message)()
     for header, part in chunking.sliced(payload, chunk_bytes):
         piece.CopyFrom(message)
         piece.chunk.CopyFrom(header)
-        head = piece.SerializeToString() + bytes_field_head(number, _size_of(part))
+        head = piece.SerializeToString() + wire.field_head(number, _size_of(part))
         out.append(b"".join((head, *part)))
     return out
 

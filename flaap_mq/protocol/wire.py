@@ -5,9 +5,9 @@ A model travels as a bytes field of a few hundred megabytes (a Task's
 Every protobuf operation on such a message copies it: building the envelope
 copies the payload in, serializing copies it out, parsing copies it in, and
 reading the field copies it out again, at about 0.1 s per 64 MiB here. These
-helpers keep the payload out of protobuf's hands: `append_bytes_field`
-writes it after an already serialized message (concatenated protobuf
-messages merge, so the result parses as one message), and `split_off`
+helpers keep the payload out of protobuf's hands: `field_head` is what to
+write between an already serialized message and the payload (concatenated
+protobuf messages merge, so the result parses as one message), and `split_off`
 returns a message's other fields and a zero-copy view of the payload.
 """
 
@@ -104,6 +104,10 @@ def split_off(data: bytes, number: int) -> tuple[bytes, memoryview | None]:
     return b"".join(kept), payload
 
 
-def append_bytes_field(message: bytes, number: int, value: Buffer) -> bytes:
-    """`message` (serialized) with bytes field `number` set to `value`, in one copy."""
-    return b"".join((message, varint(number << 3 | 2), varint(len(value)), value))
+def field_head(number: int, size: int) -> bytes:
+    """The key and length that come before a `size`-byte bytes (or message) field.
+
+    Written after a serialized message and followed by the payload, they set
+    that field (concatenated protobuf messages merge into one).
+    """
+    return varint(number << 3 | 2) + varint(size)

@@ -303,9 +303,13 @@ def test_a_light_request_rewritten_is_tffs_request_rewritten(request_):
 def test_fields_the_light_messages_do_not_declare_travel_untouched():
     """A field TFF adds later is kept as an unknown field, through a rewrite."""
     later = executor_pb2.ValueRef(id="later").SerializeToString()
-    request = executor_pb2.ComputeRequest(
-        executor=executor_pb2.ExecutorId(id="e"), value_ref=executor_pb2.ValueRef(id="v")
-    ).SerializeToString() + wire.append_bytes_field(b"", 15, later)
+    request = (
+        executor_pb2.ComputeRequest(
+            executor=executor_pb2.ExecutorId(id="e"), value_ref=executor_pb2.ValueRef(id="v")
+        ).SerializeToString()
+        + wire.field_head(15, len(later))
+        + later
+    )
     light = envelope.KINDS[envelope.RequestKind.COMPUTE].light_request_type.FromString(request)
     light.value_ref.id = "w"
     assert wire.split_off(light.SerializeToString(), 15)[1] == later
