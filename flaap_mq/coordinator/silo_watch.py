@@ -14,7 +14,8 @@ consumers it has:
   taking over keeps a consumer on the queue and is no loss; a broker that is
   not taking messages (`BrokerLink.trouble`) is not the silo's fault;
 * a call cut short by its invocation's deadline (`calls.invocation_deadline`)
-  fails with `SiloLostError` (reason `deadline-<seconds>s`), and one that
+  fails with `SiloLostError` (reason `deadline-<seconds>s`), also when the
+  silo's DEADLINE_EXCEEDED answer beats this process's own timer; one that
   times out says whether the silo has a worker at all.
 """
 
@@ -33,7 +34,7 @@ import structlog.stdlib
 from flaap_mq.broker import link as broker_link
 from flaap_mq.coordinator import errors
 from flaap_mq.coordinator.calls import Deadline, PendingCall, Reply
-from flaap_mq.protocol import topology
+from flaap_mq.protocol import envelope, topology
 
 # While a call waits, its silo's queue is asked for its consumers this often
 # (at most; one question per silo, shared by all its calls): a silo whose
@@ -231,22 +232,37 @@ class SiloWatch:
                 {call.future}, timeout=min(remaining, self.check_interval_s)
             )
             if done:
-                return call.future.result()
+                reply = call.future.result()
+                result = reply[0]
+                if (
+                    by is not None
+                    and result.WhichOneof("outcome") == "error"
+                    and result.error.code == envelope.ErrorCode.DEADLINE_EXCEEDED
+                ):
+                    # The silo saw the invocation's deadline pass a moment before
+                    # this process did: the same loss, whichever clock won.
+                    raise self._deadline_lost(call, by, f"; the silo says: {result.error.message}")
+                return reply
             if loop.time() < deadline:
                 self.check(call.silo_id)
         if not call.future.done():
             call.future.cancel()
         if by is not None:
-            raise self._lost(
-                call,
-                f"deadline-{by.seconds:g}s",
-                f"no answer by the invocation's deadline ({by.seconds:g} s): lost to this "
-                "invocation; its tasks expire with that deadline",
-            )
+            raise self._deadline_lost(call, by)
         message = f"no answer within the task timeout of {timeout_s:g} s"
         if await self._has_no_consumer(call.silo_id):
             message += "; " + self._no_worker_hint(call.silo_id)
         raise errors.SiloTimeoutError(call.silo_id, call.request, message)
+
+    def _deadline_lost(
+        self, call: PendingCall, by: Deadline, detail: str = ""
+    ) -> errors.SiloLostError:
+        return self._lost(
+            call,
+            f"deadline-{by.seconds:g}s",
+            f"no answer by the invocation's deadline ({by.seconds:g} s): lost to this "
+            f"invocation; its tasks expire with that deadline{detail}",
+        )
 
     def _raise_if_lost(self, call: PendingCall) -> None:
         reason = self.lost_reason(call.silo_id)

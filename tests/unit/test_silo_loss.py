@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 
 import pytest
 
 from flaap_mq.broker.link import QueueCounts
+from flaap_mq.coordinator import errors
+from flaap_mq.coordinator.calls import Deadline, PendingCall
 from flaap_mq.coordinator.silo_watch import SiloState
 from flaap_mq.coordinator.task_client import TaskClient
+from flaap_mq.protocol import envelope
+from flaap_mq.protocol.v1 import task_pb2
 
 
 def _answer(client: TaskClient, silo: str, consumers: int, at: float) -> None:
@@ -72,3 +77,42 @@ def test_a_silo_state_warns_once_per_absence_and_says_when_a_worker_is_back():
     assert state.answered(2) == (False, True)  # back
     assert (state.consumers, state.no_consumer_since, state.warned) == (2, None, False)
     assert state.answered(3) == (False, False)
+
+
+def _deadline_answer(silo: str, code: int) -> tuple[task_pb2.TaskResult, memoryview]:
+    failure = next(f for f in envelope.Failure if f.code == code)
+    result = envelope.result_error(
+        task_id="t1",
+        silo_id=silo,
+        kind=envelope.RequestKind.COMPUTE,
+        failure=failure,
+        message="value v was still being made when the deadline passed",
+        incarnation="i1",
+    )
+    return result, memoryview(b"")
+
+
+@pytest.mark.parametrize("within_invocation_deadline", [True, False])
+def test_a_silos_deadline_answer_under_an_invocation_deadline_is_the_same_loss(
+    client, within_invocation_deadline
+):
+    # The worker's clock may see the invocation's deadline pass a moment before
+    # this process's timer does: its DEADLINE_EXCEEDED answer then arrives first.
+    # Under an invocation deadline that is the loss the deadline means (never a
+    # retryable timeout); without one, the silo's answer is passed on as it is.
+    async def wait() -> object:
+        loop = asyncio.get_running_loop()
+        call = PendingCall(loop, loop.create_future(), "a", "Compute", 0.0, 1.0)
+        call.future.set_result(_deadline_answer("a", envelope.ErrorCode.DEADLINE_EXCEEDED))
+        by = Deadline(at=0.0, seconds=2.0) if within_invocation_deadline else None
+        return await client._watch.await_reply(call, 5.0, by)
+
+    if within_invocation_deadline:
+        with pytest.raises(errors.SiloLostError) as raised:
+            asyncio.run(wait())
+        assert raised.value.reason == "deadline-2s"
+        assert "invocation's deadline (2 s)" in str(raised.value)
+        assert "the silo says: value v was still being made" in str(raised.value)
+    else:
+        result, _ = asyncio.run(wait())
+        assert result.error.code == envelope.ErrorCode.DEADLINE_EXCEEDED
