@@ -166,12 +166,12 @@ LINK_STEPS: list[tuple[str, str, Callable[..., int] | None]] = [
     ("flaap_mq.broker.link:BrokerLink._send", "link: publish on I/O thread", None),
     ("flaap_mq.broker.link:BrokerLink._on_confirm", "link: confirm received", None),
     (
-        "flaap_mq.protocol.chunking:Collector._store",
+        "flaap_mq.protocol.collector:Collector._store",
         "io: slice written into its buffer + sha256 update (Collector._store)",
         lambda self, task_id, transfer, index, part: len(part),
     ),
     (
-        "flaap_mq.protocol.chunking:Parts.join",
+        "flaap_mq.protocol.collector:Parts.join",
         "copy: whole payload to bytes (Parts.join)",
         lambda self: self.total_size,
     ),
@@ -186,6 +186,7 @@ WORKER_STEPS: list[tuple[str, str, Callable[..., int] | None]] = [
     *LINK_STEPS,
     ("flaap_mq.worker.intake:Intake.on_delivery", "io: delivery handed off (on_delivery)", None),
     ("flaap_mq.protocol.envelope:read_task", "io: envelope read (read_task)", None),
+    ("flaap_mq.protocol.batch:read_batch", "io: batch read (read_batch)", None),
     ("flaap_mq.worker.worker:SiloWorker._handle", "pool: task, end to end (_handle)", None),
     (
         "flaap_mq.worker.pipeline:read_request",
@@ -231,6 +232,7 @@ COORDINATOR_STEPS: list[tuple[str, str, Callable[..., int] | None]] = [
     ("flaap_mq.protocol.envelope:create_value_request", "envelope: create_value_request", None),
     ("flaap_mq.protocol.envelope:encode_task", "envelope: encode_task (slices)", None),
     ("flaap_mq.coordinator.publish:publish_task", "publish_task (caller thread)", None),
+    ("flaap_mq.coordinator.publish:publish_batch", "publish_batch (caller thread)", None),
     ("flaap_mq.coordinator.replies:take", "io: reply taken (replies.take)", None),
     ("flaap_mq.coordinator.silo_watch:SiloWatch.await_reply", "ask: waiting for reply", None),
     ("flaap_mq.coordinator.task_client:TaskClient.ask", "ask: whole (TaskClient.ask)", None),

@@ -1,26 +1,44 @@
-"""A Task on its way to a silo: its envelope, its slices, their AMQP properties, their confirms.
+"""A Task on its way to a silo: its envelope, its message(s), their AMQP properties, their confirms.
 
-Every task goes to the tasks exchange under its silo's id, persistent and
-`mandatory`, its publish confirmed by the broker (`BrokerLink.publish`), and
-expires in the broker at its deadline (`amqp.task_properties`), so a silo
-that comes back late finds it dead-lettered rather than runs it. A large
-request is sliced at `chunk_bytes` (`envelope.encode_task`). A task the
-broker did not take fails its call with the `SiloError` that says why
-(`publish_error`): too large, no queue for the silo, or not delivered.
+Every message goes to the tasks exchange under its silo's id, persistent
+and `mandatory`, its publish confirmed by the broker (`BrokerLink.publish`),
+and expires in the broker at its deadline (`amqp.task_properties`), so a
+silo that comes back late finds it dead-lettered rather than runs it. A
+task travels alone (`publish_task`; a large request sliced at `chunk_bytes`,
+`envelope.encode_task`) or with others in one `TaskBatch` (`publish_batch`;
+`outbox` decides which). A task the broker did not take fails its call with
+the `SiloError` that says why (`publish_error`): too large, no queue for the
+silo, or not delivered.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+from collections.abc import Sequence
 
 from flaap_mq.broker import link as broker_link
 from flaap_mq.coordinator import errors
-from flaap_mq.protocol import amqp, envelope
+from flaap_mq.protocol import amqp, batch, envelope
+from flaap_mq.protocol.v1 import task_pb2
 
 
-def publish_task(
-    link: broker_link.BrokerLink,
-    exchange: str,
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    """A task ready to publish: its envelope (request apart), its request, whether awaited."""
+
+    task: task_pb2.Task
+    request: envelope.SerializedRequest
+    timeout_s: float
+    reply: bool  # awaited: the task carries the coordinator's reply_to
+
+    @property
+    def size(self) -> int:
+        """What it adds to a message: its request, its envelope, their field heads."""
+        return len(self.request.payload) + self.task.ByteSize() + 16
+
+
+def outgoing(
     request: envelope.SerializedRequest,
     *,
     job_id: str,
@@ -29,13 +47,8 @@ def publish_task(
     timeout_s: float,
     incarnation: str,
     reply: bool,
-    chunk_bytes: int,
-) -> tuple[list[concurrent.futures.Future[None]], int]:
-    """Publishes the task, split into chunks if its request is large.
-
-    With `reply`, the task asks for a reply to `job_id`'s reply queue.
-    Returns the publish futures of its messages, and the request's size.
-    """
+) -> Outgoing:
+    """The task carrying `request`, expiring `timeout_s` from now."""
     task = envelope.task_envelope(
         kind=request.spec.kind,
         job_id=job_id,
@@ -44,18 +57,28 @@ def publish_task(
         deadline_unix_ms=envelope.deadline_after(timeout_s),
         incarnation=incarnation,
     )
-    messages = envelope.encode_task(task, request.payload, chunk_bytes)
-    futures = [
+    return Outgoing(task, request, timeout_s, reply)
+
+
+def publish_task(
+    link: broker_link.BrokerLink, exchange: str, out: Outgoing, *, chunk_bytes: int
+) -> list[concurrent.futures.Future[None]]:
+    """Publishes the task alone, sliced if its request is large; its messages' futures.
+
+    An awaited task asks for a reply to its job's reply queue.
+    """
+    messages = envelope.encode_task(out.task, out.request.payload, chunk_bytes)
+    return [
         link.publish(
             exchange,
-            silo_id,
+            out.task.silo_id,
             message,
             broker_link.default_properties(
                 **amqp.task_properties(
-                    task_id=task_id,
-                    kind_name=envelope.kind_name(task.kind),
-                    reply_to=job_id if reply else None,
-                    timeout_s=timeout_s,
+                    task_id=out.task.task_id,
+                    kind_name=out.request.spec.name,
+                    reply_to=out.task.job_id if out.reply else None,
+                    timeout_s=out.timeout_s,
                     index=i,
                     count=len(messages),
                 )
@@ -63,7 +86,31 @@ def publish_task(
         )
         for i, message in enumerate(messages)
     ]
-    return futures, len(request.payload)
+
+
+def publish_batch(
+    link: broker_link.BrokerLink, exchange: str, tasks: Sequence[Outgoing]
+) -> concurrent.futures.Future[None]:
+    """Publishes the tasks in one `TaskBatch` message; its future.
+
+    Only the last may be awaited (`amqp.batch_properties`); each request
+    must fit in one message, and all of them in the broker's message limit.
+    """
+    if any(out.reply for out in tasks[:-1]):
+        raise ValueError("only a batch's last task can be awaited")
+    last = tasks[-1]
+    return link.publish(
+        exchange,
+        last.task.silo_id,
+        batch.encode_batch([(out.task, out.request.payload) for out in tasks]),
+        broker_link.default_properties(
+            **amqp.batch_properties(
+                last_task_id=last.task.task_id,
+                reply_to=last.task.job_id if last.reply else None,
+                timeout_s=max(out.timeout_s for out in tasks),
+            )
+        ),
+    )
 
 
 def confirmed(

@@ -39,6 +39,7 @@ from flaap_mq.broker.address import parse_broker_urls
 from flaap_mq.broker.credentials import credential_files
 from flaap_mq.broker.link import BrokerLink, Delivery
 from flaap_mq.coordinator import calls, errors, publish, replies
+from flaap_mq.coordinator.outbox import Outbox
 
 # Re-exported: importable from here, as before the watch had its own module.
 from flaap_mq.coordinator.silo_watch import CONSUMER_CHECK_INTERVAL_S as CONSUMER_CHECK_INTERVAL_S
@@ -120,7 +121,6 @@ class TaskClient:
         self._names = names or topology.Names()
         self._queue_type = queue_type
         self._connect_timeout_s = connect_timeout_s
-        self._chunk_bytes = chunk_bytes
         # The calls awaiting replies, and their chunked results' transfers.
         self._calls = calls.CallTable(chunk_limits)
         self._log = log.bind(job=self.job_id)
@@ -137,6 +137,8 @@ class TaskClient:
             on_unavailable=self._calls.fail_all,
         )
         self._watch = SiloWatch(self._link, self._names, self.silo_ids, silo_grace_s, self._log)
+        # One-way tasks wait there for the next message to their silo.
+        self._outbox = Outbox(self._link, self._names.tasks_exchange, chunk_bytes=chunk_bytes)
         self._observers: list[Observer] = []
         self.requests_sent = 0
 
@@ -181,6 +183,7 @@ class TaskClient:
         A reply a worker sends after that is unroutable: the worker logs it
         and acks its task (nobody awaits it any more).
         """
+        self._outbox.close()  # the last disposals, say
         self._calls.fail_all(broker_link.LinkClosed("the coordinator was closed"))
         reply_queue = self._names.reply_queue(self.job_id)
         try:
@@ -330,6 +333,11 @@ class TaskClient:
         self._observed(Exchange(silo_id, name, size, 0))
         return publish.confirmed(parts, silo_id, name)
 
+    @property
+    def messages_published(self) -> int:
+        """AMQP messages this client has published with tasks (a batch is one)."""
+        return self._outbox.messages_published
+
     def _publish(
         self,
         silo_id: str,
@@ -340,11 +348,9 @@ class TaskClient:
         incarnation: str,
         reply: bool,
     ) -> tuple[list[concurrent.futures.Future[None]], int]:
-        """Publishes the task (`publish.publish_task`): its messages' publish futures, its size."""
+        """Hands the task to the `outbox`: the futures of its message(s), its size."""
         self.requests_sent += 1
-        return publish.publish_task(
-            self._link,
-            self._names.tasks_exchange,
+        out = publish.outgoing(
             request,
             job_id=self.job_id,
             silo_id=silo_id,
@@ -352,8 +358,8 @@ class TaskClient:
             timeout_s=timeout_s,
             incarnation=incarnation,
             reply=reply,
-            chunk_bytes=self._chunk_bytes,
         )
+        return self._outbox.send(out), len(request.payload)
 
     def _on_published(self, task_id: str, published: concurrent.futures.Future[None]) -> None:
         error = published.exception()

@@ -14,6 +14,13 @@ A Task (coordinator -> `flaap.tasks`, routing key = silo id):
   deadline;
 - `content_type`: `TASK_CONTENT_TYPE`.
 
+A TaskBatch (the same exchange and routing key) carries several Tasks:
+- `type`: `envelope.BATCH_TYPE`; `content_type`: `BATCH_CONTENT_TYPE`;
+- `message_id` and `correlation_id`: the last task's id; `reply_to`: the job
+  id if the last task is awaited (the others are one-way);
+- `expiration`: the longest of its tasks' timeouts (each task still carries
+  its own deadline, which the worker checks).
+
 A TaskResult (worker -> `flaap.replies`, routing key = the task's `reply_to`):
 - `message_id`: the task id it answers (absent when the task was unreadable);
 - `correlation_id`: the task's; the coordinator matches on it and checks
@@ -36,7 +43,11 @@ from typing import Any
 
 from flaap_mq.protocol import chunking
 
+# The AMQP `type` of a TaskBatch message (a Task's is its kind's name).
+BATCH_TYPE = "TaskBatch"
+
 TASK_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.Task"
+BATCH_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.TaskBatch"
 RESULT_CONTENT_TYPE = "application/x-protobuf; proto=flaap_mq.v1.TaskResult"
 APP_ID = "flaap-mq"
 
@@ -64,6 +75,18 @@ def task_properties(
         "app_id": APP_ID,
         "timestamp": int(time.time()),
         "headers": chunking.headers(index, count),
+    }
+
+
+def batch_properties(
+    *, last_task_id: str, reply_to: str | None, timeout_s: float
+) -> dict[str, Any]:
+    """The properties of a TaskBatch message (see the module docstring)."""
+    return {
+        **task_properties(
+            task_id=last_task_id, kind_name=BATCH_TYPE, reply_to=reply_to, timeout_s=timeout_s
+        ),
+        "content_type": BATCH_CONTENT_TYPE,
     }
 
 

@@ -1,4 +1,7 @@
-"""The Task / TaskResult envelope: one TFF executor request per AMQP message.
+"""The Task / TaskResult envelope: one TFF executor request per Task.
+
+A Task travels in a message of its own (sliced when large), or with others
+in a TaskBatch (`batch`).
 
 Both sides of the wire use this module and nothing else to build or read an
 envelope, so the mapping between a `RequestKind`, TFF's `executor_pb2`
@@ -45,7 +48,10 @@ from flaap_mq.protocol.v1 import task_pb2, tff_executor_pb2
 if TYPE_CHECKING:
     from tensorflow_federated.proto.v0 import executor_pb2
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+# What a worker runs: version 3 only adds the batch (`TaskBatch`), so a
+# version 2 coordinator's tasks mean the same, and workers can be upgraded first.
+SPOKEN_VERSIONS = frozenset({2, 3})
 
 RequestKind = task_pb2.RequestKind
 ErrorCode = task_pb2.ErrorCode
@@ -303,7 +309,7 @@ def read_task(body: bytes) -> tuple[task_pb2.Task, memoryview]:
         raise MalformedEnvelope(f"body is not a flaap_mq.v1.Task ({len(body)} bytes): {e}") from e
     if request is None:
         request = memoryview(b"")  # proto3: an empty request is not written
-    if task.protocol_version != PROTOCOL_VERSION:
+    if task.protocol_version not in SPOKEN_VERSIONS:
         return task, request
     missing = [f for f in ("task_id", "job_id", "silo_id") if not getattr(task, f)]
     if missing:

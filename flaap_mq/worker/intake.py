@@ -22,14 +22,15 @@ from collections.abc import Callable
 import structlog
 
 from flaap_mq.broker.link import Delivery
-from flaap_mq.protocol import chunking, collector, envelope
+from flaap_mq.protocol import amqp, batch, chunking, collector, envelope
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.worker.pipeline import Payload
-from flaap_mq.worker.request import TaskRequest
+from flaap_mq.worker.request import Replies, TaskRequest
 from flaap_mq.worker.values import ValueTable
 
-# A task read from its message(s), request apart.
+# A task read from its message(s), request apart; or why its message is unreadable.
 Read = tuple[task_pb2.Task, Payload]
+Received = Read | envelope.MalformedEnvelope
 
 
 class InFlight:
@@ -71,24 +72,25 @@ class InFlight:
 
 
 class Intake:
-    """Turns deliveries into requests handed to `submit(request, sequence, whole)`.
+    """Turns deliveries into requests handed to `submit(request, sequence, received)`.
 
-    `whole` is the task read from its message(s), or None when its envelope
-    could not be read (the pool reads it again, and refuses it with the
-    reason).
+    `received` is the task read from its message(s), or the
+    `MalformedEnvelope` that says why the message could not be read (the
+    pool refuses it with that reason). A batch becomes one request per task,
+    submitted in the batch's order.
     """
 
     def __init__(
         self,
         *,
-        new_request: Callable[[Delivery], TaskRequest],
-        submit: Callable[[TaskRequest, int, Read | None], object],
+        replies: Replies,
+        submit: Callable[[TaskRequest, int, Received], object],
         collector: collector.Collector,
         values: ValueTable,
         in_flight: InFlight,
         log: structlog.stdlib.BoundLogger,
     ) -> None:
-        self._new_request = new_request
+        self._replies = replies
         self._submit = submit
         self._collector = collector
         self._values = values
@@ -97,30 +99,55 @@ class Intake:
         self._active_generation = -1  # channel generation of the first task seen
 
     def on_delivery(self, delivery: Delivery) -> None:
-        """Runs on the I/O thread: hand the task to the pool and return."""
+        """Runs on the I/O thread: hand the task(s) to the pool and return."""
         if delivery.generation != self._active_generation:
             self._active_generation = delivery.generation
             self._log.info("worker_active", detail="this worker now receives the silo's tasks")
-        request = self._new_request(delivery)
         self._collector.expire()
-        whole: Read | None = None
+        if delivery.properties.type == amqp.BATCH_TYPE:
+            self._on_batch(delivery)
+            return
+        request = TaskRequest(delivery, self._replies)
         try:
-            whole = envelope.read_task(delivery.body)
-        except envelope.MalformedEnvelope:
-            pass  # the pool reads it again, and dead-letters it with the reason
+            received: Received = envelope.read_task(delivery.body)
+        except envelope.MalformedEnvelope as e:
+            received = e  # refused by the pool, with the reason
         else:
-            if chunking.is_chunked(whole[0].chunk):
-                whole = self._collect_slice(request, *whole)
-                if whole is None:
+            if chunking.is_chunked(received[0].chunk):
+                received = self._collect_slice(request, *received)
+                if received is None:
                     return
-        # Announced in delivery order, before any later task can name it; a
-        # sliced task once its last slice is in, so that slices that never
-        # make a whole leave nothing behind (the coordinator sends every
-        # slice of a task before any task that names its value).
-        spec = envelope.spec_named(delivery.properties.type)
-        if spec is not None and spec.creates_value and delivery.properties.message_id:
-            self._values.announce(delivery.properties.message_id)
-        self._submit(request, self._in_flight.enter(), whole)
+        self._enter(request, received)
+
+    def _on_batch(self, delivery: Delivery) -> None:
+        """Each task of a batch becomes a request, entered in the batch's order."""
+        try:
+            tasks = batch.read_batch(delivery.body)
+        except envelope.MalformedEnvelope as e:
+            self._enter(TaskRequest(delivery, self._replies), e)
+            return
+        requests = TaskRequest.for_batch(delivery, self._replies, [task for task, _ in tasks])
+        for request, read in zip(requests, tasks, strict=True):
+            self._enter(request, read)
+
+    def _enter(self, request: TaskRequest, received: Received) -> None:
+        """Announces the value the task makes, gives it its place, and submits it.
+
+        Announced in delivery order, before any later task can name it; a
+        sliced task once its last slice is in, so that slices that never
+        make a whole leave nothing behind (the coordinator sends every slice
+        of a task before any task that names its value). A Create* task is
+        known by its kind, or by its AMQP `type` if its envelope cannot be
+        read: that one is announced too, and its failure then reaches the
+        tasks that name its value.
+        """
+        if isinstance(received, tuple):
+            spec = envelope.KINDS.get(received[0].kind)
+        else:
+            spec = envelope.spec_named(request.properties.type)
+        if spec is not None and spec.creates_value and request.message_id:
+            self._values.announce(request.message_id)
+        self._submit(request, self._in_flight.enter(), received)
 
     def _collect_slice(
         self, request: TaskRequest, task: task_pb2.Task, payload: memoryview

@@ -31,7 +31,7 @@ from google.protobuf import message as protobuf_message
 
 from flaap_mq.executor import ExecutorCallError
 from flaap_mq.logs import get_logger
-from flaap_mq.protocol import chunking, collector, envelope
+from flaap_mq.protocol import batch, chunking, collector, envelope
 from flaap_mq.protocol.v1 import task_pb2, tff_executor_pb2
 from flaap_mq.worker.cache import ResultCache
 from flaap_mq.worker.incarnation import Incarnation, StateLost
@@ -110,12 +110,13 @@ class Pipeline:
 
         `sequence` is its place in delivery order (`intake.InFlight`).
         """
-        if task.protocol_version != envelope.PROTOCOL_VERSION:
+        if task.protocol_version not in envelope.SPOKEN_VERSIONS:
+            spoken = " and ".join(str(v) for v in sorted(envelope.SPOKEN_VERSIONS))
             return self._error(
                 task,
                 envelope.Failure.UNSUPPORTED_PROTOCOL,
                 f"protocol version {task.protocol_version} is not supported by this worker "
-                f"(it speaks {envelope.PROTOCOL_VERSION}); upgrade the worker or coordinator",
+                f"(it speaks {spoken}); upgrade the worker or coordinator",
             )
         if task.silo_id != self.silo_id:
             return self._error(
@@ -151,27 +152,29 @@ class Pipeline:
             task.task_id, lambda: self._execute(task, payload, sequence)
         )
 
-    def unreadable(self, reason: str, correlation_id: str | None) -> Outcome:
-        """The outcome of a message that is not a readable Task.
+    def unreadable(self, why: envelope.MalformedEnvelope, correlation_id: str | None) -> Outcome:
+        """The outcome of a message that is not a readable Task or TaskBatch.
 
-        With a `correlation_id`, it holds the MALFORMED_TASK result to tell
-        the sender (if the message has a `reply_to`) rather than let it wait
-        for its timeout.
+        With a `correlation_id`, it holds the result to tell the sender (if
+        the message has a `reply_to`) rather than let it wait for its
+        timeout: MALFORMED_TASK, or UNSUPPORTED_PROTOCOL for a batch of
+        another version.
         """
+        failure = envelope.Failure.MALFORMED_TASK
+        if isinstance(why, batch.UnsupportedProtocol):
+            failure = envelope.Failure.UNSUPPORTED_PROTOCOL
         messages: tuple[bytes, ...] = ()
         if correlation_id:
             error = envelope.result_error(
                 task_id=correlation_id,
                 silo_id=self.silo_id,
                 kind=envelope.RequestKind.REQUEST_KIND_UNSPECIFIED,
-                failure=envelope.Failure.MALFORMED_TASK,
-                message=f"silo {self.silo_id!r} could not read the task: {reason}",
+                failure=failure,
+                message=f"silo {self.silo_id!r} could not read the task: {why}",
                 incarnation=self._incarnation.id,
             )
             messages = (error.SerializeToString(),)
-        return Outcome(
-            messages, OutcomeKind.MALFORMED, False, envelope.Failure.MALFORMED_TASK, reason
-        )
+        return Outcome(messages, OutcomeKind.MALFORMED, False, failure, str(why))
 
     def settle_value(self, value_id: str | None, outcome: Outcome | None) -> None:
         """Fails the value announced for a delivery, if the delivery did not make it.

@@ -1,7 +1,12 @@
-"""One delivery's fate: its reply, refusal or dead-lettering, and its ack.
+"""One task's fate: its reply, refusal or dead-lettering, and its delivery's ack.
 
-A `TaskRequest` is made for each delivery as it arrives (`intake`) and is
-the only thing that settles it with the broker. The ack policy, all of it:
+A `TaskRequest` is made for each task as its delivery arrives (`intake`),
+and, through the delivery's `DeliveryFate`, is the only thing that settles
+the delivery with the broker. A delivery carries one task, or a batch of
+them (`batch.read_batch`): then each task has its request, and the
+delivery is settled once every one of them is, as the gravest of their
+verdicts says (`Verdict`): a batch is acked only when all its tasks are
+done. The ack policy, all of it:
 
 * a slice of a large task, not the last: acked once stored
   (`slice_stored`);
@@ -17,9 +22,13 @@ the only thing that settles it with the broker. The ack policy, all of it:
   (its coordinator is gone); not confirmed, it is requeued after a pause
   that doubles with each delivery (`REQUEUE_FIRST_PAUSE_S`), unless the
   worker is shutting down, whose closing channel requeues it;
-* one-way (no `reply_to`): acked at once; a failure is logged, and kept
-  with the value the task should have made (`pipeline`);
+* one-way (no `reply_to`; in a batch, every task but the last): acked at
+  once; a failure is logged, and kept with the value the task should have
+  made (`pipeline`);
 * the worker failed handling it (`give_back`): requeued at once.
+
+A batch redelivered is answered task by task from the results cache, not
+run again.
 
 A reject carries no headers, so the reason a task is rejected is in the
 `task_dead_lettered` log line (with its message and correlation ids), not
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import enum
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -87,13 +97,117 @@ class Replies:
     link: Link | None = None  # set once the worker is connected
 
 
-class TaskRequest:
-    """One delivery, from its arrival to its ack or reject; see the module docstring."""
+class Verdict(enum.IntEnum):
+    """What a task asks for its delivery; a batch's delivery gets the gravest of its tasks'."""
 
-    def __init__(self, delivery: Delivery, replies: Replies) -> None:
+    ACK = 0  # done: one-way and run, or its reply confirmed (or unroutable)
+    REQUEUE_LATER = 1  # its reply was not confirmed: back to the queue after a pause
+    DEAD_LETTER = 2  # unreadable, refused or expired: never worth a retry
+    REQUEUE_NOW = 3  # the worker failed handling it
+    LEFT = 4  # stopping at once: the closed link left it to the broker, which requeues it
+
+
+class DeliveryFate:
+    """Settles one delivery with the broker once each of its `tasks` has a verdict."""
+
+    def __init__(self, delivery: Delivery, replies: Replies, tasks: int = 1) -> None:
+        self._delivery = delivery
+        self._replies = replies
+        self._waiting = tasks
+        self._verdict = Verdict.ACK
+        self._lock = threading.Lock()
+
+    def settle(self, verdict: Verdict) -> None:
+        """One task's verdict; the last one settles the delivery."""
+        with self._lock:
+            self._verdict = max(self._verdict, verdict)
+            self._waiting -= 1
+            if self._waiting:
+                return
+            verdict = self._verdict
+        link = self._replies.link
+        if verdict is Verdict.ACK:
+            link.ack(self._delivery)
+        elif verdict is Verdict.DEAD_LETTER:
+            link.reject(self._delivery, requeue=False)
+        elif verdict is Verdict.REQUEUE_NOW:
+            if link is not None:
+                link.reject(self._delivery, requeue=True)
+        elif verdict is Verdict.REQUEUE_LATER:
+            timer = threading.Timer(self.requeue_pause(), self._requeue)
+            timer.daemon = True
+            timer.start()
+
+    def requeue_pause(self) -> float:
+        """The pause before a delivery whose reply was not confirmed goes back."""
+        return requeue_pause(self.delivery_count())
+
+    def delivery_count(self) -> int:
+        """How often the silo queue delivered this task before (`x-delivery-count`)."""
+        try:
+            headers = self._delivery.properties.headers or {}
+            return max(0, int(headers.get("x-delivery-count", 0)))
+        except (TypeError, ValueError):
+            return 0
+
+    def _requeue(self) -> None:
+        # A worker stopping meanwhile closes its channel, which requeues the
+        # task anyway.
+        link = self._replies.link
+        if link is not None and not self._replies.shutting_down():
+            try:
+                link.reject(self._delivery, requeue=True)
+            except Exception as e:  # the link closed under us: same as above
+                self._replies.log.debug("requeue_skipped", error=str(e))
+
+
+class TaskRequest:
+    """One task of a delivery, from its arrival to its verdict; see the module docstring.
+
+    A delivery of one task: `reply_to`, `correlation_id` and `message_id`
+    are its AMQP properties. A task of a batch (`for_batch`): its own task id
+    is its message and correlation id, and only the last has a `reply_to`.
+    """
+
+    def __init__(
+        self,
+        delivery: Delivery,
+        replies: Replies,
+        *,
+        fate: DeliveryFate | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        message_id: str | None = None,
+    ) -> None:
         self.delivery = delivery
         self._replies = replies
         self._log = replies.log
+        self._fate = fate or DeliveryFate(delivery, replies)
+        props = delivery.properties
+        alone = fate is None
+        self.reply_to = props.reply_to if alone else reply_to
+        self.correlation_id = props.correlation_id if alone else correlation_id
+        # The value a Create* task makes is named by it (checked by `pipeline`).
+        self.message_id = props.message_id if alone else message_id
+
+    @classmethod
+    def for_batch(
+        cls, delivery: Delivery, replies: Replies, tasks: list[task_pb2.Task]
+    ) -> list[TaskRequest]:
+        """A request for each task of a batch delivery, sharing its fate."""
+        fate = DeliveryFate(delivery, replies, len(tasks))
+        last = len(tasks) - 1
+        return [
+            cls(
+                delivery,
+                replies,
+                fate=fate,
+                reply_to=delivery.properties.reply_to if i == last else None,
+                correlation_id=task.task_id,
+                message_id=task.task_id,
+            )
+            for i, task in enumerate(tasks)
+        ]
 
     @property
     def properties(self) -> pika.spec.BasicProperties:
@@ -107,26 +221,25 @@ class TaskRequest:
         reaches the next worker without its predecessors, which answers
         CHUNK_INVALID (retryable) rather than running half a request.
         """
-        self._replies.link.ack(self.delivery)
+        self._fate.settle(Verdict.ACK)
 
     def settle(self, task: task_pb2.Task | None, outcome: Outcome) -> None:
-        """Answers (or not) and acks or rejects the delivery, as `outcome` says.
+        """Answers (or not), and gives the delivery this task's verdict, as `outcome` says.
 
         `task` is None only for an unreadable envelope (`MALFORMED`).
         """
-        props = self.properties
         if outcome.kind is OutcomeKind.MALFORMED:
             answered = None
-            if props.reply_to and props.correlation_id and outcome.messages:
+            if self.reply_to and self.correlation_id and outcome.messages:
                 answered = self._publish(
-                    outcome.messages[0], task_id=None, correlation_id=props.correlation_id
+                    outcome.messages[0], task_id=None, correlation_id=self.correlation_id
                 )
             self._dead_letter(f"malformed: {outcome.value_error}", after=answered)
         elif outcome.kind is OutcomeKind.EXPIRED:
             self._dead_letter(outcome.value_error)
         elif outcome.kind.refused:
             self._refuse(task, outcome)
-        elif props.reply_to:
+        elif self.reply_to:
             self._reply(task, outcome.messages)
         else:
             if outcome.failure is not None:
@@ -136,13 +249,12 @@ class TaskRequest:
                     kind=envelope.kind_name(task.kind),
                     error=outcome.value_error,
                 )
-            self._replies.link.ack(self.delivery)
+            self._fate.settle(Verdict.ACK)
 
     def give_back(self) -> None:
         """The worker failed handling the task: back to the queue (and, after the
         delivery limit, to the dead-letter queue)."""
-        if self._replies.link is not None:
-            self._replies.link.reject(self.delivery, requeue=True)
+        self._fate.settle(Verdict.REQUEUE_NOW if self._replies.link is not None else Verdict.LEFT)
 
     # ------------------------------------------------------------------ answers
 
@@ -164,13 +276,13 @@ class TaskRequest:
         )
         return self._replies.link.publish(
             self._replies.exchange,
-            self.properties.reply_to,
+            self.reply_to,
             message,
             default_properties(**properties),
         )
 
     def _reply(self, task: task_pb2.Task, messages: tuple[bytes, ...]) -> None:
-        correlation_id = self.properties.correlation_id or task.task_id
+        correlation_id = self.correlation_id or task.task_id
         futures = [
             self._publish(
                 message,
@@ -181,31 +293,32 @@ class TaskRequest:
             )
             for i, message in enumerate(messages)
         ]
-        self._ack_when_confirmed(all_confirmed(futures))
+        all_confirmed(futures).add_done_callback(self._on_reply_settled)
 
     def _refuse(self, task: task_pb2.Task, outcome: Outcome) -> None:
-        """Answers a task no worker can run as sent, and rejects it to the dead-letter queue."""
+        """Answers a task no worker can run as sent, and has it dead-lettered."""
         answered = None
-        if self.properties.reply_to:
+        if self.reply_to:
             answered = self._publish(
                 outcome.messages[0],
                 task_id=task.task_id,
-                correlation_id=self.properties.correlation_id or task.task_id,
+                correlation_id=self.correlation_id or task.task_id,
             )
         error = task_pb2.TaskResult.FromString(outcome.messages[0]).error
         self._dead_letter(f"{outcome.kind.value}: {error.message}", after=answered)
 
-    # ------------------------------------------------------------ acks, rejects
+    # ------------------------------------------------------------ verdicts
 
     def _dead_letter(
         self, reason: str, *, after: concurrent.futures.Future[None] | None = None
     ) -> None:
-        """Rejects the task without requeueing it, so that the broker dead-letters it.
+        """Has the delivery rejected without requeueing, so that the broker dead-letters it.
 
-        The silo queue's dead-letter exchange takes the task as it was sent,
-        with `x-death` reason `rejected`; `reason` is logged.
+        The silo queue's dead-letter exchange takes the message as it was
+        sent (a whole batch, for a task of one), with `x-death` reason
+        `rejected`; `reason` is logged.
 
-        `after` is the error reply to the task's sender: the task is rejected
+        `after` is the error reply to the task's sender: the verdict is given
         once the broker has settled that reply either way, so that a
         connection lost in between redelivers the task and the sender is
         answered again, rather than left waiting for its timeout.
@@ -214,13 +327,13 @@ class TaskRequest:
         self._log.warning(
             "task_dead_lettered",
             reason=reason,
-            message_id=props.message_id,
-            correlation_id=props.correlation_id,
+            message_id=self.message_id,
+            correlation_id=self.correlation_id,
             queue=self.delivery.queue,
             redelivered=self.delivery.redelivered,
         )
         if after is None:
-            self._replies.link.reject(self.delivery, requeue=False)
+            self._fate.settle(Verdict.DEAD_LETTER)
             return
 
         def reject(done: concurrent.futures.Future[None]) -> None:
@@ -229,31 +342,29 @@ class TaskRequest:
                 self._log.warning(
                     "error_reply_not_confirmed",
                     message_id=props.message_id,
-                    correlation_id=props.correlation_id,
+                    correlation_id=self.correlation_id,
                     error=str(error),
                 )
             # Dead-lettered either way: a poison task is never worth a retry.
-            self._replies.link.reject(self.delivery, requeue=False)
+            self._fate.settle(Verdict.DEAD_LETTER)
 
         after.add_done_callback(reject)
 
-    def _ack_when_confirmed(self, future: concurrent.futures.Future[None]) -> None:
-        """Acks the task once the broker confirmed its reply; see the cases below."""
-        future.add_done_callback(self._on_reply_settled)
-
     def _on_reply_settled(self, done: concurrent.futures.Future[None]) -> None:
+        """The broker settled the reply: the task is done, or its delivery goes back."""
         error = done.exception()
         if error is None:
-            self._replies.link.ack(self.delivery)
+            self._fate.settle(Verdict.ACK)
         elif isinstance(error, Unroutable):
             # The coordinator is gone and its reply queue expired with it:
             # nobody will read this result, so the task is done.
             self._log.warning("reply_unroutable", reason=str(error))
-            self._replies.link.ack(self.delivery)
+            self._fate.settle(Verdict.ACK)
         elif self._replies.stopping_now():
             # Stopping at once: the link closed without acking the task,
             # so the broker has requeued it, as intended.
             self._log.debug("reply_abandoned", error=str(error))
+            self._fate.settle(Verdict.LEFT)
         else:
             # Not confirmed: nacked (the reply queue is over its
             # max-length-bytes, overflow reject-publish), or the link was
@@ -265,33 +376,11 @@ class TaskRequest:
             # silo queue has no delivery limit and counts nothing: one retry
             # a second until the deadline. With the link lost, the broker
             # has requeued it already and the reject is dropped as stale.)
-            count = self._delivery_count()
-            pause = requeue_pause(count)
             self._log.warning(
                 "reply_not_confirmed",
                 error=str(error),
-                message_id=self.properties.message_id,
-                delivery_count=count,
-                requeue_in_s=pause,
+                message_id=self.message_id,
+                delivery_count=self._fate.delivery_count(),
+                requeue_in_s=self._fate.requeue_pause(),
             )
-            timer = threading.Timer(pause, self._requeue)
-            timer.daemon = True
-            timer.start()
-
-    def _delivery_count(self) -> int:
-        """How often the silo queue delivered this task before (`x-delivery-count`)."""
-        try:
-            headers = self.properties.headers or {}
-            return max(0, int(headers.get("x-delivery-count", 0)))
-        except (TypeError, ValueError):
-            return 0
-
-    def _requeue(self) -> None:
-        # A worker stopping meanwhile closes its channel, which requeues the
-        # task anyway.
-        link = self._replies.link
-        if link is not None and not self._replies.shutting_down():
-            try:
-                link.reject(self.delivery, requeue=True)
-            except Exception as e:  # the link closed under us: same as above
-                self._log.debug("requeue_skipped", error=str(e))
+            self._fate.settle(Verdict.REQUEUE_LATER)

@@ -32,9 +32,9 @@ from flaap_mq.broker.credentials import credential_files
 from flaap_mq.broker.link import BrokerLink
 from flaap_mq.executor import HOST_NETWORK_MARK, ExecutorNetwork, ExecutorService
 from flaap_mq.logs import get_logger
-from flaap_mq.protocol import chunking, collector, envelope, topology
+from flaap_mq.protocol import amqp, chunking, collector, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
-from flaap_mq.worker.intake import InFlight, Intake, Read
+from flaap_mq.worker.intake import InFlight, Intake, Received
 from flaap_mq.worker.outcome import Outcome
 from flaap_mq.worker.pipeline import Pipeline
 from flaap_mq.worker.request import Replies, TaskRequest
@@ -120,9 +120,9 @@ class SiloWorker:
             stopping_now=lambda: self._stopping_now,
         )
         self._intake = Intake(
-            new_request=lambda delivery: TaskRequest(delivery, self._replies),
-            submit=lambda request, sequence, whole: self._pool.submit(
-                self._handle, request, sequence, whole
+            replies=self._replies,
+            submit=lambda request, sequence, received: self._pool.submit(
+                self._handle, request, sequence, received
             ),
             # What coordinators' chunked tasks may make this process hold (`chunking`).
             collector=collector.Collector(chunk_limits),
@@ -330,23 +330,22 @@ class SiloWorker:
 
     # ----------------------------------------------------------- task handling
 
-    def _handle(self, request: TaskRequest, sequence: int, whole: Read | None) -> None:
+    def _handle(self, request: TaskRequest, sequence: int, received: Received) -> None:
         """Runs on the pool: the task's outcome, settled by its request, and logged."""
         started = time.monotonic()
         delivery = request.delivery
         task: task_pb2.Task | None = None
         outcome: Outcome | None = None
         try:
-            try:
-                task, payload = whole or envelope.read_task(delivery.body)
-            except envelope.MalformedEnvelope as e:
-                outcome = self._pipeline.unreadable(str(e), delivery.properties.correlation_id)
+            if isinstance(received, envelope.MalformedEnvelope):
+                outcome = self._pipeline.unreadable(received, request.correlation_id)
             else:
+                task, payload = received
                 outcome = self._pipeline.outcome_for(
                     task,
                     payload,
-                    reply_to=delivery.properties.reply_to,
-                    message_id=delivery.properties.message_id,
+                    reply_to=request.reply_to,
+                    message_id=request.message_id,
                     sequence=sequence,
                 )
             request.settle(task, outcome)
@@ -356,7 +355,7 @@ class SiloWorker:
             self._log.exception("task_handler_failed")
             request.give_back()
         finally:
-            self._pipeline.settle_value(delivery.properties.message_id, outcome)
+            self._pipeline.settle_value(request.message_id, outcome)
             self.tasks_handled += 1
             self._log.info(
                 "task",
@@ -365,9 +364,10 @@ class SiloWorker:
                 kind=envelope.kind_name(task.kind) if task else None,
                 outcome=outcome.kind.value if outcome else "error",
                 cached=outcome.cached if outcome else False,
-                one_way=not delivery.properties.reply_to,
+                one_way=not request.reply_to,
                 incarnation=self.incarnation_id,
                 redelivered=delivery.redelivered,
+                batched=delivery.properties.type == amqp.BATCH_TYPE,
                 bytes_in=len(delivery.body),
                 duration_ms=round((time.monotonic() - started) * 1000, 2),
             )

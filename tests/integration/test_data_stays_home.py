@@ -26,7 +26,7 @@ import flaap_mq
 from flaap_mq.data import digits
 from flaap_mq.data.fleet import SiloDataFleet
 from flaap_mq.local.private_node import PrivateBrokerNode
-from flaap_mq.protocol import envelope
+from flaap_mq.protocol import amqp, batch, envelope
 from flaap_mq.testing import messages
 from flaap_mq.training.config import TrainingConfig
 from flaap_mq.training.fedavg import SiloFedAvg
@@ -49,6 +49,7 @@ class Traced:
     """The traced messages of one phase of the run."""
 
     bodies: list[tuple[str, bytes]] = field(default_factory=list)  # (exchange, body)
+    batched: set[int] = field(default_factory=set)  # which bodies are TaskBatches
 
     def bytes_to(self, exchange: str) -> int:
         return sum(len(b) for e, b in self.bodies if e == exchange)
@@ -63,16 +64,21 @@ class Traced:
     def request_value_bytes(self, tasks_exchange: str) -> collections.Counter[str]:
         """Bytes of the values the coordinator sent, by kind (computation, array, sequence)."""
         kinds: collections.Counter[str] = collections.Counter()
-        for exchange, body in self.bodies:
+        for i, (exchange, body) in enumerate(self.bodies):
             if exchange != tasks_exchange:
                 continue
-            task = messages.parse_task(body)
-            if task.HasField("chunk") and task.chunk.count > 1:
-                kinds["chunked"] += len(body)
-                continue
-            request = envelope.decode_request(task)
-            if request.DESCRIPTOR.name == "CreateValueRequest":
-                _value_kinds(request.value, kinds)
+            if i in self.batched:  # a chain's small tasks, in one message
+                tasks = [(task, bytes(request)) for task, request in batch.read_batch(body)]
+            else:
+                task = messages.parse_task(body)
+                tasks = [(task, task.request)]
+            for task, payload in tasks:
+                if task.HasField("chunk") and task.chunk.count > 1:
+                    kinds["chunked"] += len(body)
+                    continue
+                request = envelope.decode_request(task, payload)
+                if request.DESCRIPTOR.name == "CreateValueRequest":
+                    _value_kinds(request.value, kinds)
         return kinds
 
 
@@ -109,6 +115,9 @@ class Firehose:
                 time.sleep(0.05)
                 continue
             last = time.monotonic()
+            original = properties.headers.get("properties") or {}
+            if original.get("type") == amqp.BATCH_TYPE:
+                traced.batched.add(len(traced.bodies))
             traced.bodies.append((properties.headers["exchange_name"], bytes(body)))
         self.seen += len(traced.bodies)
         return traced

@@ -22,7 +22,7 @@ from tensorflow_federated.python.core.impl.types import placements
 
 from flaap_mq.broker.declare import declare_blocking
 from flaap_mq.local.workers import WorkerProcess
-from flaap_mq.protocol import chunking, envelope, topology
+from flaap_mq.protocol import amqp, batch, chunking, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.testing import messages
 from flaap_mq.testing.raw_peer import RawPeer
@@ -495,3 +495,140 @@ def test_the_worker_never_imports_tensorflow(broker_url, prefix, workers, tmp_pa
         f"the worker imported {imports['loaded'][:5]}..., first from:\n"
         + "".join(imports["imported_from"].values())
     )
+
+
+# ------------------------------------------------------------------ batches
+# Protocol version 3: a chain's tasks in one message (`TaskBatch`), the last
+# one awaited. The delivery is acked once every task in it is done.
+
+
+def _batch_body(
+    raw: RawCoordinator, executor: _Executor, requests: list[object], task_ids: list[str]
+) -> bytes:
+    """`requests` as one TaskBatch to silo a's `executor`, under `task_ids`."""
+    tasks = []
+    for request, task_id in zip(requests, task_ids, strict=True):
+        task = envelope.task_envelope(
+            kind=envelope.spec_for_request(request).kind,
+            job_id=raw.job_id,
+            silo_id="a",
+            task_id=task_id,
+            incarnation=executor.incarnation,
+            deadline_unix_ms=envelope.deadline_after(60),
+        )
+        tasks.append((task, request.SerializeToString()))
+    return batch.encode_batch(tasks)
+
+
+def _send_batch(raw: RawCoordinator, body: bytes, last: str, *, reply: bool = True) -> None:
+    """As the coordinator sends a batch: its last task's id as correlation and message id."""
+    raw.send("a", body, last, reply=reply, message_id=last, type=amqp.BATCH_TYPE)
+
+
+def _chain(executor: _Executor, *, argument: executor_pb2.Value | None = None):
+    """add_one(2.0) and its Compute: the requests, and their task ids (the first three
+    name the values they make)."""
+    task_ids = [uuid.uuid4().hex for _ in range(4)]
+    if argument is None:
+        argument = _value(np.float32(2.0), tff.TensorType(np.float32))
+    requests = [
+        executor_pb2.CreateValueRequest(
+            executor=executor.id, value=_value(_add_one, _add_one.type_signature)
+        ),
+        executor_pb2.CreateValueRequest(executor=executor.id, value=argument),
+        executor_pb2.CreateCallRequest(
+            executor=executor.id, function_ref=_ref(task_ids[0]), argument_ref=_ref(task_ids[1])
+        ),
+        executor_pb2.ComputeRequest(executor=executor.id, value_ref=_ref(task_ids[2])),
+    ]
+    return requests, task_ids
+
+
+def _logged_tasks(raw: RawCoordinator, task_ids: list[str]) -> list[dict]:
+    """The worker's `task` log lines for `task_ids`, in the order logged."""
+    wanted = set(task_ids)
+    events = [json.loads(line) for line in raw.worker.log_text().splitlines() if '"task"' in line]
+    return [e for e in events if e.get("event") == "task" and e.get("task_id") in wanted]
+
+
+def _nothing_left_unacked(raw: RawCoordinator) -> bool:
+    """Stops the worker: a delivery it had not acked goes back to the silo queue."""
+    raw.worker.stop()
+    queue = raw.channel.queue_declare(raw.names.silo_queue("a"), passive=True)
+    return queue.method.message_count == 0
+
+
+def test_a_batch_runs_its_chain_and_answers_its_last_task_once(raw):
+    executor = _Executor(raw)
+    requests, task_ids = _chain(executor)
+    _send_batch(raw, _batch_body(raw, executor, requests, task_ids), task_ids[-1])
+    properties, result = raw.reply()
+    assert properties.correlation_id == result.task_id == task_ids[-1]
+    assert _computed_float(result) == 3.0
+    assert raw.no_reply_within(1.0)  # the three Create* tasks are one-way
+    logged = _logged_tasks(raw, task_ids)
+    assert sorted(e["task_id"] for e in logged) == sorted(task_ids)
+    assert all(e["batched"] and e["outcome"] == "ok" and not e["cached"] for e in logged)
+    assert _nothing_left_unacked(raw)  # acked, once every task was done
+
+
+def test_a_batch_delivered_again_is_answered_from_the_cache_not_run_again(raw):
+    executor = _Executor(raw)
+    requests, task_ids = _chain(executor)
+    body = _batch_body(raw, executor, requests, task_ids)
+    _send_batch(raw, body, task_ids[-1])
+    _, first = raw.reply()
+    _send_batch(raw, body, task_ids[-1])  # as the broker redelivers it
+    _, second = raw.reply()
+    assert second.SerializeToString() == first.SerializeToString()
+    logged = _logged_tasks(raw, task_ids)
+    assert len(logged) == 8
+    ran = [e for e in logged if not e["cached"]]
+    assert sorted(e["task_id"] for e in ran) == sorted(task_ids)  # each task ran once
+
+
+def test_a_failed_create_in_a_batch_fails_its_compute_naming_the_cause(raw):
+    executor = _Executor(raw)
+    # An empty value: the executor service refuses it.
+    requests, task_ids = _chain(executor, argument=executor_pb2.Value())
+    _send_batch(raw, _batch_body(raw, executor, requests, task_ids), task_ids[-1])
+    _, result = raw.reply()
+    assert result.error.code == envelope.ErrorCode.EXECUTOR_ERROR
+    assert f"uses value {task_ids[2]}, which could not be made" in result.error.message
+    assert "CreateValue failed on silo 'a'" in result.error.message
+    assert _nothing_left_unacked(raw)  # answered, so acked: not dead-lettered
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "says"),
+    [
+        (b"\xff\xff not a batch", envelope.ErrorCode.MALFORMED_TASK, "not a flaap_mq.v1.TaskBatch"),
+        (
+            task_pb2.TaskBatch(protocol_version=9, tasks=[b""]).SerializeToString(),
+            envelope.ErrorCode.UNSUPPORTED_PROTOCOL,
+            "batch of protocol version 9 is not supported",
+        ),
+    ],
+)
+def test_an_unreadable_batch_is_answered_and_dead_lettered_whole(raw, body, code, says):
+    last = f"batch-{uuid.uuid4().hex[:8]}"
+    _send_batch(raw, body, last)
+    _, result = raw.reply()
+    assert result.task_id == last
+    assert result.error.code == code
+    assert says in result.error.message
+    assert not result.error.retryable
+    assert_rejected_by_the_worker(raw.dead_letter(last), raw.names.silo_queue("a"))
+
+
+def test_a_batch_with_a_task_no_worker_can_run_is_dead_lettered_once_the_rest_is_done(raw):
+    """A Compute before the last task has no reply_to: refused; the batch dead-lettered."""
+    executor = _Executor(raw)
+    requests, task_ids = _chain(executor)
+    # The Compute first, then the three Create* tasks: nothing is awaited.
+    requests, task_ids = [requests[3], *requests[:3]], [task_ids[3], *task_ids[:3]]
+    _send_batch(raw, _batch_body(raw, executor, requests, task_ids), task_ids[-1], reply=False)
+    assert_rejected_by_the_worker(raw.dead_letter(task_ids[-1]), raw.names.silo_queue("a"))
+    reason = logged_dead_letter_reason(raw.worker.log_text(), task_ids[0])
+    assert "Compute task needs a reply_to" in reason
+    assert {e["task_id"] for e in _logged_tasks(raw, task_ids)} == set(task_ids)  # all ran

@@ -10,7 +10,7 @@ import pika
 import pytest
 
 from flaap_mq.broker.link import Delivery, Unroutable
-from flaap_mq.protocol import envelope
+from flaap_mq.protocol import amqp, envelope
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.worker import request as request_module
 from flaap_mq.worker.outcome import Outcome, OutcomeKind
@@ -139,7 +139,7 @@ def test_the_pause_doubles_with_each_delivery_up_to_the_cap(replies):
     assert [request_module.requeue_pause(n) for n in (0, 1, 3, 5, 99)] == [1, 2, 8, 30, 30]
     for count, seen in [(0, 0), (4, 4), ("junk", 0), (-3, 0)]:
         request = _request(replies, headers={"x-delivery-count": count})
-        assert request._delivery_count() == seen
+        assert request._fate.delivery_count() == seen
 
 
 def test_no_requeue_by_hand_once_shutting_down(replies, link, state, monkeypatch):
@@ -217,3 +217,79 @@ def test_a_stored_slice_is_acked_and_a_failed_handler_requeues(replies, link):
     _request(replies).slice_stored()
     _request(replies).give_back()
     assert link.settled == [("ack", None), ("reject", True)]
+
+
+# ------------------------------------------------------------------ batches
+# A batch's tasks share one delivery: it is settled once, when the last of
+# them has its verdict, as the gravest verdict says.
+
+
+def _batch(replies: Replies, kinds: list[int], *, reply_to: str | None = "job-1"):
+    props = pika.BasicProperties(reply_to=reply_to, correlation_id="b-last", type=amqp.BATCH_TYPE)
+    delivery = Delivery(b"batch", props, 7, False, "flaap.silo.a", 0)
+    tasks = [
+        envelope.task_envelope(kind=kind, job_id="job", silo_id="a", task_id=f"b{i}")
+        for i, kind in enumerate(kinds)
+    ]
+    return tasks, TaskRequest.for_batch(delivery, replies, tasks)
+
+
+CREATE, COMPUTE = envelope.RequestKind.CREATE_VALUE, envelope.RequestKind.COMPUTE
+
+
+def test_only_a_batchs_last_task_is_answered_and_each_names_itself(replies):
+    _, requests = _batch(replies, [CREATE, CREATE, COMPUTE])
+    assert [r.reply_to for r in requests] == [None, None, "job-1"]
+    assert [r.correlation_id for r in requests] == ["b0", "b1", "b2"]
+    assert [r.message_id for r in requests] == ["b0", "b1", "b2"]
+
+
+def test_a_batch_is_acked_once_every_task_is_done_and_the_reply_confirmed(replies, link):
+    tasks, requests = _batch(replies, [CREATE, CREATE, COMPUTE])
+    requests[0].settle(tasks[0], _ok())
+    requests[2].settle(tasks[2], _ok())  # may finish before an earlier one-way task
+    assert link.settled == []
+    assert [p[3].correlation_id for p in link.published] == ["b2"]
+    link.confirms[0].set_result(None)
+    assert link.settled == []  # the second task is still running
+    requests[1].settle(tasks[1], _ok())
+    assert link.settled == [("ack", None)]
+
+
+def test_a_batch_with_a_refused_task_is_dead_lettered_whole_once_all_are_done(replies, link, log):
+    tasks, requests = _batch(replies, [CREATE, COMPUTE])
+    requests[0].settle(tasks[0], _error(envelope.Failure.MALFORMED_TASK))
+    assert link.settled == []
+    requests[1].settle(tasks[1], _ok())
+    link.confirms[-1].set_result(None)
+    assert link.settled == [("reject", False)]
+    assert "task_dead_lettered" in log.events
+
+
+def test_a_batch_whose_reply_was_not_confirmed_goes_back_once(replies, link, monkeypatch):
+    monkeypatch.setattr(request_module, "REQUEUE_FIRST_PAUSE_S", 0.05)
+    tasks, requests = _batch(replies, [CREATE, COMPUTE])
+    requests[0].settle(tasks[0], _ok())
+    requests[1].settle(tasks[1], _ok())
+    link.confirms[0].set_exception(RuntimeError("nacked"))
+    deadline = time.monotonic() + 5
+    while not link.settled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert link.settled == [("reject", True)]
+
+
+def test_a_batch_task_the_worker_failed_on_requeues_the_batch_at_once(replies, link):
+    tasks, requests = _batch(replies, [CREATE, CREATE], reply_to=None)
+    requests[0].give_back()
+    requests[1].settle(tasks[1], _ok())
+    assert link.settled == [("reject", True)]
+
+
+def test_a_batch_left_by_a_worker_stopping_at_once_is_not_settled(replies, link, state):
+    tasks, requests = _batch(replies, [CREATE, COMPUTE])
+    requests[0].settle(tasks[0], _ok())
+    requests[1].settle(tasks[1], _ok())
+    state.stopping_now = True
+    link.confirms[0].set_exception(RuntimeError("link closed"))
+    assert link.settled == []

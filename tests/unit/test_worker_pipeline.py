@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from flaap_mq.executor import ExecutorCallError
-from flaap_mq.protocol import envelope
+from flaap_mq.protocol import batch, envelope
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.protocol.v1 import tff_executor_pb2 as light
 from flaap_mq.testing import messages
@@ -279,10 +279,29 @@ def test_a_failed_value_is_failed_for_the_tasks_that_name_it(pipeline, values, e
 
 
 def test_an_unreadable_message_is_answered_only_where_it_says_whom(pipeline):
-    told = pipeline.unreadable("junk", "corr-1")
+    told = pipeline.unreadable(envelope.MalformedEnvelope("junk"), "corr-1")
     assert told.kind is OutcomeKind.MALFORMED
     assert _result(told).task_id == "corr-1"
-    assert pipeline.unreadable("junk", None).messages == ()
+    assert _result(told).error.code == envelope.ErrorCode.MALFORMED_TASK
+    assert "junk" in _result(told).error.message
+    assert pipeline.unreadable(envelope.MalformedEnvelope("junk"), None).messages == ()
+
+
+def test_a_batch_of_another_version_is_answered_unsupported_protocol(pipeline):
+    told = pipeline.unreadable(batch.UnsupportedProtocol("a batch of version 9"), "corr-1")
+    assert told.kind is OutcomeKind.MALFORMED  # dead-lettered, like any message it cannot read
+    assert _result(told).error.code == envelope.ErrorCode.UNSUPPORTED_PROTOCOL
+    assert "version 9" in _result(told).error.message
+
+
+def test_a_version_2_task_is_still_run(pipeline, executor):
+    # Version 3 only adds the batch: a worker upgraded first runs an older
+    # coordinator's tasks.
+    task = _task(Kind.GET_EXECUTOR, "g1", "")
+    task.protocol_version = 2
+    outcome = _run(pipeline, task, light.GetExecutorRequest().SerializeToString())
+    assert outcome.kind is OutcomeKind.OK
+    assert len(executor.calls) == 1
 
 
 def test_every_failure_has_its_outcome_named_as_logged():

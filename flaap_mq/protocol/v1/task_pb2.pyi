@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Mapping as _Mapping, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -112,3 +113,11 @@ class TaskResult(_message.Message):
     worker_incarnation: str
     duration_us: int
     def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ..., silo_id: _Optional[str] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., response: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., worker_incarnation: _Optional[str] = ..., duration_us: _Optional[int] = ...) -> None: ...
+
+class TaskBatch(_message.Message):
+    __slots__ = ("protocol_version", "tasks")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    tasks: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, protocol_version: _Optional[int] = ..., tasks: _Optional[_Iterable[bytes]] = ...) -> None: ...
