@@ -872,6 +872,65 @@ def all_confirmed(
     return combined
 
 
+def confirmed_in_window(
+    publish: Callable[[int], concurrent.futures.Future[None]], count: int, window: int
+) -> concurrent.futures.Future[None]:
+    """Publishes messages 0 to `count - 1`, at most `window` unconfirmed at a time.
+
+    `publish(i)` makes message `i` and publishes it; it is called for the
+    first `window` messages at once, then for the next one each time one is
+    confirmed (on whatever thread the confirm arrives, the link's I/O
+    thread), so at most `window` of them are held at once, here and in
+    pika's buffers. One future: done when all are confirmed, failed with the
+    first failure, after which nothing more is published.
+    """
+    combined: concurrent.futures.Future[None] = concurrent.futures.Future()
+    lock = threading.Lock()
+    state = {"next": 0, "confirmed": 0, "ended": False}
+
+    def end(error: BaseException | None) -> None:
+        with lock:
+            if state["ended"]:
+                return
+            state["ended"] = True
+        if error is None:
+            combined.set_result(None)
+        else:
+            combined.set_exception(error)
+
+    def publish_next() -> None:
+        with lock:
+            if state["ended"] or state["next"] >= count:
+                return
+            index = state["next"]
+            state["next"] += 1
+        try:
+            future = publish(index)
+        except Exception as e:
+            end(e)
+            return
+        future.add_done_callback(one_done)
+
+    def one_done(future: concurrent.futures.Future[None]) -> None:
+        error = future.exception()
+        if error is not None:
+            end(error)
+            return
+        with lock:
+            state["confirmed"] += 1
+            last = state["confirmed"] == count
+        if last:
+            end(None)
+        else:
+            publish_next()
+
+    if count == 0:
+        end(None)
+    for _ in range(min(max(1, window), count)):
+        publish_next()
+    return combined
+
+
 def default_properties(**kwargs: Any) -> pika.BasicProperties:
     """Persistent message properties; every task and result is persistent."""
     return pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, **kwargs)

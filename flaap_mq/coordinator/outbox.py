@@ -79,12 +79,12 @@ class Outbox:
         self._publishing = False
         self.messages_published = 0
 
-    def send(self, out: publish.Outgoing) -> list[concurrent.futures.Future[None]]:
-        """Publishes `out` now (awaited) or soon (one-way); the futures of its message(s).
+    def send(self, out: publish.Outgoing) -> concurrent.futures.Future[None]:
+        """Publishes `out` now (awaited) or soon (one-way); the broker's confirm of it.
 
         An awaited task takes the silo's held tasks with it. A one-way task
         small enough is held (see the module docstring for when it goes);
-        its one future resolves with the confirm of the message it goes in.
+        the future resolves with the confirm of the message it goes in.
         """
         silo_id = out.task.silo_id
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -93,7 +93,7 @@ class Outbox:
                 # A finalizer's disposal, inside `_publish` on this thread.
                 self._held.setdefault(silo_id, []).append((out, future))
                 self._flush_soon(silo_id, now_if_no_loop=False)
-                return [future]
+                return future
             if out.size > BATCHED_REQUEST_BYTES:
                 return self._publish(silo_id, alone=out)
             held = self._held.get(silo_id, [])
@@ -105,7 +105,7 @@ class Outbox:
                 return self._publish(silo_id, last=out)
             self._held.setdefault(silo_id, []).append((out, future))
         self._flush_soon(silo_id)
-        return [future]
+        return future
 
     def flush(self, silo_id: str | None = None) -> None:
         """Publishes what is held for `silo_id` (every silo: None) now."""
@@ -146,11 +146,12 @@ class Outbox:
         *,
         last: publish.Outgoing | None = None,
         alone: publish.Outgoing | None = None,
-    ) -> list[concurrent.futures.Future[None]]:
+    ) -> concurrent.futures.Future[None]:
         """Publishes the held tasks, with `last` as the batch's last; then `alone` by itself.
 
-        Called with the lock held. Returns the futures of the message(s)
-        carrying `last`, or `alone`.
+        Called with the lock held. Returns the confirm of what carries
+        `last`, or `alone` (of the held tasks, without either; resolved if
+        nothing was held).
         """
         self._publishing = True
         try:
@@ -160,32 +161,34 @@ class Outbox:
 
     def _publish_held(
         self, silo_id: str, last: publish.Outgoing | None, alone: publish.Outgoing | None
-    ) -> list[concurrent.futures.Future[None]]:
+    ) -> concurrent.futures.Future[None]:
         held = self._held.pop(silo_id, [])
         self._flush_asked.pop(silo_id, None)  # a flush asked for them has nothing to do
         batch = [out for out, _ in held] + ([last] if last is not None else [])
-        futures: list[concurrent.futures.Future[None]] = []
-        if len(batch) == 1:
-            futures = publish.publish_task(
-                self._link, self._exchange, batch[0], chunk_bytes=self._chunk_bytes
-            )
-            self.messages_published += len(futures)
-        elif batch:
-            futures = [publish.publish_batch(self._link, self._exchange, batch)]
+        sent: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if not batch:
+            sent.set_result(None)
+        elif len(batch) == 1:
+            sent = self._publish_alone(batch[0])
+        else:
+            sent = publish.publish_batch(self._link, self._exchange, batch)
             self.messages_published += 1
         if held:
-            _settle_with(held, futures)
+            _settle_with(held, sent)
         if alone is not None:
-            futures = publish.publish_task(
-                self._link, self._exchange, alone, chunk_bytes=self._chunk_bytes
-            )
-            self.messages_published += len(futures)
-        return futures
+            sent = self._publish_alone(alone)
+        return sent
+
+    def _publish_alone(self, out: publish.Outgoing) -> concurrent.futures.Future[None]:
+        sent, messages = publish.publish_task(
+            self._link, self._exchange, out, chunk_bytes=self._chunk_bytes
+        )
+        self.messages_published += messages
+        return sent
 
 
-def _settle_with(held: list[Held], futures: list[concurrent.futures.Future[None]]) -> None:
+def _settle_with(held: list[Held], confirmed: concurrent.futures.Future[None]) -> None:
     """Resolves each held task's future with the confirm of the message(s) it went in."""
-    confirmed = broker_link.all_confirmed(futures)
 
     def settle(done: concurrent.futures.Future[None]) -> None:
         error = done.exception()

@@ -62,30 +62,37 @@ def outgoing(
 
 def publish_task(
     link: broker_link.BrokerLink, exchange: str, out: Outgoing, *, chunk_bytes: int
-) -> list[concurrent.futures.Future[None]]:
-    """Publishes the task alone, sliced if its request is large; its messages' futures.
+) -> tuple[concurrent.futures.Future[None], int]:
+    """Publishes the task alone, sliced if its request is large: one future, and the
+    number of messages.
 
-    An awaited task asks for a reply to its job's reply queue.
+    An awaited task asks for a reply to its job's reply queue. Every slice
+    is handed to the link at once: the outbox's order (a value's slices
+    before any task that names it) holds only for what is handed over
+    together. (A window of unconfirmed slices, as the worker's replies
+    have, would need the outbox to hold the silo's later tasks until the
+    last slice is handed over; not done.)
     """
     messages = envelope.encode_task(out.task, out.request.payload, chunk_bytes)
-    return [
-        link.publish(
+
+    def publish_one(index: int) -> concurrent.futures.Future[None]:
+        return link.publish(
             exchange,
             out.task.silo_id,
-            message,
+            messages[index],
             broker_link.default_properties(
                 **amqp.task_properties(
                     task_id=out.task.task_id,
                     kind_name=out.request.spec.name,
                     reply_to=out.task.job_id if out.reply else None,
                     timeout_s=out.timeout_s,
-                    index=i,
+                    index=index,
                     count=len(messages),
                 )
             ),
         )
-        for i, message in enumerate(messages)
-    ]
+
+    return broker_link.all_confirmed([publish_one(i) for i in range(len(messages))]), len(messages)
 
 
 def publish_batch(
@@ -114,21 +121,21 @@ def publish_batch(
 
 
 def confirmed(
-    parts: list[concurrent.futures.Future[None]], silo_id: str, request: str
+    sent: concurrent.futures.Future[None], silo_id: str, request: str
 ) -> concurrent.futures.Future[None]:
-    """A future that resolves once the broker holds every part of a task, or
-    fails with the `SiloError` saying why it could not be sent."""
-    sent: concurrent.futures.Future[None] = concurrent.futures.Future()
+    """A future that resolves once the broker holds all of a task, or fails
+    with the `SiloError` saying why it could not be sent."""
+    outcome: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     def settle(done: concurrent.futures.Future[None]) -> None:
         error = done.exception()
         if error is None:
-            sent.set_result(None)
+            outcome.set_result(None)
         else:
-            sent.set_exception(publish_error(silo_id, request, error))
+            outcome.set_exception(publish_error(silo_id, request, error))
 
-    broker_link.all_confirmed(parts).add_done_callback(settle)
-    return sent
+    sent.add_done_callback(settle)
+    return outcome
 
 
 def publish_error(silo_id: str, request: str, error: BaseException) -> errors.SiloError:

@@ -231,8 +231,7 @@ class TaskClient:
             published, sent = self._publish(
                 silo_id, request, task_id, timeout_s, incarnation=incarnation, reply=True
             )
-            for part in published:
-                part.add_done_callback(lambda f: self._on_published(task_id, f))
+            published.add_done_callback(lambda f: self._on_published(task_id, f))
             result, payload = await self._watch.await_reply(pending, timeout_s, deadline)
             if result.WhichOneof("outcome") == "error":
                 raise errors.error_from_result(silo_id, spec.name, result.error)
@@ -327,11 +326,11 @@ class TaskClient:
         request = envelope.serialized(request)
         name = request.spec.name
         timeout_s, _ = self._timeout_now(None)
-        parts, size = self._publish(
+        published, size = self._publish(
             silo_id, request, task_id, timeout_s, incarnation=incarnation, reply=False
         )
         self._observed(Exchange(silo_id, name, size, 0))
-        return publish.confirmed(parts, silo_id, name)
+        return publish.confirmed(published, silo_id, name)
 
     @property
     def messages_published(self) -> int:
@@ -347,8 +346,8 @@ class TaskClient:
         *,
         incarnation: str,
         reply: bool,
-    ) -> tuple[list[concurrent.futures.Future[None]], int]:
-        """Hands the task to the `outbox`: the futures of its message(s), its size."""
+    ) -> tuple[concurrent.futures.Future[None], int]:
+        """Hands the task to the `outbox`: the broker's confirm of it, and its size."""
         self.requests_sent += 1
         out = publish.outgoing(
             request,

@@ -212,6 +212,16 @@ class WorkerFleet:
         return self
 
     def start_worker(self, silo_id: str, *, wait: bool = True) -> WorkerProcess:
+        """Starts silo `silo_id`'s worker; one whose worker still runs is refused.
+
+        (Starting another would leave the first running with nothing to stop it.)
+        """
+        running = self.workers.get(silo_id)
+        if running is not None and running.process.poll() is None:
+            raise RuntimeError(
+                f"silo {silo_id!r} already has a running worker (pid {running.pid}); "
+                "stop it first, or use the fleet that started it"
+            )
         log_path = self._log_dir / f"worker-{silo_id}.log" if self._log_dir else None
         worker = WorkerProcess(
             self.broker_url,
@@ -255,7 +265,8 @@ class WorkerFleet:
         return self.exit_codes
 
     def __enter__(self) -> WorkerFleet:
-        return self.start()
+        # `with WorkerFleet(...).start() as fleet:` must not start a second set.
+        return self if self.workers else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()

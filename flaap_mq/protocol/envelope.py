@@ -32,6 +32,7 @@ that was not done (issue 14's notes).
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import enum
 import importlib
@@ -319,14 +320,16 @@ def read_task(body: bytes) -> tuple[task_pb2.Task, memoryview]:
     return task, request
 
 
-def encode_task(task: task_pb2.Task, request: chunking.Payload, chunk_bytes: int) -> list[bytes]:
+def encode_task(
+    task: task_pb2.Task, request: chunking.Payload, chunk_bytes: int
+) -> Sequence[bytes]:
     """The messages carrying `task` (without its request) and `request` (see `_encode`)."""
     return _encode(task, _TASK_PAYLOAD, request, chunk_bytes)
 
 
 def encode_result(
     result: task_pb2.TaskResult, response: chunking.Payload, chunk_bytes: int
-) -> list[bytes]:
+) -> Sequence[bytes]:
     """The messages carrying `result` (without its response) and `response`."""
     return _encode(result, _RESULT_PAYLOAD, response, chunk_bytes)
 
@@ -336,26 +339,60 @@ def _encode(
     number: int,
     payload: chunking.Payload,
     chunk_bytes: int,
-) -> list[bytes]:
+) -> Sequence[bytes]:
     """One serialized message, or one per `chunk_bytes` slice of a larger payload.
 
     The payload is written after the serialized envelope, never copied into
     a protobuf message (concatenated messages merge): each byte of it is
     copied once, into the message that carries it (`bytes`, which pika
-    needs), straight from the payload's own pieces.
+    needs), straight from the payload's own pieces. Slices are made as they
+    are asked for (`Slices`), so that a sender that publishes a few at a time
+    never holds the payload twice.
     """
     if len(payload) <= chunk_bytes:
         pieces = chunking.pieces_of(payload)
         head = message.SerializeToString() + wire.field_head(number, len(payload))
         return [b"".join((head, *pieces))]
-    out = []
-    piece = type(message)()
-    for header, part in chunking.sliced(payload, chunk_bytes):
-        piece.CopyFrom(message)
+    return Slices(message, number, payload, chunk_bytes)
+
+
+class Slices(collections.abc.Sequence):  # type: ignore[type-arg]
+    """The messages carrying a sliced payload, each made (its bytes copied) when indexed.
+
+    Holds only views of the payload: `payload_size` is what it keeps alive.
+    """
+
+    def __init__(
+        self,
+        message: task_pb2.Task | task_pb2.TaskResult,
+        number: int,
+        payload: chunking.Payload,
+        chunk_bytes: int,
+    ) -> None:
+        self._message = message
+        self._number = number
+        self._slices = list(chunking.sliced(payload, chunk_bytes))
+        self.payload_size = len(payload)
+
+    def __len__(self) -> int:
+        return len(self._slices)
+
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]  # type: ignore[misc]
+        header, part = self._slices[index]
+        piece = type(self._message)()
+        piece.CopyFrom(self._message)
         piece.chunk.CopyFrom(header)
-        head = piece.SerializeToString() + wire.field_head(number, _size_of(part))
-        out.append(b"".join((head, *part)))
-    return out
+        head = piece.SerializeToString() + wire.field_head(self._number, _size_of(part))
+        return b"".join((head, *part))
+
+
+def messages_size(messages: Sequence[bytes]) -> int:
+    """The bytes `messages` (`_encode`'s) hold, without making any of them."""
+    if isinstance(messages, Slices):
+        return messages.payload_size
+    return sum(len(m) for m in messages)
 
 
 def _size_of(part: Sequence[memoryview]) -> int:

@@ -11,6 +11,7 @@ unanswered, the others are answered (or, one-way, acked).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from flaap_mq.protocol import envelope
@@ -57,9 +58,9 @@ _REFUSED = frozenset(
 
 
 class Outcome(NamedTuple):
-    """A TaskResult, serialized (one message per slice), and what it says."""
+    """A TaskResult, serialized (a message per slice: `envelope.encode_result`), and its kind."""
 
-    messages: tuple[bytes, ...]
+    messages: Sequence[bytes]
     kind: OutcomeKind
     # True when answered from the results cache (or from the run of a
     # duplicate still in progress) rather than run: the `task` log line says
@@ -73,4 +74,5 @@ class Outcome(NamedTuple):
 
     @property
     def size(self) -> int:
-        return sum(len(m) for m in self.messages)
+        """The bytes it holds (the results cache's measure), without slicing anything."""
+        return envelope.messages_size(self.messages)

@@ -42,13 +42,18 @@ import concurrent.futures
 import dataclasses
 import enum
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import pika
 import structlog
 
-from flaap_mq.broker.link import Delivery, Unroutable, all_confirmed, default_properties
+from flaap_mq.broker.link import (
+    Delivery,
+    Unroutable,
+    confirmed_in_window,
+    default_properties,
+)
 from flaap_mq.protocol import amqp, envelope
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.worker.outcome import Outcome, OutcomeKind
@@ -60,6 +65,9 @@ from flaap_mq.worker.outcome import Outcome, OutcomeKind
 # and the task ends at its deadline or at the delivery limit, never spinning.
 REQUEUE_FIRST_PAUSE_S = 1.0
 REQUEUE_MAX_PAUSE_S = 30.0
+# A sliced result's messages unconfirmed at once: a window of 4 slices
+# (32 MiB at the default 8 MiB) keeps the broker busy while holding little.
+REPLY_WINDOW = 4
 
 
 def requeue_pause(delivery_count: int) -> float:
@@ -79,6 +87,21 @@ class Link(Protocol):
     def reject(self, delivery: Delivery, *, requeue: bool) -> None: ...
 
 
+class ReplyCount:
+    """How many replies are being published now; from any thread."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def add(self, change: int) -> None:
+        with self._lock:
+            self._count += change
+
+
 @dataclasses.dataclass
 class Replies:
     """What every request of one worker shares: where replies go, and the worker's state."""
@@ -95,6 +118,9 @@ class Replies:
     # flight, which the broker requeues.
     stopping_now: Callable[[], bool]
     link: Link | None = None  # set once the worker is connected
+    # Replies still being published (a sliced one goes a window at a time,
+    # `_reply`): a draining worker waits for them before it closes its link.
+    replying: ReplyCount = dataclasses.field(default_factory=ReplyCount)
 
 
 class Verdict(enum.IntEnum):
@@ -281,19 +307,32 @@ class TaskRequest:
             default_properties(**properties),
         )
 
-    def _reply(self, task: task_pb2.Task, messages: tuple[bytes, ...]) -> None:
+    def _reply(self, task: task_pb2.Task, messages: Sequence[bytes]) -> None:
+        """Publishes the result's messages, `REPLY_WINDOW` unconfirmed at most.
+
+        A large result's slices are made as they go (`envelope.Slices`), so
+        the worker holds the result once and a few slices, here and in
+        pika's buffers, not every slice at once.
+        """
         correlation_id = self.correlation_id or task.task_id
-        futures = [
-            self._publish(
-                message,
+        self._replies.replying.add(1)
+
+        def publish(index: int) -> concurrent.futures.Future[None]:
+            return self._publish(
+                messages[index],
                 task_id=task.task_id,
                 correlation_id=correlation_id,
-                index=i,
+                index=index,
                 count=len(messages),
             )
-            for i, message in enumerate(messages)
-        ]
-        all_confirmed(futures).add_done_callback(self._on_reply_settled)
+
+        def settled(done: concurrent.futures.Future[None]) -> None:
+            try:
+                self._on_reply_settled(done)
+            finally:
+                self._replies.replying.add(-1)
+
+        confirmed_in_window(publish, len(messages), REPLY_WINDOW).add_done_callback(settled)
 
     def _refuse(self, task: task_pb2.Task, outcome: Outcome) -> None:
         """Answers a task no worker can run as sent, and has it dead-lettered."""

@@ -281,7 +281,13 @@ class SiloWorker:
             in_flight=count,
             detail=f"draining {count} task{'' if count == 1 else 's'}; {again}",
         )
-        if not self._wait_unless_stopped_now(lambda: not self._in_flight, self._drain_timeout_s):
+
+        def finished() -> bool:
+            # Run, and their replies handed over whole (a sliced one goes a
+            # window at a time): only then can the link's confirms tell the rest.
+            return not self._in_flight and not self._replies.replying
+
+        if not self._wait_unless_stopped_now(finished, self._drain_timeout_s):
             if not self._stop_now_asked:
                 self._log.warning("drain_timed_out", in_flight=len(self._in_flight))
             return False

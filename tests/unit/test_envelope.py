@@ -217,8 +217,8 @@ def test_a_gathered_payload_is_sent_as_the_same_messages_as_its_bytes():
     cuts = [0, 1, 1, 700, 701, 5000, 10239, 10240]
     gathered = chunking.Gathered(payload[a:b] for a, b in itertools.pairwise(cuts))
     for chunk_bytes in (1, 7, 700, 1000, 10240, 20000):
-        assert envelope.encode_task(task, gathered, chunk_bytes) == envelope.encode_task(
-            task, payload, chunk_bytes
+        assert list(envelope.encode_task(task, gathered, chunk_bytes)) == list(
+            envelope.encode_task(task, payload, chunk_bytes)
         )
 
 
@@ -331,3 +331,18 @@ def test_a_request_tff_refuses_the_light_message_refuses(garbage):
         envelope.decode_request(task)
     with pytest.raises(envelope.MalformedEnvelope, match="not a valid ComputeRequest"):
         envelope.decode_request(task, light=True)
+
+
+def test_slices_are_made_when_asked_for_and_hold_only_the_payload():
+    """A sender publishing a few at a time never holds a large payload twice."""
+    result = envelope.result_ok(_task(), None, incarnation="i", duration_us=1)
+    payload = bytearray(b"x" * 10_000)
+    messages = envelope.encode_result(result, payload, 1000)
+    assert len(messages) == 10
+    assert envelope.messages_size(messages) == 10_000  # measured without slicing
+    payload[0:1] = b"y"  # views of the payload, not copies of it
+    first, _ = envelope.read_result(messages[0])
+    assert bytes(envelope.read_result(messages[0])[1])[:1] == b"y"
+    assert first.chunk.count == 10
+    assert [envelope.read_result(m)[0].chunk.index for m in messages] == list(range(10))
+    assert envelope.messages_size(envelope.encode_result(result, b"small", 1000)) > 5

@@ -74,7 +74,7 @@ def test_one_way_tasks_go_with_the_awaited_task_in_one_message_in_order(outbox, 
         second = outbox.send(_out("v2"))
         assert link.messages == []  # held
         outbox.send(_out("c1", reply=True))
-        return first + second
+        return [first, second]
 
     held = asyncio.run(chain())
     assert len(link.messages) == 1
@@ -167,7 +167,7 @@ def test_a_batch_the_broker_refused_fails_each_held_task(outbox, link):
     async def chain() -> list[concurrent.futures.Future[None]]:
         held = outbox.send(_out("v1"))
         asked = outbox.send(_out("c1", reply=True))
-        return held + asked
+        return [held, asked]
 
     held, asked = asyncio.run(chain())
     link.confirms[0].set_exception(RuntimeError("nacked"))

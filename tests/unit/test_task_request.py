@@ -293,3 +293,38 @@ def test_a_batch_left_by_a_worker_stopping_at_once_is_not_settled(replies, link,
     state.stopping_now = True
     link.confirms[0].set_exception(RuntimeError("link closed"))
     assert link.settled == []
+
+
+# ------------------------------------------------------------ a sliced reply
+
+
+def test_a_sliced_reply_has_at_most_a_window_of_slices_unconfirmed(replies, link):
+    slices = request_module.REPLY_WINDOW * 2 + 1
+    _request(replies).settle(TASK, _ok(slices=slices))
+    assert len(link.published) == request_module.REPLY_WINDOW
+    # A draining worker waits for it: between two windows the link may hold
+    # nothing unconfirmed, yet the reply is not all out.
+    assert replies.replying
+    for confirmed in range(slices):
+        link.confirms[confirmed].set_result(None)
+        assert len(link.published) == min(slices, request_module.REPLY_WINDOW + confirmed + 1)
+        assert len(link.published) - (confirmed + 1) <= request_module.REPLY_WINDOW
+    assert link.settled == [("ack", None)]
+    assert not replies.replying
+    assert [p[3].headers["x-flaap-chunk"] for p in link.published] == [
+        f"{i + 1}/{slices}" for i in range(slices)
+    ]
+
+
+def test_a_sliced_reply_stops_at_the_first_slice_not_confirmed(replies, link, monkeypatch):
+    monkeypatch.setattr(request_module, "REQUEUE_FIRST_PAUSE_S", 0.05)
+    _request(replies).settle(TASK, _ok(slices=10))
+    link.confirms[1].set_exception(RuntimeError("nacked"))
+    for future in link.confirms:
+        if not future.done():
+            future.set_result(None)
+    assert len(link.published) == request_module.REPLY_WINDOW  # nothing more after it
+    deadline = time.monotonic() + 5
+    while not link.settled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert link.settled == [("reject", True)]
