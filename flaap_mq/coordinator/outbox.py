@@ -28,9 +28,9 @@ Every task for a silo passes through here, and is handed to the link under
 one lock in the order sent, so the worker sees a value's Create* task before
 any task that names the value, batched or not. The garbage collector may run
 a value finalizer, which sends a Dispose, while this very thread holds the
-lock: such a task is only held (it goes with the next message, or at the
-end of the loop's step), never published in the middle of another
-publication, which could put it ahead of the Create* task it disposes of.
+lock: such a task is only held (it goes with the next message, or after
+the linger), never published in the middle of another publication, which
+could put it ahead of the Create* task it disposes of.
 """
 
 from __future__ import annotations
@@ -164,14 +164,14 @@ class Outbox:
     ) -> concurrent.futures.Future[None]:
         held = self._held.pop(silo_id, [])
         self._flush_asked.pop(silo_id, None)  # a flush asked for them has nothing to do
-        batch = [out for out, _ in held] + ([last] if last is not None else [])
+        together = [out for out, _ in held] + ([last] if last is not None else [])
         sent: concurrent.futures.Future[None] = concurrent.futures.Future()
-        if not batch:
+        if not together:
             sent.set_result(None)
-        elif len(batch) == 1:
-            sent = self._publish_alone(batch[0])
+        elif len(together) == 1:
+            sent = self._publish_alone(together[0])
         else:
-            sent = publish.publish_batch(self._link, self._exchange, batch)
+            sent = publish.publish_batch(self._link, self._exchange, together)
             self.messages_published += 1
         if held:
             _settle_with(held, sent)
