@@ -6,6 +6,13 @@ clustered at will by the tests that need a broker to fail. The last choice of
 `flaap_mq.local.broker.throwaway_broker`, and what runs on the project
 machines, which have RabbitMQ installed but no Docker engine. The commands
 it runs are bounded and leave nothing behind (`flaap_mq.local.processes`).
+
+The node runs detached (`rabbitmq-server -detached`), so nothing ties it to
+the process that started it: a test process killed, or an xdist worker that
+crashed, left one running for hours. So each running node has a reaper
+(`_REAPER`), a standard-library process that waits on a pipe from the
+node's owner; when the pipe closes without the owner having stopped the node
+(the owner died), it kills the node's processes and deletes its data.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,6 +50,31 @@ logger = logging.getLogger(__name__)
 RABBITMQ_USER = "rabbitmq"
 _LOG_TAIL_LINES = 40
 _PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+# Run as `python -I -S -c _REAPER NODE_NAME DATA_DIR`, its stdin a pipe from
+# the node's owner, which closes it (or dies) when the node may go.
+_REAPER = r"""
+import os, shutil, signal, sys
+
+node_name, data_dir = sys.argv[1], sys.argv[2]
+sys.stdin.buffer.read()  # until the owner closes the pipe, or dies
+needle = ("RABBITMQ_NODENAME=" + node_name).encode()
+killed = 0
+for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+        continue
+    try:
+        with open("/proc/" + entry + "/environ", "rb") as environ:
+            if needle not in environ.read().split(b"\0"):
+                continue
+        os.kill(int(entry), signal.SIGKILL)
+        killed += 1
+    except OSError:
+        pass
+if killed:  # left running: its data too (a node its owner stopped keeps it)
+    shutil.rmtree(data_dir, ignore_errors=True)
+"""
 
 
 class PrivateBrokerNode(Lifecycle):
@@ -80,6 +113,7 @@ class PrivateBrokerNode(Lifecycle):
         self._port = portpicker.pick_unused_port()
         self._dist_port = portpicker.pick_unused_port()
         self._data_dir: Path | None = None
+        self._reaper: subprocess.Popen[bytes] | None = None
         self.last_start_seconds: float | None = None
         self.last_stop_seconds: float | None = None
 
@@ -117,6 +151,9 @@ class PrivateBrokerNode(Lifecycle):
         """Boot the node and wait until it accepts work; on failure leave no node process."""
         if self.os_processes():
             raise RuntimeError(f"node {self._node_name} is already running")
+        # A reaper left from before (the node was killed, not stopped) must go
+        # now, while there is nothing to kill: it knows the node by its name.
+        self._stop_reaper()
         began = time.monotonic()
         deadline = began + self._start_timeout
         self._prepare_data_dir()
@@ -127,11 +164,18 @@ class PrivateBrokerNode(Lifecycle):
         except BaseException:
             self._kill_node_processes()
             raise
+        self._start_reaper()
         self.last_start_seconds = time.monotonic() - began
         logger.info("node %s up in %.1f s", self._node_name, self.last_start_seconds)
 
     def stop(self) -> None:
         """Stop the node gracefully if it is running, else kill its processes. Bounded."""
+        try:
+            self._stop()
+        finally:
+            self._stop_reaper()
+
+    def _stop(self) -> None:
         if not self.os_processes():
             return
         began = time.monotonic()
@@ -301,6 +345,25 @@ class PrivateBrokerNode(Lifecycle):
             env=clean_env(),
             timeout=timeout,
         )
+
+    def _start_reaper(self) -> None:
+        """A process that kills the node if this one dies without stopping it (module docstring)."""
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _REAPER, self._node_name, str(self.data_dir)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C to the tests is the owner's to handle
+        )
+
+    def _stop_reaper(self) -> None:
+        reaper, self._reaper = self._reaper, None
+        if reaper is None:
+            return
+        reaper.stdin.close()  # the node is stopped: the reaper finds nothing to kill
+        try:
+            reaper.wait(10)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
+            reaper.wait()
 
     def _kill_node_processes(self) -> None:
         processes = self.os_processes()

@@ -4,7 +4,10 @@ and leaves no Erlang VM behind, on success and when its boot fails."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pika
 import psutil
@@ -13,6 +16,7 @@ import pytest
 from flaap_mq.local.broker import broker_answers
 from flaap_mq.local.private_node import PrivateBrokerNode
 
+_REPOSITORY = Path(__file__).resolve().parents[2]
 QUEUE = "flaap-durability-check"
 BODY = b"survives a broker restart"
 
@@ -99,3 +103,34 @@ def test_failed_boot_raises_with_log_and_leaves_no_vm() -> None:
     assert time.monotonic() - began < 45
     assert node.node_name in str(excinfo.value)
     assert not _beam_processes_for(node.node_name)
+
+
+_OWNER = """
+import sys, time
+from flaap_mq.local.private_node import PrivateBrokerNode
+node = PrivateBrokerNode()
+node.start()
+print(node.node_name, node.data_dir, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_node_whose_owner_is_killed_is_stopped_with_its_data() -> None:
+    """The node runs detached: without its reaper it outlived a killed test process."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True, cwd=_REPOSITORY
+    )
+    try:
+        node_name, data_dir = owner.stdout.readline().split()
+        assert _beam_processes_for(node_name), "the node did not start"
+    finally:
+        owner.kill()  # as an out-of-memory kill or a crashed xdist worker would
+        owner.wait(10)
+        owner.stdout.close()
+    deadline = time.monotonic() + 30
+    while _beam_processes_for(node_name) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _beam_processes_for(node_name), "the node outlived its owner"
+    while Path(data_dir).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(data_dir).exists()
