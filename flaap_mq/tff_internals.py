@@ -36,6 +36,7 @@ from tensorflow_federated.python.core.impl.executors import (
     ingestable_base,
     remote_executor,
     remote_executor_grpc_stub,
+    remote_executor_stub,
     value_serialization,
 )
 from tensorflow_federated.python.core.impl.types import (
@@ -72,6 +73,7 @@ __all__ = [
     "python_executor_stacks",
     "remote_executor",
     "remote_executor_grpc_stub",
+    "remote_executor_stub",
     "repackage_partitioned_values",
     "run_in_async_context_pool",
     "structure",

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flaap_mq.coordinator.computation_cache import ComputationCache
+from flaap_mq.coordinator.executor_stub import ServiceStub
 from flaap_mq.executor import ExecutorNetwork, ExecutorService
 from flaap_mq.tff_internals import (
     async_execution_context,
@@ -36,24 +37,30 @@ from flaap_mq.tff_internals import (
     placements,
     python_executor_stacks,
     remote_executor,
-    remote_executor_grpc_stub,
     tensorflow_computation,
 )
 
 __all__ = ["LocalMergeContext", "create_local_merge_context"]
 
 
-class _CachingRemoteExecutor(remote_executor.RemoteExecutor):
-    """TFF's `RemoteExecutor`, sending each computation once (`computation_cache`)."""
+class _MergeExecutor(remote_executor.RemoteExecutor):
+    """TFF's `RemoteExecutor` over a `ServiceStub`.
 
-    def __init__(self, stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub) -> None:
+    It sends each computation once (`computation_cache`), and a value's
+    arrays from their own memory (`ServiceStub.create_value_from_memory`).
+    """
+
+    def __init__(self, stub: ServiceStub) -> None:
         super().__init__(stub)
+        self._service_stub = stub
         self._computations = ComputationCache()
 
     async def create_value(self, value: object, type_spec: object = None) -> object:
-        return await self._computations.value_for(
-            value, lambda: super(_CachingRemoteExecutor, self).create_value(value, type_spec)
-        )
+        async def create() -> remote_executor.RemoteValue:
+            ref, value_type = self._service_stub.create_value_from_memory(value, type_spec)
+            return remote_executor.RemoteValue(ref, value_type, self)
+
+        return await self._computations.value_for(value, create)
 
     def close(self) -> None:
         self._computations.clear()
@@ -70,9 +77,7 @@ class LocalMergeContext(async_execution_context.AsyncExecutionContext):
     def __init__(self, service: ExecutorService) -> None:
         self.service = service
         self.merges_run = 0
-        self._channel = service.open_channel()
-        stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(self._channel)
-        self._executors: list[_CachingRemoteExecutor] = []
+        self._executors: list[_MergeExecutor] = []
 
         def executor_for(
             cardinalities: dict[placements.PlacementLiteral, int],
@@ -80,7 +85,7 @@ class LocalMergeContext(async_execution_context.AsyncExecutionContext):
             # As TFF's local_cpp_executor_factory; `merge` is unplaced anyway.
             if cardinalities.get(placements.CLIENTS) is None:
                 cardinalities[placements.CLIENTS] = 0
-            executor = _CachingRemoteExecutor(stub)
+            executor = _MergeExecutor(ServiceStub(service))
             executor.set_cardinalities(cardinalities)
             self._executors.append(executor)
             return executor
@@ -97,11 +102,10 @@ class LocalMergeContext(async_execution_context.AsyncExecutionContext):
         return await invoke_once(self, comp, arg)
 
     def close(self) -> None:
-        # Executors first: their cached values are disposed of over the channel.
+        # Executors first: their cached values are disposed of in the service.
         for executor in self._executors:
             executor.close()
         self._executors.clear()
-        self._channel.close()
         self.service.close()
 
 

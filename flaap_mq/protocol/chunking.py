@@ -73,7 +73,7 @@ class Gathered:
         return b"".join(self.pieces)
 
 
-Payload = bytes | Gathered
+Payload = bytes | memoryview | Gathered
 
 
 def pieces_of(payload: Payload) -> tuple[memoryview, ...]:

@@ -119,7 +119,7 @@ def pinned_size(part: Slice) -> int:
     return len(part)
 
 
-def _new_buffer(size: int) -> bytearray | mmap.mmap:
+def new_buffer(size: int) -> bytearray | mmap.mmap:
     """A zeroed buffer of `size` bytes; a large one takes memory only where written."""
     if size < _MAP_FROM_BYTES:
         return bytearray(size)
@@ -162,8 +162,8 @@ class Parts:
         self._release = weakref.finalize(self, release, charge)
         self._release.atexit = False
 
-    def _checked(self) -> memoryview:
-        """The whole payload, read-only, in the buffer the slices were written into.
+    def view(self) -> memoryview:
+        """The whole payload, checked, read-only, in the buffer the slices were written into.
 
         Raises `ChunkError` if its length or digest is wrong. No copy and no
         pass over the payload: the digest was taken as the slices arrived.
@@ -184,14 +184,13 @@ class Parts:
     def join(self) -> bytes:
         """The whole payload, checked, as `bytes`; raises `ChunkError` if it is wrong.
 
-        One copy out of the buffer and no other pass over it. Both readers
-        need `bytes`: gRPC's Python API takes nothing else (the worker's
-        call to its executor), and protobuf copies any other buffer into
-        `bytes` before it parses it (the coordinator's answer). The buffer
-        and its charge are let go: the caller holds the payload, as it holds
-        an unchunked one.
+        One copy out of the buffer and no other pass over it, for the
+        coordinator's answer: protobuf copies any other buffer into `bytes`
+        before it parses it. (The worker sends its request on from `view`.)
+        The buffer and its charge are let go: the caller holds the payload,
+        as it holds an unchunked one.
         """
-        view = self._checked()
+        view = self.view()
         try:
             return view.tobytes()
         finally:
@@ -352,7 +351,7 @@ class Collector:
             next(self._serials), chunk.count, chunk.sha256, chunk.total_size, expires
         )
         try:
-            transfer.buffer = _new_buffer(chunk.total_size)
+            transfer.buffer = new_buffer(chunk.total_size)
         except (OSError, MemoryError) as e:
             raise ChunkError(
                 f"task {task_id}: no buffer of {chunk.total_size} bytes for its payload: {e}"

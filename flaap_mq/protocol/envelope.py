@@ -401,7 +401,7 @@ def _size_of(part: Sequence[memoryview]) -> int:
 
 
 def decode_request(
-    task: task_pb2.Task, payload: bytes | None = None, *, light: bool = False
+    task: task_pb2.Task, payload: chunking.Buffer | None = None, *, light: bool = False
 ) -> protobuf_message.Message:
     """The task's request, parsed (from `payload`, if the caller read it already).
 
@@ -421,7 +421,7 @@ def decode_request(
     return request
 
 
-def executor_id_of(spec: KindSpec, request: bytes) -> str:
+def executor_id_of(spec: KindSpec, request: chunking.Buffer) -> str:
     """The `executor.id` of a serialized `spec` request, without decoding the rest.
 
     Every TFF executor request but GetExecutor has an `ExecutorId executor`

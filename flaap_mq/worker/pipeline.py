@@ -59,10 +59,11 @@ except (OSError, AttributeError):  # not glibc: nothing to do
 def return_freed_memory() -> None:
     """Hands the heap's free pages back to the kernel (glibc's `malloc_trim`).
 
-    gRPC receives and sends a large message through many small buffers,
-    which glibc keeps after they are freed: after a 1 GiB Compute the
-    worker's resident memory stayed at twice the model while it sent the
-    reply, and at once the model with this (bench.peak_memory's timeline).
+    A large message passes through many buffers that glibc keeps after they
+    are freed (pika's frames; grpcio's, when it carried the executor's
+    calls): after a 1 GiB Compute the worker's resident memory stayed at
+    twice the model while it sent the reply, and at once the model with
+    this (bench.peak_memory's timeline).
     """
     if _malloc_trim is not None:
         _malloc_trim(0)
@@ -77,7 +78,9 @@ class Executor(Protocol):
 
     def alive(self) -> bool: ...
 
-    def call(self, kind: int, request: bytes, timeout_s: float | None = None) -> bytes:
+    def call(
+        self, kind: int, request: chunking.Buffer, timeout_s: float | None = None
+    ) -> chunking.Buffer:
         """One serialized request in, its serialized response out; `ExecutorCallError`."""
         ...
 
@@ -273,7 +276,7 @@ class Pipeline:
             if raw is not None:
                 response = self._executor.call(task.kind, raw, timeout_s=timeout)
                 if len(raw) + len(response) >= TRIM_AFTER_BYTES:
-                    raw = None  # gRPC's copies of it are freed; give them back too
+                    raw = None  # the request's buffer is freed; give it back too
                     return_freed_memory()
         except ExecutorCallError as e:
             if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -345,7 +348,7 @@ class Pipeline:
 
 def read_request(
     task: task_pb2.Task, spec: envelope.KindSpec, received: Payload
-) -> tuple[str, bytes, protobuf_message.Message | None]:
+) -> tuple[str, memoryview, protobuf_message.Message | None]:
     """The executor id, the raw request, and the request parsed if it names values.
 
     A request without value names (GetExecutor, CreateValue, however
@@ -357,8 +360,8 @@ def read_request(
     """
     if isinstance(received, chunking.ChunkError):
         raise received
-    # The one copy of the request the worker makes: gRPC sends bytes.
-    payload = received.join() if isinstance(received, collector.Parts) else bytes(received)
+    # Not copied: the executor client sends from the buffer it arrived in.
+    payload = received.view() if isinstance(received, collector.Parts) else received
     if task.kind == envelope.RequestKind.GET_EXECUTOR:
         envelope.decode_request(task, payload, light=True)
         return "", payload, None

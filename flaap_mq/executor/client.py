@@ -1,0 +1,580 @@
+"""Unary gRPC calls to TFF's executor service, each answer received into one buffer.
+
+Why not gRPC's own Python client: grpcio receives a message into its core's
+buffers, copies them into a growing `bytearray` and that into `bytes`
+(`ReceiveMessageOperation` in its Cython layer), so a 1 GiB Compute answer
+is held three times at once: that was the silo worker's peak memory
+(docs/benchmarks.md). And it sends only `bytes`, so a request that arrived
+in slices had to be joined first.
+
+This client speaks only what a unary call to one known, local server needs
+of HTTP/2 (RFC 9113) and of gRPC's mapping onto it (gRPC's
+PROTOCOL-HTTP2.md). It sends a request from the caller's buffers as they
+are, and reads the answer's DATA frames straight into one buffer of the
+size the gRPC message prefix declares: nothing is copied in Python.
+
+A connection carries one call at a time, on the caller's thread: there is
+no reader thread and no multiplexing. `ExecutorClient` keeps the idle
+connections, opens another when none is idle, and drops a connection after
+any error. Header blocks are coded with `hpack` (python-hyper's, as `h2`
+uses). A deadline bounds every wait on the socket and goes to the server
+as `grpc-timeout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+import urllib.parse
+from collections.abc import Sequence
+
+import grpc
+import hpack
+
+from flaap_mq.protocol.chunking import Buffer
+from flaap_mq.protocol.collector import new_buffer
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_FRAME_HEAD = struct.Struct(">I B I")  # 24-bit length in the high bytes of the first field
+_MESSAGE_HEAD = struct.Struct(">BI")  # gRPC's compressed flag and message length
+
+# Frame types and flags (RFC 9113, section 6).
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = (
+    0x0,
+    0x1,
+    0x3,
+    0x4,
+    0x6,
+    0x7,
+    0x8,
+    0x9,
+)
+_END_STREAM = _ACK = 0x1
+_END_HEADERS = 0x4
+_PADDED = 0x8
+_PRIORITY = 0x20
+
+_SETTINGS_HEADER_TABLE_SIZE = 0x1
+_SETTINGS_ENABLE_PUSH = 0x2
+_SETTINGS_INITIAL_WINDOW_SIZE = 0x4
+_SETTINGS_MAX_FRAME_SIZE = 0x5
+
+_MAX_WINDOW = 2**31 - 1
+_DEFAULT_WINDOW = 65_535
+_DEFAULT_FRAME = 16_384
+# The largest DATA frame we accept: few frames for a large answer, each
+# read straight into its place.
+_MAX_INBOUND_FRAME = 1 << 20
+# Frames handed to one `sendmsg` (two buffers each; Linux takes 1024).
+_FRAMES_PER_SEND = 256
+
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+# RST_STREAM error codes as gRPC maps them (PROTOCOL-HTTP2.md, "Errors").
+_RESET_STATUS = {
+    0x0: grpc.StatusCode.INTERNAL,  # NO_ERROR before the call ended
+    0x7: _UNAVAILABLE,  # REFUSED_STREAM
+    0x8: grpc.StatusCode.CANCELLED,  # CANCEL
+    0xB: grpc.StatusCode.RESOURCE_EXHAUSTED,  # ENHANCE_YOUR_CALM
+    0xC: grpc.StatusCode.PERMISSION_DENIED,  # INADEQUATE_SECURITY
+}
+
+
+class ExecutorCallError(Exception):
+    """A call that did not return an answer: the server's status, or why the client gave up."""
+
+    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
+        super().__init__(f"{code.name if code else 'UNKNOWN'}: {details}")
+        self.code = code
+        self.details = details
+
+    @property
+    def unavailable(self) -> bool:
+        return self.code in (_UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+class ExecutorClient:
+    """Unary gRPC calls to the server at `target` (`unix:PATH` or `HOST:PORT`); thread-safe.
+
+    `max_message_bytes` bounds an answer (RESOURCE_EXHAUSTED above it), as
+    grpcio's `max_receive_message_length` does.
+    """
+
+    def __init__(self, target: str, *, max_message_bytes: int) -> None:
+        self.target = target
+        self._max_message_bytes = max_message_bytes
+        self._lock = threading.Lock()
+        self._idle: list[_Connection] = []
+        self._open: set[_Connection] = set()
+        self._closed = False
+
+    def call(
+        self, method: str, request: Buffer | Sequence[Buffer], timeout_s: float | None = None
+    ) -> memoryview:
+        """Calls `method` (`/package.Service/Method`) with a serialized request.
+
+        `request` may be several buffers, sent one after the other as one
+        message. Returns the serialized answer, in a buffer of its own.
+        Raises `ExecutorCallError`: the server's status, DEADLINE_EXCEEDED after
+        `timeout_s`, UNAVAILABLE if the server cannot be reached or goes away.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pieces = [memoryview(request)] if _is_buffer(request) else [memoryview(p) for p in request]
+        connection = self._take(deadline)
+        try:
+            answer = connection.call(method, pieces, deadline, self._max_message_bytes)
+        except ExecutorCallError:
+            self._give_back(connection)  # kept only if the exchange ended cleanly
+            raise
+        except BaseException:
+            self._drop(connection)
+            raise
+        self._give_back(connection)
+        return answer
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Returns once the server answers an HTTP/2 handshake (`ExecutorCallError` if it
+        does not within `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                connection = self._connect(deadline)
+            except ExecutorCallError as e:
+                if time.monotonic() + 0.05 >= deadline:
+                    raise ExecutorCallError(
+                        _UNAVAILABLE,
+                        f"no gRPC server answered at {self.target} within {timeout_s:.0f} s "
+                        f"(last: {e.details})",
+                    ) from None
+                time.sleep(0.05)
+                continue
+            self._give_back(connection)
+            return
+
+    def close(self) -> None:
+        """Closes every connection; a call still running on one fails UNAVAILABLE."""
+        with self._lock:
+            self._closed = True
+            connections, self._idle = list(self._open), []
+            self._open.clear()
+        for connection in connections:
+            connection.close()
+
+    def _take(self, deadline: float | None) -> _Connection:
+        with self._lock:
+            if self._closed:
+                raise ExecutorCallError(_UNAVAILABLE, "the client is closed")
+            if self._idle:
+                return self._idle.pop()
+        return self._connect(deadline)
+
+    def _connect(self, deadline: float | None) -> _Connection:
+        connection = _Connection.open(self.target, deadline)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._open.add(connection)
+        if closed:
+            connection.close()
+            raise ExecutorCallError(_UNAVAILABLE, "the client is closed")
+        return connection
+
+    def _give_back(self, connection: _Connection) -> None:
+        with self._lock:
+            if not self._closed and connection.reusable:
+                self._idle.append(connection)
+                return
+        self._drop(connection)
+
+    def _drop(self, connection: _Connection) -> None:
+        with self._lock:
+            self._open.discard(connection)
+        connection.close()
+
+
+def grpc_timeout(seconds: float) -> str:
+    """`seconds` as gRPC's `grpc-timeout` header value: at most 8 digits and a unit."""
+    for unit, per_second in (("m", 1000), ("S", 1), ("M", 1 / 60), ("H", 1 / 3600)):
+        value = max(1, int(seconds * per_second + 0.999999))  # never round down to less time
+        if value < 10**8:
+            return f"{value}{unit}"
+    return "99999999H"
+
+
+def _is_buffer(request: object) -> bool:
+    return isinstance(request, bytes | bytearray | memoryview)
+
+
+class _Connection:
+    """One HTTP/2 connection: the handshake, then one unary call at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._encoder = hpack.Encoder()
+        self._decoder = hpack.Decoder()
+        self._next_stream = 1
+        self._send_window = _DEFAULT_WINDOW  # the server's, for the whole connection
+        self._peer_initial_window = _DEFAULT_WINDOW
+        self._peer_max_frame = _DEFAULT_FRAME
+        self._stream_window = 0  # the server's, for the call running
+        self._received = 0  # DATA bytes since our last connection WINDOW_UPDATE
+        self._settings_seen = False
+        self.reusable = True
+
+    @classmethod
+    def open(cls, target: str, deadline: float | None) -> _Connection:
+        try:
+            if target.startswith("unix:"):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                address: str | tuple[str, int] = target.removeprefix("unix:")
+            else:
+                host, _, port = target.rpartition(":")
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                address = (host.strip("[]"), int(port))
+        except (OSError, ValueError) as e:
+            raise ExecutorCallError(_UNAVAILABLE, f"bad target {target!r}: {e}") from e
+        connection = cls(sock)
+        try:
+            with connection._io("connecting", deadline):
+                sock.connect(address)
+                connection._handshake(deadline)
+        except BaseException:
+            sock.close()
+            raise
+        return connection
+
+    def close(self) -> None:
+        self.reusable = False
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a call blocked on it
+        self._sock.close()
+
+    def _handshake(self, deadline: float | None) -> None:
+        """Our preface, settings and window; then the server's settings, acknowledged."""
+        settings = struct.pack(
+            ">HIHIHIHI",
+            _SETTINGS_ENABLE_PUSH,
+            0,
+            _SETTINGS_INITIAL_WINDOW_SIZE,
+            _MAX_WINDOW,
+            _SETTINGS_MAX_FRAME_SIZE,
+            _MAX_INBOUND_FRAME,
+            _SETTINGS_HEADER_TABLE_SIZE,
+            4096,
+        )
+        self._sock.sendall(
+            _PREFACE
+            + _frame_head(len(settings), _SETTINGS, 0, 0)
+            + settings
+            + _window_update(0, _MAX_WINDOW - _DEFAULT_WINDOW)
+        )
+        while not self._settings_seen:
+            self._read_frame(deadline, None)
+
+    def call(
+        self,
+        method: str,
+        request: list[memoryview],
+        deadline: float | None,
+        max_message_bytes: int,
+    ) -> memoryview:
+        if self._next_stream >= _MAX_WINDOW:  # stream ids are spent: use another connection
+            self.reusable = False
+            raise ExecutorCallError(_UNAVAILABLE, "connection has no stream ids left")
+        stream, self._next_stream = self._next_stream, self._next_stream + 2
+        call = _Call(stream, max_message_bytes)
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", method),
+            (":authority", "localhost"),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+        ]
+        if deadline is not None:
+            headers.append(("grpc-timeout", grpc_timeout(deadline - time.monotonic())))
+        block = self._encoder.encode(headers)
+        size = sum(piece.nbytes for piece in request)
+        with self._io(method, deadline):
+            self._sock.sendall(_frame_head(len(block), _HEADERS, _END_HEADERS, stream) + block)
+            self._stream_window = self._peer_initial_window
+            self._send_data(call, [memoryview(_MESSAGE_HEAD.pack(0, size)), *request], deadline)
+            while not call.ended:
+                self._read_frame(deadline, call)
+        return call.answer(method)
+
+    def _send_data(self, call: _Call, pieces: list[memoryview], deadline: float | None) -> None:
+        """Sends `pieces` as DATA frames within the server's windows, the last ending the stream."""
+        pieces = [p.cast("B") if p.format != "B" or p.ndim != 1 else p for p in pieces]
+        left = sum(p.nbytes for p in pieces)
+        while True:
+            allowed = min(left, self._send_window, self._stream_window)
+            if allowed == 0 and left:
+                self._read_frame(deadline, call)  # a WINDOW_UPDATE, or the call's end
+                if call.ended:  # the server answered (an error) before taking it all:
+                    self.reusable = False  # our half of the stream is left open
+                    return
+                continue
+            frames: list[memoryview | bytes] = []
+            while allowed:
+                size = min(allowed, self._peer_max_frame)
+                left -= size
+                allowed -= size
+                self._send_window -= size
+                self._stream_window -= size
+                frames.append(_frame_head(size, _DATA, 0 if left else _END_STREAM, call.stream))
+                while size:
+                    piece = pieces[0]
+                    if piece.nbytes <= size:
+                        frames.append(pieces.pop(0))
+                        size -= piece.nbytes
+                    else:
+                        frames.append(piece[:size])
+                        pieces[0] = piece[size:]
+                        size = 0
+                if len(frames) >= 2 * _FRAMES_PER_SEND:
+                    _send_all(self._sock, frames)
+                    frames = []
+            if frames:
+                _send_all(self._sock, frames)
+            if not left:
+                return
+
+    def _read_frame(self, deadline: float | None, call: _Call | None) -> None:
+        """Reads one frame and does what it asks: settings, pings, windows, the call's parts."""
+        head = self._read_exactly(9, deadline)
+        first, flags, stream = _FRAME_HEAD.unpack(head)
+        length, kind, stream = first >> 8, first & 0xFF, stream & _MAX_WINDOW
+        if length > _MAX_INBOUND_FRAME:
+            raise self._protocol_error(f"a frame of {length} bytes, over the {_MAX_INBOUND_FRAME}")
+        if kind == _DATA:
+            self._received += length
+            if self._received >= _MAX_WINDOW // 2:  # keep the connection's window open
+                self._sock.sendall(_window_update(0, self._received))
+                self._received = 0
+        if kind == _DATA and call is not None and stream == call.stream:
+            padding = self._read_exactly(1, deadline)[0] if flags & _PADDED else 0
+            data = length - (1 if flags & _PADDED else 0) - padding
+            if data < 0:
+                raise self._protocol_error("DATA frame padding longer than the frame")
+            while data:
+                target = call.next_target(data)
+                self._read_into(target, deadline)
+                call.filled(target.nbytes)
+                data -= target.nbytes
+            self._read_exactly(padding, deadline)
+            if flags & _END_STREAM:
+                call.end_without_trailers()
+            return
+        payload = self._read_exactly(length, deadline)
+        if kind in (_HEADERS, _CONTINUATION):
+            self._on_headers(kind, flags, stream, payload, deadline, call)
+        elif kind == _SETTINGS:
+            if not flags & _ACK:
+                self._on_settings(payload)
+        elif kind == _PING:
+            if not flags & _ACK:
+                self._sock.sendall(_frame_head(8, _PING, _ACK, 0) + payload)
+        elif kind == _WINDOW_UPDATE:
+            increment = struct.unpack(">I", payload)[0] & _MAX_WINDOW
+            if stream == 0:
+                self._send_window += increment
+            elif call is not None and stream == call.stream:
+                self._stream_window += increment
+        elif kind == _RST_STREAM and call is not None and stream == call.stream:
+            code = struct.unpack(">I", payload)[0]
+            self.reusable = False
+            raise ExecutorCallError(
+                _RESET_STATUS.get(code, grpc.StatusCode.INTERNAL),
+                f"the server reset the call (HTTP/2 error code {code:#x})",
+            )
+        elif kind == _GOAWAY:
+            self.reusable = False
+            last_stream = struct.unpack(">I", payload[:4])[0] & _MAX_WINDOW
+            if call is not None and call.stream > last_stream:
+                raise ExecutorCallError(_UNAVAILABLE, "the server is going away")
+        # Anything else (PRIORITY, frames of closed streams, unknown types) is ignored,
+        # as RFC 9113 asks.
+
+    def _on_headers(
+        self,
+        kind: int,
+        flags: int,
+        stream: int,
+        payload: bytes,
+        deadline: float | None,
+        call: _Call | None,
+    ) -> None:
+        if kind == _CONTINUATION:
+            raise self._protocol_error("CONTINUATION frame without HEADERS before it")
+        view = memoryview(payload)
+        if flags & _PADDED:
+            padding = view[0]
+            view = view[1 : len(view) - padding]
+        if flags & _PRIORITY:
+            view = view[5:]
+        block = bytearray(view)
+        ends_stream = bool(flags & _END_STREAM)
+        while not flags & _END_HEADERS:  # the block goes on in CONTINUATION frames
+            first, flags, _ = _FRAME_HEAD.unpack(self._read_exactly(9, deadline))
+            length, kind = first >> 8, first & 0xFF
+            if kind != _CONTINUATION or length > _MAX_INBOUND_FRAME:
+                raise self._protocol_error("a header block broken off")
+            block += self._read_exactly(length, deadline)
+        try:
+            # Decoded even when not ours: the decoder's table must see every block.
+            fields = self._decoder.decode(bytes(block))
+        except hpack.HPACKError as e:
+            raise self._protocol_error(f"an undecodable header block ({e})") from e
+        if call is not None and stream == call.stream:
+            call.headers(fields, ends_stream)
+
+    def _on_settings(self, payload: bytes) -> None:
+        if len(payload) % 6:
+            raise self._protocol_error("a SETTINGS frame of a length not a multiple of 6")
+        for offset in range(0, len(payload), 6):
+            key, value = struct.unpack_from(">HI", payload, offset)
+            if key == _SETTINGS_INITIAL_WINDOW_SIZE:
+                self._stream_window += value - self._peer_initial_window
+                self._peer_initial_window = value
+            elif key == _SETTINGS_MAX_FRAME_SIZE:
+                self._peer_max_frame = value
+            elif key == _SETTINGS_HEADER_TABLE_SIZE:
+                self._encoder.header_table_size = value
+        self._sock.sendall(_frame_head(0, _SETTINGS, _ACK, 0))
+        self._settings_seen = True
+
+    def _read_exactly(self, size: int, deadline: float | None) -> bytes:
+        buffer = bytearray(size)
+        self._read_into(memoryview(buffer), deadline)
+        return bytes(buffer)
+
+    def _read_into(self, target: memoryview, deadline: float | None) -> None:
+        while target.nbytes:
+            _set_timeout(self._sock, deadline)
+            got = self._sock.recv_into(target)
+            if not got:
+                self.reusable = False
+                raise ExecutorCallError(_UNAVAILABLE, "the server closed the connection mid-call")
+            target = target[got:]
+
+    def _protocol_error(self, what: str) -> ExecutorCallError:
+        self.reusable = False
+        return ExecutorCallError(grpc.StatusCode.INTERNAL, f"the server broke HTTP/2: {what}")
+
+    @contextlib.contextmanager
+    def _io(self, doing: str, deadline: float | None):  # type: ignore[no-untyped-def]
+        """Maps socket failures to gRPC statuses, as grpcio reports them."""
+        try:
+            _set_timeout(self._sock, deadline)
+            yield
+        except TimeoutError:
+            self.reusable = False
+            raise ExecutorCallError(_DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        except OSError as e:
+            self.reusable = False
+            raise ExecutorCallError(_UNAVAILABLE, f"{doing}: {e.strerror or e}") from None
+
+
+class _Call:
+    """One call's answer as it arrives: headers, the one message, trailers."""
+
+    def __init__(self, stream: int, max_message_bytes: int) -> None:
+        self.stream = stream
+        self._max = max_message_bytes
+        self._prefix = memoryview(bytearray(_MESSAGE_HEAD.size))
+        self._message: memoryview | None = None  # made once the prefix is in
+        self._at = 0  # bytes of the prefix, then of the message, received
+        self._status: str | None = None  # HTTP's, from the first header block
+        self._trailers: dict[str, str] | None = None
+        self.ended = False
+
+    def next_target(self, available: int) -> memoryview:
+        """Where the next (at most `available`) DATA bytes go."""
+        target = self._prefix if self._message is None else self._message
+        if self._at == target.nbytes:
+            raise self._error("more data than one message of the size its prefix declared")
+        return target[self._at : self._at + available]
+
+    def filled(self, count: int) -> None:
+        self._at += count
+        if self._message is None and self._at == self._prefix.nbytes:
+            compressed, size = _MESSAGE_HEAD.unpack(self._prefix)
+            if compressed:
+                raise self._error("a compressed message, which was not asked for")
+            if size > self._max:
+                raise ExecutorCallError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"an answer of {size} bytes, over the limit of {self._max}",
+                )
+            self._message = memoryview(new_buffer(size))
+            self._at = 0
+
+    def headers(self, fields: list[tuple[str, str]], ends_stream: bool) -> None:
+        named = dict(fields)
+        if self._status is None:
+            self._status = named.get(":status", "")
+            if not ends_stream:
+                return
+        self._trailers = named
+        self.ended = True
+
+    def end_without_trailers(self) -> None:
+        self._trailers = {}
+        self.ended = True
+
+    def answer(self, method: str) -> memoryview:
+        trailers = self._trailers or {}
+        if self._status != "200":
+            raise ExecutorCallError(
+                grpc.StatusCode.UNKNOWN if self._status else grpc.StatusCode.INTERNAL,
+                f"{method}: HTTP status {self._status or 'missing'}",
+            )
+        if "grpc-status" not in trailers:
+            raise self._error("the call ended without a grpc-status")
+        number = int(trailers["grpc-status"]) if trailers["grpc-status"].isdigit() else -1
+        code = _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+        if code is not grpc.StatusCode.OK:
+            raise ExecutorCallError(code, urllib.parse.unquote(trailers.get("grpc-message", "")))
+        if self._message is None or self._at != self._message.nbytes:
+            raise self._error("the answer ended before its message did")
+        return self._message
+
+    def _error(self, what: str) -> ExecutorCallError:
+        return ExecutorCallError(grpc.StatusCode.INTERNAL, f"the server broke gRPC: {what}")
+
+
+def _frame_head(length: int, kind: int, flags: int, stream: int) -> bytes:
+    return _FRAME_HEAD.pack(length << 8 | kind, flags, stream)
+
+
+def _window_update(stream: int, increment: int) -> bytes:
+    return _frame_head(4, _WINDOW_UPDATE, 0, stream) + struct.pack(">I", increment)
+
+
+def _set_timeout(sock: socket.socket, deadline: float | None) -> None:
+    if deadline is None:
+        sock.settimeout(None)
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    sock.settimeout(left)
+
+
+def _send_all(sock: socket.socket, buffers: list[memoryview | bytes]) -> None:
+    """`sendall` for several buffers at once (`sendmsg` may send part of them)."""
+    views = [memoryview(b) for b in buffers]
+    while views:
+        sent = sock.sendmsg(views[:1024])
+        while sent:
+            if views[0].nbytes <= sent:
+                sent -= views.pop(0).nbytes
+            else:
+                views[0] = views[0][sent:]
+                sent = 0

@@ -1,0 +1,399 @@
+"""The executor client (`flaap_mq/executor/client.py`) against TFF's real executor
+service, and against servers that break the protocol on purpose.
+
+Against the `worker_binary`: its answers are byte for byte grpcio's, its
+errors carry the server's status and message, deadlines and concurrent
+calls hold. Against a hand-written server on a Unix socket: every way a
+server can misbehave ends in an `ExecutorCallError` that names it, never a
+hang, and an answer larger than the limit is refused before it is allocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import hpack
+import numpy as np
+import pytest
+
+from flaap_mq.executor import ExecutorService
+from flaap_mq.executor.client import ExecutorCallError, ExecutorClient, grpc_timeout
+from flaap_mq.protocol.v1 import tff_executor_pb2 as light
+
+SERVICE = "/tensorflow_federated.v0.ExecutorGroup/"
+LIMIT = 2 * 1000 * 1000 * 1000
+
+
+def _tff():  # TFF's messages and serialization, imported only by the tests that need them
+    from tensorflow_federated.proto.v0 import computation_pb2, executor_pb2
+    from tensorflow_federated.python.core.impl.executors import value_serialization
+    from tensorflow_federated.python.core.impl.types import computation_types
+
+    return computation_pb2, executor_pb2, value_serialization, computation_types
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[ExecutorService]:
+    with ExecutorService() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def executor_id(service: ExecutorService) -> str:
+    computation_pb2, executor_pb2, _, _ = _tff()
+    request = executor_pb2.GetExecutorRequest(
+        cardinalities=[
+            executor_pb2.Cardinality(
+                placement=computation_pb2.Placement(uri="clients"), cardinality=1
+            )
+        ]
+    )
+    answer = service.call(_kind("GET_EXECUTOR"), request.SerializeToString())
+    return light.GetExecutorResponse.FromString(answer).executor.id
+
+
+def _kind(name: str) -> int:
+    from flaap_mq.protocol import envelope
+
+    return int(envelope.RequestKind.Value(name))
+
+
+def _create_value(client: ExecutorClient, executor: str, array: np.ndarray, pieces: int) -> str:
+    """Makes `array` a value in the executor, sending the request in `pieces` buffers."""
+    _, executor_pb2, value_serialization, computation_types = _tff()
+    value, _ = value_serialization.serialize_value(
+        array, computation_types.TensorType(array.dtype, array.shape)
+    )
+    request = executor_pb2.CreateValueRequest(
+        executor=executor_pb2.ExecutorId(id=executor), value=value
+    ).SerializeToString()
+    step = -(-len(request) // pieces)
+    parts = [memoryview(request)[i : i + step] for i in range(0, len(request), step)]
+    answer = client.call(SERVICE + "CreateValue", parts)
+    return light.CreateValueResponse.FromString(answer).value_ref.id
+
+
+def _compute_request(executor: str, ref: str) -> bytes:
+    return light.ComputeRequest(
+        executor=light.ExecutorId(id=executor), value_ref=light.ValueRef(id=ref)
+    ).SerializeToString()
+
+
+def test_a_large_answer_is_grpcios_byte_for_byte_in_one_buffer(
+    service: ExecutorService, executor_id: str
+) -> None:
+    client = ExecutorClient(service.target, max_message_bytes=LIMIT)
+    channel = service.open_channel()
+    try:
+        model = np.arange(5_000_000, dtype=np.float32)  # 20 MB, sent in 7 buffers
+        ref = _create_value(client, executor_id, model, pieces=7)
+        ours = client.call(SERVICE + "Compute", _compute_request(executor_id, ref))
+        theirs = channel.unary_unary(SERVICE + "Compute")(_compute_request(executor_id, ref))
+        assert len(theirs) > model.nbytes
+        assert ours.tobytes() == theirs
+        assert memoryview(ours.obj).nbytes == len(theirs)  # one buffer, exactly the answer
+    finally:
+        channel.close()
+        client.close()
+
+
+def test_the_servers_error_is_raised_with_its_status_and_the_connection_kept(
+    service: ExecutorService, executor_id: str
+) -> None:
+    client = ExecutorClient(service.target, max_message_bytes=LIMIT)
+    try:
+        with pytest.raises(ExecutorCallError) as raised:
+            client.call(SERVICE + "Compute", _compute_request(executor_id, "not-a-ref"))
+        assert raised.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "not-a-ref" in raised.value.details
+        ref = _create_value(client, executor_id, np.ones(3, np.float32), pieces=1)
+        assert client.call(SERVICE + "Compute", _compute_request(executor_id, ref))
+        assert len(client._open) == 1  # the clean error did not cost the connection
+    finally:
+        client.close()
+
+
+def test_a_deadline_ends_the_call_and_the_next_call_works(
+    service: ExecutorService, executor_id: str
+) -> None:
+    client = ExecutorClient(service.target, max_message_bytes=LIMIT)
+    try:
+        ref = _create_value(client, executor_id, np.ones(8_000_000, np.float32), pieces=1)
+        started = time.monotonic()
+        with pytest.raises(ExecutorCallError) as raised:
+            client.call(SERVICE + "Compute", _compute_request(executor_id, ref), timeout_s=0.001)
+        assert raised.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 5
+        answer = client.call(SERVICE + "Compute", _compute_request(executor_id, ref))
+        assert len(answer) > 32_000_000
+    finally:
+        client.close()
+
+
+def test_concurrent_calls_each_get_their_own_answer(
+    service: ExecutorService, executor_id: str
+) -> None:
+    client = ExecutorClient(service.target, max_message_bytes=LIMIT)
+    _, executor_pb2, value_serialization, _ = _tff()
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def run(n: int) -> None:
+        try:
+            ref = _create_value(client, executor_id, np.full(200_000 + n, n, np.float32), 3)
+            answer = client.call(SERVICE + "Compute", _compute_request(executor_id, ref))
+            value = executor_pb2.ComputeResponse.FromString(answer).value
+            results[n], _ = value_serialization.deserialize_value(value)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        client.close()
+    assert not errors
+    for n in range(8):
+        assert results[n].shape == (200_000 + n,) and np.all(results[n] == n)
+
+
+def test_a_killed_executor_fails_calls_unavailable_without_hanging() -> None:
+    with ExecutorService() as service:
+        client = ExecutorClient(service.target, max_message_bytes=LIMIT)
+        try:
+            with pytest.raises(ExecutorCallError) as raised:  # a clean error: connection kept
+                client.call(SERVICE + "GetExecutor", b"", timeout_s=30)
+            assert raised.value.code is grpc.StatusCode.NOT_FOUND
+            service._process.kill()  # the sandbox, relay and binary with it
+            service._process.wait(10)
+            with pytest.raises(ExecutorCallError) as raised:
+                client.call(SERVICE + "GetExecutor", b"", timeout_s=30)
+            assert raised.value.unavailable
+        finally:
+            client.close()
+
+
+# --- servers that break the protocol --------------------------------------
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return struct.pack(">I B I", len(payload) << 8 | kind, flags, stream) + payload
+
+
+SETTINGS = _frame(0x4, 0, 0, b"")
+
+
+def _headers(fields: list[tuple[str, str]], end_stream: bool | int = False) -> bytes:
+    return _frame(0x1, 0x4 | (0x1 if end_stream else 0), 1, hpack.Encoder().encode(fields))
+
+
+@contextlib.contextmanager
+def fake_server(tmp_path: Path, script: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A Unix socket server that runs `script` on each connection, after reading the preface."""
+    path = str(tmp_path / "fake.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    stop = threading.Event()
+    connections: list[socket.socket] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(connection)
+            with contextlib.suppress(OSError):
+                connection.recv(65536)  # preface, settings, window update
+                script(connection)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"unix:{path}"
+    finally:
+        stop.set()
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        for connection in connections:
+            connection.close()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def _answer_with(*frames: bytes, then_wait: bool = False) -> Callable[[socket.socket], None]:
+    def script(connection: socket.socket) -> None:
+        connection.sendall(SETTINGS)
+        connection.recv(65536)  # our settings ack, the call's headers and data
+        for frame in frames:
+            connection.sendall(frame)
+        if then_wait:
+            connection.recv(65536)  # until the client gives up
+
+    return script
+
+
+def _call(target: str, timeout_s: float = 10, limit: int = LIMIT) -> ExecutorCallError:
+    client = ExecutorClient(target, max_message_bytes=limit)
+    try:
+        with pytest.raises(ExecutorCallError) as raised:
+            client.call(SERVICE + "Compute", b"\x0a\x00", timeout_s=timeout_s)
+        return raised.value
+    finally:
+        client.close()
+
+
+def test_an_answer_over_the_limit_is_refused_before_it_is_allocated(tmp_path: Path) -> None:
+    huge = struct.pack(">BI", 0, 3_000_000_000)  # declares 3 GB, over a 1 MB limit
+    script = _answer_with(
+        _headers([(":status", "200"), ("content-type", "application/grpc")]),
+        _frame(0x0, 0, 1, huge),
+        then_wait=True,
+    )
+    with fake_server(tmp_path, script) as target:
+        error = _call(target, limit=1_000_000)
+    assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "3000000000 bytes" in error.details
+
+
+@pytest.mark.parametrize(
+    ("frames", "code", "names"),
+    [
+        (
+            [struct.pack(">I B I", (8 << 20) << 8, 0, 1)],  # a DATA frame of 8 MiB
+            grpc.StatusCode.INTERNAL,
+            "8388608 bytes",
+        ),
+        ([_frame(0x1, 0x4, 1, b"\xff\xff\xff\xff")], grpc.StatusCode.INTERNAL, "header block"),
+        ([_frame(0x3, 0, 1, struct.pack(">I", 0xB))], grpc.StatusCode.RESOURCE_EXHAUSTED, "reset"),
+        (
+            [_frame(0x7, 0, 0, struct.pack(">II", 0, 0))],
+            grpc.StatusCode.UNAVAILABLE,
+            "going away",
+        ),
+        (
+            [
+                _headers([(":status", "200")]),
+                _frame(0x0, 0x1, 1, struct.pack(">BI", 1, 1) + b"x"),
+            ],
+            grpc.StatusCode.INTERNAL,
+            "compressed",
+        ),
+        (
+            [
+                _headers([(":status", "200")]),
+                _frame(0x0, 0, 1, struct.pack(">BI", 0, 4) + b"abcd"),
+                _headers([("grpc-status", "0")], end_stream=True),
+            ],
+            None,  # a clean answer: no error
+            "",
+        ),
+        (
+            [
+                _headers(
+                    [(":status", "200"), ("grpc-status", "5"), ("grpc-message", "gone%21")], True
+                )
+            ],
+            grpc.StatusCode.NOT_FOUND,
+            "gone!",
+        ),
+        ([_headers([(":status", "503")], end_stream=True)], grpc.StatusCode.UNKNOWN, "HTTP status"),
+        ([], grpc.StatusCode.UNAVAILABLE, "closed the connection"),
+    ],
+    ids=[
+        "frame-over-our-limit",
+        "bad-hpack",
+        "rst-stream",
+        "goaway",
+        "compressed",
+        "clean",
+        "trailers-only-error",
+        "http-503",
+        "closed",
+    ],
+)
+def test_a_broken_server_ends_the_call_with_an_error_naming_it(
+    tmp_path: Path, frames: list[bytes], code: grpc.StatusCode | None, names: str
+) -> None:
+    def script(connection: socket.socket) -> None:
+        _answer_with(*frames)(connection)
+        connection.shutdown(socket.SHUT_WR)
+
+    with fake_server(tmp_path, script) as target:
+        client = ExecutorClient(target, max_message_bytes=LIMIT)
+        try:
+            if code is None:
+                assert client.call(SERVICE + "Compute", b"", timeout_s=10).tobytes() == b"abcd"
+                return
+            started = time.monotonic()
+            with pytest.raises(ExecutorCallError) as raised:
+                client.call(SERVICE + "Compute", b"", timeout_s=3)
+        finally:
+            client.close()
+    assert time.monotonic() - started < 3  # an answer, not the deadline
+    assert raised.value.code is code
+    assert names in raised.value.details
+
+
+def test_a_server_that_never_answers_meets_the_deadline(tmp_path: Path) -> None:
+    with fake_server(tmp_path, _answer_with(then_wait=True)) as target:
+        started = time.monotonic()
+        error = _call(target, timeout_s=0.5)
+    assert error.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 5
+
+
+def test_closing_the_client_ends_a_call_waiting_without_a_deadline(tmp_path: Path) -> None:
+    with fake_server(tmp_path, _answer_with(then_wait=True)) as target:
+        client = ExecutorClient(target, max_message_bytes=LIMIT)
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.call(SERVICE + "Compute", b"")
+            except BaseException as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(0.3)
+        client.close()
+        thread.join(5)
+        assert not thread.is_alive()
+    assert isinstance(outcome[0], ExecutorCallError) and outcome[0].unavailable
+
+
+def test_no_server_is_unavailable_naming_the_target(tmp_path: Path) -> None:
+    client = ExecutorClient(f"unix:{tmp_path / 'nothing.sock'}", max_message_bytes=LIMIT)
+    with pytest.raises(ExecutorCallError) as raised:
+        client.wait_ready(0.3)
+    assert raised.value.unavailable
+    assert "nothing.sock" in raised.value.details
+
+
+@pytest.mark.parametrize(
+    ("seconds", "header"),
+    [
+        (0.0001, "1m"),
+        (1.5, "1500m"),
+        (99_999.999, "99999999m"),
+        (99_999.9999, "100000S"),
+        (10**9, "16666667M"),
+        (10**12, "99999999H"),
+    ],
+)
+def test_grpc_timeout_never_rounds_down_and_keeps_to_eight_digits(
+    seconds: float, header: str
+) -> None:
+    assert grpc_timeout(seconds) == header
