@@ -24,6 +24,7 @@ as `grpc-timeout`.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import struct
 import threading
@@ -70,10 +71,18 @@ _DEFAULT_FRAME = 16_384
 _MAX_INBOUND_FRAME = 1 << 20
 # Frames handed to one `sendmsg` (two buffers each; Linux takes 1024).
 _FRAMES_PER_SEND = 256
+# The largest header block accepted, compressed (`hpack`'s decoder refuses
+# more than 64 KiB of headers once decoded).
+_MAX_HEADER_BLOCK = 64 * 1024
+_MIN_FRAME, _MAX_FRAME = 16_384, 2**24 - 1  # what SETTINGS_MAX_FRAME_SIZE may be
+_PUSH_PROMISE = 0x5
 
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+_REFUSED_STREAM = 0x7
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+# The payload lengths RFC 9113 fixes (SETTINGS: a multiple of 6, checked where read).
+_FIXED_LENGTHS = {_RST_STREAM: 4, _PING: 8, _WINDOW_UPDATE: 4}
 # RST_STREAM error codes as gRPC maps them (PROTOCOL-HTTP2.md, "Errors").
 _RESET_STATUS = {
     0x0: grpc.StatusCode.INTERNAL,  # NO_ERROR before the call ended
@@ -124,7 +133,23 @@ class ExecutorClient:
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pieces = [memoryview(request)] if _is_buffer(request) else [memoryview(p) for p in request]
-        connection = self._take(deadline)
+        connection, pooled = self._take(deadline)
+        try:
+            return self._call_on(connection, method, pieces, deadline)
+        except _NotTaken:
+            if not pooled:
+                raise
+        # A pooled connection the server had closed or was closing: it never
+        # took the call (grpcio retries such a call transparently, too).
+        return self._call_on(self._connect(deadline), method, pieces, deadline)
+
+    def _call_on(
+        self,
+        connection: _Connection,
+        method: str,
+        pieces: list[memoryview],
+        deadline: float | None,
+    ) -> memoryview:
         try:
             answer = connection.call(method, pieces, deadline, self._max_message_bytes)
         except ExecutorCallError:
@@ -164,23 +189,31 @@ class ExecutorClient:
         for connection in connections:
             connection.close()
 
-    def _take(self, deadline: float | None) -> _Connection:
-        with self._lock:
-            if self._closed:
-                raise ExecutorCallError(_UNAVAILABLE, "the client is closed")
-            if self._idle:
-                return self._idle.pop()
-        return self._connect(deadline)
+    def _take(self, deadline: float | None) -> tuple[_Connection, bool]:
+        """An idle connection still usable (and True), or a new one (and False)."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ExecutorCallError(_UNAVAILABLE, "the client is closed")
+                if not self._idle:
+                    break
+                connection = self._idle.pop()
+            if connection.catch_up():
+                return connection, True
+            self._drop(connection)
+        return self._connect(deadline), False
 
     def _connect(self, deadline: float | None) -> _Connection:
-        connection = _Connection.open(self.target, deadline)
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                self._open.add(connection)
-        if closed:
-            connection.close()
-            raise ExecutorCallError(_UNAVAILABLE, "the client is closed")
+        connection = _Connection(self.target)
+        with self._lock:  # registered first, so that `close` can end its handshake too
+            if self._closed:
+                raise ExecutorCallError(_UNAVAILABLE, "the client is closed")
+            self._open.add(connection)
+        try:
+            connection.open(deadline)
+        except BaseException:
+            self._drop(connection)
+            raise
         return connection
 
     def _give_back(self, connection: _Connection) -> None:
@@ -194,6 +227,11 @@ class ExecutorClient:
         with self._lock:
             self._open.discard(connection)
         connection.close()
+
+
+class _NotTaken(ExecutorCallError):
+    """The server did not take the call (GOAWAY before it, REFUSED_STREAM, or the
+    connection gone before the request was all sent): safe to send again."""
 
 
 def grpc_timeout(seconds: float) -> str:
@@ -212,8 +250,19 @@ def _is_buffer(request: object) -> bool:
 class _Connection:
     """One HTTP/2 connection: the handshake, then one unary call at a time."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
+    def __init__(self, target: str) -> None:
+        self._target = target
+        try:
+            if target.startswith("unix:"):
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._address: str | tuple[str, int] = target.removeprefix("unix:")
+            else:
+                host, _, port = target.rpartition(":")
+                self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._address = (host.strip("[]"), int(port))
+        except (OSError, ValueError) as e:
+            raise ExecutorCallError(_UNAVAILABLE, f"bad target {target!r}: {e}") from e
         self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder()
         self._next_stream = 1
@@ -225,28 +274,26 @@ class _Connection:
         self._settings_seen = False
         self.reusable = True
 
-    @classmethod
-    def open(cls, target: str, deadline: float | None) -> _Connection:
+    def open(self, deadline: float | None) -> None:
+        """Connects and exchanges settings; `ExecutorCallError` if that fails."""
+        with self._io(f"connecting to {self._target}", deadline):
+            self._sock.connect(self._address)
+            self._handshake(deadline)
+
+    def catch_up(self) -> bool:
+        """Reads what the server sent while this connection was idle; False if it is unusable.
+
+        A server may have sent settings, pings, window updates, or a GOAWAY,
+        or closed the connection: a call sent on it then would fail though
+        the server never saw it.
+        """
         try:
-            if target.startswith("unix:"):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                address: str | tuple[str, int] = target.removeprefix("unix:")
-            else:
-                host, _, port = target.rpartition(":")
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                address = (host.strip("[]"), int(port))
-        except (OSError, ValueError) as e:
-            raise ExecutorCallError(_UNAVAILABLE, f"bad target {target!r}: {e}") from e
-        connection = cls(sock)
-        try:
-            with connection._io("connecting", deadline):
-                sock.connect(address)
-                connection._handshake(deadline)
-        except BaseException:
-            sock.close()
-            raise
-        return connection
+            with self._io("reading an idle connection", time.monotonic() + 1.0):
+                while self.reusable and select.select([self._sock], [], [], 0)[0]:
+                    self._read_frame(time.monotonic() + 1.0, None)
+        except ExecutorCallError:
+            return False
+        return self.reusable
 
     def close(self) -> None:
         self.reusable = False
@@ -300,12 +347,27 @@ class _Connection:
             headers.append(("grpc-timeout", grpc_timeout(deadline - time.monotonic())))
         block = self._encoder.encode(headers)
         size = sum(piece.nbytes for piece in request)
-        with self._io(method, deadline):
-            self._sock.sendall(_frame_head(len(block), _HEADERS, _END_HEADERS, stream) + block)
-            self._stream_window = self._peer_initial_window
-            self._send_data(call, [memoryview(_MESSAGE_HEAD.pack(0, size)), *request], deadline)
-            while not call.ended:
-                self._read_frame(deadline, call)
+        try:
+            with self._io(method, deadline):
+                try:
+                    _set_timeout(self._sock, deadline)
+                    self._sock.sendall(
+                        _frame_head(len(block), _HEADERS, _END_HEADERS, stream) + block
+                    )
+                    self._stream_window = self._peer_initial_window
+                    message = [memoryview(_MESSAGE_HEAD.pack(0, size)), *request]
+                    self._send_data(call, message, deadline)
+                except (BrokenPipeError, ConnectionResetError) as e:
+                    # Gone before the request was all sent (its END_STREAM with
+                    # it): the server cannot have started the call.
+                    self.reusable = False
+                    raise _NotTaken(_UNAVAILABLE, f"{method}: {e.strerror or e}") from None
+                while not call.ended:
+                    self._read_frame(deadline, call)
+        except BaseException:
+            if not call.ended:  # a frame may be half read: nothing more can be read here
+                self.reusable = False
+            raise
         return call.answer(method)
 
     def _send_data(self, call: _Call, pieces: list[memoryview], deadline: float | None) -> None:
@@ -314,7 +376,7 @@ class _Connection:
         left = sum(p.nbytes for p in pieces)
         while True:
             allowed = min(left, self._send_window, self._stream_window)
-            if allowed == 0 and left:
+            if allowed <= 0 and left:  # a window may even be negative (RFC 9113, 6.9.2)
                 self._read_frame(deadline, call)  # a WINDOW_UPDATE, or the call's end
                 if call.ended:  # the server answered (an error) before taking it all:
                     self.reusable = False  # our half of the stream is left open
@@ -338,10 +400,10 @@ class _Connection:
                         pieces[0] = piece[size:]
                         size = 0
                 if len(frames) >= 2 * _FRAMES_PER_SEND:
-                    _send_all(self._sock, frames)
+                    _send_all(self._sock, frames, deadline)
                     frames = []
             if frames:
-                _send_all(self._sock, frames)
+                _send_all(self._sock, frames, deadline)
             if not left:
                 return
 
@@ -352,12 +414,18 @@ class _Connection:
         length, kind, stream = first >> 8, first & 0xFF, stream & _MAX_WINDOW
         if length > _MAX_INBOUND_FRAME:
             raise self._protocol_error(f"a frame of {length} bytes, over the {_MAX_INBOUND_FRAME}")
+        if length != _FIXED_LENGTHS.get(kind, length) or (kind == _GOAWAY and length < 8):
+            raise self._protocol_error(f"a frame of type {kind:#x} of {length} bytes")
+        if kind == _PUSH_PROMISE:
+            raise self._protocol_error("a PUSH_PROMISE, though push is disabled")
         if kind == _DATA:
             self._received += length
             if self._received >= _MAX_WINDOW // 2:  # keep the connection's window open
                 self._sock.sendall(_window_update(0, self._received))
                 self._received = 0
         if kind == _DATA and call is not None and stream == call.stream:
+            if not call.has_headers:
+                raise self._protocol_error("DATA before the answer's headers")
             padding = self._read_exactly(1, deadline)[0] if flags & _PADDED else 0
             data = length - (1 if flags & _PADDED else 0) - padding
             if data < 0:
@@ -383,13 +451,14 @@ class _Connection:
         elif kind == _WINDOW_UPDATE:
             increment = struct.unpack(">I", payload)[0] & _MAX_WINDOW
             if stream == 0:
-                self._send_window += increment
+                self._send_window = self._grown(self._send_window, increment)
             elif call is not None and stream == call.stream:
-                self._stream_window += increment
+                self._stream_window = self._grown(self._stream_window, increment)
         elif kind == _RST_STREAM and call is not None and stream == call.stream:
             code = struct.unpack(">I", payload)[0]
             self.reusable = False
-            raise ExecutorCallError(
+            error = _NotTaken if code == _REFUSED_STREAM else ExecutorCallError
+            raise error(
                 _RESET_STATUS.get(code, grpc.StatusCode.INTERNAL),
                 f"the server reset the call (HTTP/2 error code {code:#x})",
             )
@@ -397,7 +466,7 @@ class _Connection:
             self.reusable = False
             last_stream = struct.unpack(">I", payload[:4])[0] & _MAX_WINDOW
             if call is not None and call.stream > last_stream:
-                raise ExecutorCallError(_UNAVAILABLE, "the server is going away")
+                raise _NotTaken(_UNAVAILABLE, "the server is going away")
         # Anything else (PRIORITY, frames of closed streams, unknown types) is ignored,
         # as RFC 9113 asks.
 
@@ -414,17 +483,22 @@ class _Connection:
             raise self._protocol_error("CONTINUATION frame without HEADERS before it")
         view = memoryview(payload)
         if flags & _PADDED:
-            padding = view[0]
-            view = view[1 : len(view) - padding]
+            if not view or view[0] >= len(view):
+                raise self._protocol_error("HEADERS padding as long as the frame")
+            view = view[1 : len(view) - view[0]]
         if flags & _PRIORITY:
+            if len(view) < 5:
+                raise self._protocol_error("HEADERS too short for its priority")
             view = view[5:]
         block = bytearray(view)
         ends_stream = bool(flags & _END_STREAM)
         while not flags & _END_HEADERS:  # the block goes on in CONTINUATION frames
-            first, flags, _ = _FRAME_HEAD.unpack(self._read_exactly(9, deadline))
+            first, flags, next_stream = _FRAME_HEAD.unpack(self._read_exactly(9, deadline))
             length, kind = first >> 8, first & 0xFF
-            if kind != _CONTINUATION or length > _MAX_INBOUND_FRAME:
+            if kind != _CONTINUATION or next_stream & _MAX_WINDOW != stream:
                 raise self._protocol_error("a header block broken off")
+            if len(block) + length > _MAX_HEADER_BLOCK:
+                raise self._protocol_error(f"a header block over {_MAX_HEADER_BLOCK} bytes")
             block += self._read_exactly(length, deadline)
         try:
             # Decoded even when not ours: the decoder's table must see every block.
@@ -440,14 +514,24 @@ class _Connection:
         for offset in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HI", payload, offset)
             if key == _SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > _MAX_WINDOW:
+                    raise self._protocol_error(f"an initial window of {value} bytes")
                 self._stream_window += value - self._peer_initial_window
                 self._peer_initial_window = value
             elif key == _SETTINGS_MAX_FRAME_SIZE:
+                if not _MIN_FRAME <= value <= _MAX_FRAME:
+                    raise self._protocol_error(f"a largest frame of {value} bytes")
                 self._peer_max_frame = value
             elif key == _SETTINGS_HEADER_TABLE_SIZE:
                 self._encoder.header_table_size = value
         self._sock.sendall(_frame_head(0, _SETTINGS, _ACK, 0))
         self._settings_seen = True
+
+    def _grown(self, window: int, increment: int) -> int:
+        """A send window after a WINDOW_UPDATE; RFC 9113 forbids 0 and more than 2^31-1."""
+        if increment == 0 or window + increment > _MAX_WINDOW:
+            raise self._protocol_error(f"a window update of {increment} bytes")
+        return window + increment
 
     def _read_exactly(self, size: int, deadline: float | None) -> bytes:
         buffer = bytearray(size)
@@ -515,6 +599,10 @@ class _Call:
             self._message = memoryview(new_buffer(size))
             self._at = 0
 
+    @property
+    def has_headers(self) -> bool:
+        return self._status is not None
+
     def headers(self, fields: list[tuple[str, str]], ends_stream: bool) -> None:
         named = dict(fields)
         if self._status is None:
@@ -537,7 +625,8 @@ class _Call:
             )
         if "grpc-status" not in trailers:
             raise self._error("the call ended without a grpc-status")
-        number = int(trailers["grpc-status"]) if trailers["grpc-status"].isdigit() else -1
+        status = trailers["grpc-status"]
+        number = int(status) if status.isascii() and status.isdecimal() else -1
         code = _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
         if code is not grpc.StatusCode.OK:
             raise ExecutorCallError(code, urllib.parse.unquote(trailers.get("grpc-message", "")))
@@ -567,10 +656,13 @@ def _set_timeout(sock: socket.socket, deadline: float | None) -> None:
     sock.settimeout(left)
 
 
-def _send_all(sock: socket.socket, buffers: list[memoryview | bytes]) -> None:
+def _send_all(
+    sock: socket.socket, buffers: list[memoryview | bytes], deadline: float | None
+) -> None:
     """`sendall` for several buffers at once (`sendmsg` may send part of them)."""
     views = [memoryview(b) for b in buffers]
     while views:
+        _set_timeout(sock, deadline)  # the whole send, not each part, is bounded
         sent = sock.sendmsg(views[:1024])
         while sent:
             if views[0].nbytes <= sent:

@@ -310,6 +310,27 @@ def test_an_answer_over_the_limit_is_refused_before_it_is_allocated(tmp_path: Pa
         ),
         ([_headers([(":status", "503")], end_stream=True)], grpc.StatusCode.UNKNOWN, "HTTP status"),
         ([], grpc.StatusCode.UNAVAILABLE, "closed the connection"),
+        ([_frame(0x3, 0, 1, b"")], grpc.StatusCode.INTERNAL, "type 0x3 of 0 bytes"),
+        ([_frame(0x8, 0, 0, b"\x00\x01")], grpc.StatusCode.INTERNAL, "type 0x8 of 2 bytes"),
+        ([_frame(0x7, 0, 0, b"\x00\x01")], grpc.StatusCode.INTERNAL, "type 0x7 of 2 bytes"),
+        ([_frame(0x1, 0x4 | 0x8, 1, b"")], grpc.StatusCode.INTERNAL, "padding"),
+        (
+            [_headers([(":status", "200"), ("grpc-status", "\u00b2")], end_stream=True)],
+            grpc.StatusCode.UNKNOWN,
+            "",
+        ),
+        (  # a header block that never ends: refused at 64 KiB, not read on
+            [_frame(0x1, 0, 1, b"")] + [_frame(0x9, 0, 1, b"\x00" * 16_384)] * 5,
+            grpc.StatusCode.INTERNAL,
+            "header block over 65536 bytes",
+        ),
+        ([_frame(0x4, 0, 0, struct.pack(">HI", 5, 0))], grpc.StatusCode.INTERNAL, "largest frame"),
+        (
+            [_frame(0x0, 0x1, 1, struct.pack(">BI", 0, 1) + b"x")],
+            grpc.StatusCode.INTERNAL,
+            "DATA before",
+        ),
+        ([_frame(0x5, 0x4, 1, b"\x00\x00\x00\x02")], grpc.StatusCode.INTERNAL, "PUSH_PROMISE"),
     ],
     ids=[
         "frame-over-our-limit",
@@ -321,6 +342,15 @@ def test_an_answer_over_the_limit_is_refused_before_it_is_allocated(tmp_path: Pa
         "trailers-only-error",
         "http-503",
         "closed",
+        "rst-stream-short",
+        "window-update-short",
+        "goaway-short",
+        "headers-padding-past-its-end",
+        "grpc-status-not-ascii",
+        "header-block-without-end",
+        "max-frame-size-zero",
+        "data-before-headers",
+        "push-promise",
     ],
 )
 def test_a_broken_server_ends_the_call_with_an_error_naming_it(
@@ -344,6 +374,169 @@ def test_a_broken_server_ends_the_call_with_an_error_naming_it(
     assert time.monotonic() - started < 3  # an answer, not the deadline
     assert raised.value.code is code
     assert names in raised.value.details
+
+
+def _read_frame(connection: socket.socket) -> tuple[int, int, int, bytes]:
+    head = _read_exactly(connection, 9)
+    first, flags, stream = struct.unpack(">I B I", head)
+    return first & 0xFF, flags, stream, _read_exactly(connection, first >> 8)
+
+
+def _read_exactly(connection: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        got = connection.recv(size - len(data))
+        if not got:
+            raise ConnectionError("closed")
+        data += got
+    return data
+
+
+def _read_request(connection: socket.socket) -> int:
+    """Reads frames until a request's END_STREAM; returns its stream."""
+    while True:
+        kind, flags, stream, _ = _read_frame(connection)
+        if kind == 0x0 and flags & 0x1:
+            return stream
+
+
+def _ok_answer(encoder: hpack.Encoder, stream: int, body: bytes = b"ok") -> bytes:
+    return (
+        _frame(0x1, 0x4, stream, encoder.encode([(":status", "200")]))
+        + _frame(0x0, 0, stream, struct.pack(">BI", 0, len(body)) + body)
+        + _frame(0x1, 0x5, stream, encoder.encode([("grpc-status", "0")]))
+    )
+
+
+@contextlib.contextmanager
+def framed_server(tmp_path: Path, script: Callable[[socket.socket, int], None]) -> Iterator[str]:
+    """`fake_server` whose script reads frames (the preface is read) and knows
+    which connection it serves (0, 1, ...)."""
+    count = iter(range(1000))
+
+    def each(connection: socket.socket) -> None:
+        script(connection, next(count))
+
+    with fake_server(tmp_path, each) as target:
+        yield target
+
+
+def test_an_answer_over_the_limit_costs_its_connection_not_the_next_call(tmp_path: Path) -> None:
+    def script(connection: socket.socket, _: int) -> None:
+        encoder = hpack.Encoder()
+        connection.sendall(SETTINGS)
+        while True:
+            stream = _read_request(connection)
+            connection.sendall(_ok_answer(encoder, stream, b"x" * 100))
+
+    with framed_server(tmp_path, script) as target:
+        client = ExecutorClient(target, max_message_bytes=10)
+        try:
+            for _ in range(2):  # the second is refused the same way, not misread
+                with pytest.raises(ExecutorCallError) as raised:
+                    client.call(SERVICE + "Compute", b"", timeout_s=5)
+                assert raised.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert not client._idle  # a half-read answer: the connection is not pooled
+        finally:
+            client.close()
+
+
+def test_a_pooled_connection_the_server_left_is_not_used(tmp_path: Path) -> None:
+    def script(connection: socket.socket, index: int) -> None:
+        encoder = hpack.Encoder()
+        connection.sendall(SETTINGS)
+        stream = _read_request(connection)
+        connection.sendall(_ok_answer(encoder, stream))
+        if index == 0:  # then it goes away, as a restarted or idle-limited server does
+            connection.sendall(_frame(0x7, 0, 0, struct.pack(">II", stream, 0)))
+            connection.shutdown(socket.SHUT_WR)
+            return
+        while True:
+            connection.sendall(_ok_answer(encoder, _read_request(connection)))
+
+    with framed_server(tmp_path, script) as target:
+        client = ExecutorClient(target, max_message_bytes=100)
+        try:
+            assert client.call(SERVICE + "Compute", b"", timeout_s=5).tobytes() == b"ok"
+            time.sleep(0.3)
+            for _ in range(2):
+                assert client.call(SERVICE + "Compute", b"", timeout_s=5).tobytes() == b"ok"
+        finally:
+            client.close()
+
+
+def test_a_stream_window_made_negative_by_new_settings_waits_for_updates(
+    tmp_path: Path,
+) -> None:
+    def script(connection: socket.socket, _: int) -> None:
+        encoder = hpack.Encoder()
+        connection.sendall(SETTINGS)
+        received = 0
+        while received < 65_535:  # the client fills the default windows
+            kind, _, stream, payload = _read_frame(connection)
+            received += len(payload) if kind == 0x0 else 0
+        connection.sendall(  # RFC 9113, 6.9.2: the stream's window goes below zero
+            _frame(0x4, 0, 0, struct.pack(">HI", 4, 1000))
+            + _frame(0x8, 0, 0, struct.pack(">I", 1 << 20))
+        )
+        time.sleep(0.2)
+        connection.sendall(_frame(0x8, 0, stream, struct.pack(">I", 1 << 20)))
+        connection.sendall(_ok_answer(encoder, _read_request(connection)))
+        _read_exactly(connection, 1)  # until the client closes
+
+    with framed_server(tmp_path, script) as target:
+        client = ExecutorClient(target, max_message_bytes=100)
+        try:
+            answer = client.call(SERVICE + "Compute", b"x" * 200_000, timeout_s=10)
+            assert answer.tobytes() == b"ok"
+        finally:
+            client.close()
+
+
+def test_a_server_that_reads_slowly_meets_the_deadline(tmp_path: Path) -> None:
+    def script(connection: socket.socket, _: int) -> None:
+        connection.sendall(  # windows wide open, then a trickle
+            _frame(0x4, 0, 0, struct.pack(">HI", 4, 2**31 - 1))
+            + _frame(0x8, 0, 0, struct.pack(">I", 2**31 - 1 - 65_535))
+        )
+        with contextlib.suppress(OSError):
+            while connection.recv(256 * 1024):
+                time.sleep(0.3)
+
+    with framed_server(tmp_path, script) as target:
+        started = time.monotonic()
+        client = ExecutorClient(target, max_message_bytes=100)
+        try:
+            with pytest.raises(ExecutorCallError) as raised:
+                client.call(SERVICE + "Compute", b"x" * 20_000_000, timeout_s=1)
+        finally:
+            client.close()
+    assert raised.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 3
+
+
+def test_closing_the_client_ends_a_handshake_waiting_for_settings(tmp_path: Path) -> None:
+    def script(connection: socket.socket, _: int) -> None:
+        with contextlib.suppress(OSError):
+            connection.recv(1)  # never sends its settings
+
+    with framed_server(tmp_path, script) as target:
+        client = ExecutorClient(target, max_message_bytes=100)
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.call(SERVICE + "Compute", b"")
+            except BaseException as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(0.3)
+        client.close()
+        thread.join(5)
+        assert not thread.is_alive()
+    assert isinstance(outcome[0], ExecutorCallError) and outcome[0].unavailable
 
 
 def test_a_server_that_never_answers_meets_the_deadline(tmp_path: Path) -> None:
