@@ -190,7 +190,7 @@ WORKER_STEPS: list[tuple[str, str, Callable[..., int] | None]] = [
     ("flaap_mq.worker.worker:SiloWorker._handle", "pool: task, end to end (_handle)", None),
     (
         "flaap_mq.worker.pipeline:read_request",
-        "copy: request to bytes for gRPC (read_request)",
+        "io: request read, not copied (read_request)",
         lambda task, spec, received: getattr(received, "total_size", None) or len(received),
     ),
     (
@@ -224,6 +224,15 @@ COORDINATOR_STEPS: list[tuple[str, str, Callable[..., int] | None]] = [
     (f"{_REMOTE}:RemoteExecutor.create_value", "RemoteExecutor.create_value", None),
     (f"{_REMOTE}:RemoteExecutor._compute", "RemoteExecutor._compute", None),
     *((f"{_STUB}:RemoteExecutorGrpcStub.{m}", f"gRPC: {m}", None) for m in STUB_METHODS),
+    *(
+        (f"flaap_mq.coordinator.executor_stub:ServiceStub.{m}", f"merge executor: {m}", None)
+        for m in (*STUB_METHODS, "create_value_from_memory")
+    ),
+    (
+        "flaap_mq.coordinator.local_merge:LocalMergeContext.invoke",
+        "merge context: invoke (merge, or after_merge)",
+        None,
+    ),
     (
         "flaap_mq.coordinator.value_wire:serialize_value",
         "value_wire: serialize_value (large arrays from their memory, else TFF's)",

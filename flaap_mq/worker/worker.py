@@ -34,7 +34,7 @@ from flaap_mq.executor import HOST_NETWORK_MARK, ExecutorNetwork, ExecutorServic
 from flaap_mq.logs import get_logger
 from flaap_mq.protocol import amqp, chunking, collector, envelope, topology
 from flaap_mq.protocol.v1 import task_pb2
-from flaap_mq.worker.intake import InFlight, Intake, Received
+from flaap_mq.worker.intake import Entry, InFlight, Intake, Received
 from flaap_mq.worker.outcome import Outcome
 from flaap_mq.worker.pipeline import Pipeline
 from flaap_mq.worker.request import Replies, TaskRequest
@@ -121,9 +121,7 @@ class SiloWorker:
         )
         self._intake = Intake(
             replies=self._replies,
-            submit=lambda request, sequence, received: self._pool.submit(
-                self._handle, request, sequence, received
-            ),
+            submit=lambda entries: self._pool.submit(self._handle_in_order, entries),
             # What coordinators' chunked tasks may make this process hold (`chunking`).
             collector=collector.Collector(chunk_limits),
             values=self._values,
@@ -335,6 +333,11 @@ class SiloWorker:
         return True
 
     # ----------------------------------------------------------- task handling
+
+    def _handle_in_order(self, entries: list[Entry]) -> None:
+        """Runs on the pool: a delivery's task(s), one after another (`Intake`)."""
+        for request, sequence, received in entries:
+            self._handle(request, sequence, received)
 
     def _handle(self, request: TaskRequest, sequence: int, received: Received) -> None:
         """Runs on the pool: the task's outcome, settled by its request, and logged."""

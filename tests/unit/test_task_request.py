@@ -10,11 +10,13 @@ import pika
 import pytest
 
 from flaap_mq.broker.link import Delivery, Unroutable
-from flaap_mq.protocol import amqp, envelope
+from flaap_mq.protocol import amqp, batch, collector, envelope
 from flaap_mq.protocol.v1 import task_pb2
 from flaap_mq.worker import request as request_module
+from flaap_mq.worker.intake import InFlight, Intake
 from flaap_mq.worker.outcome import Outcome, OutcomeKind
 from flaap_mq.worker.request import Replies, TaskRequest
+from flaap_mq.worker.values import ValueTable
 
 
 class FakeLink:
@@ -328,3 +330,37 @@ def test_a_sliced_reply_stops_at_the_first_slice_not_confirmed(replies, link, mo
     while not link.settled and time.monotonic() < deadline:
         time.sleep(0.01)
     assert link.settled == [("reject", True)]
+
+
+def test_intake_hands_a_batch_to_the_pool_as_one_chain_in_its_order(replies, log):
+    """A batch's tasks run one after another on one pool thread (`Intake`): each is
+    announced and numbered in the batch's order, and all go in one submission."""
+    submitted: list[list] = []
+    values = ValueTable()
+    intake = Intake(
+        replies=replies,
+        submit=submitted.append,
+        collector=collector.Collector(),
+        values=values,
+        in_flight=InFlight(),
+        log=log,
+    )
+    tasks = [
+        envelope.task_envelope(kind=kind, job_id="job", silo_id="a", task_id=f"b{i}")
+        for i, kind in enumerate([CREATE, CREATE, COMPUTE])
+    ]
+    body = batch.encode_batch([(task, b"") for task in tasks])
+    props = pika.BasicProperties(reply_to="job-1", correlation_id="b2", type=amqp.BATCH_TYPE)
+    intake.on_delivery(Delivery(body, props, 7, False, "flaap.silo.a", 0))
+    single = pika.BasicProperties(reply_to="job-1", correlation_id="t1", message_id="t1")
+    intake.on_delivery(
+        Delivery(envelope.encode_task(TASK, b"", 1 << 20)[0], single, 8, False, "q", 0)
+    )
+
+    assert [len(entries) for entries in submitted] == [3, 1]
+    chain = submitted[0]
+    assert [received[0].task_id for _, _, received in chain] == ["b0", "b1", "b2"]
+    assert [sequence for _, sequence, _ in chain] == sorted(s for _, s, _ in chain)
+    assert submitted[1][0][1] > chain[-1][1]  # the next delivery comes after the whole batch
+    values.made("b1", "ref-1", "executor")  # `made` keeps only what was announced
+    assert values.refs(["b1"], deadline=time.monotonic() + 1) == {"b1": "ref-1"}
