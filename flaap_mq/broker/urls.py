@@ -37,18 +37,15 @@ def split_broker_urls(urls: str) -> list[str]:
     """The URLs of a comma-separated list, each stripped, empty ones left out.
 
     A comma followed by a new `scheme://` separates two URLs, and so does a
-    comma whose next piece has no `@`; a comma inside a password (the piece
-    after it holds the `@` that ends the password) keeps both pieces in one URL.
+    comma after the last `@` before the next `scheme://`; a comma before that
+    `@` is inside the user info (a password holding a comma), as `redact_url`
+    reads it: the user info runs to the last `@`.
     """
     out: list[str] = []
     for chunk in _URL_SEPARATOR.split(urls):
         pieces = chunk.split(",")
-        merged = [pieces[0]]
-        for piece in pieces[1:]:
-            if "@" in piece:
-                merged[-1] += "," + piece  # the comma was inside the user info
-            else:
-                merged.append(piece)
+        last_at = max((i for i, piece in enumerate(pieces) if "@" in piece), default=0)
+        merged = [",".join(pieces[: last_at + 1]), *pieces[last_at + 1 :]]
         out.extend(m.strip() for m in merged if m.strip())
     return out
 

@@ -132,6 +132,8 @@ def _trust_nothing(context: ssl.SSLContext, purpose: ssl.Purpose = ssl.Purpose.S
 @example(("amqp://u:p#Q@localhost:1/", ["p#Q"]))
 @example(("amqp://u:1/Q@localhost/", ["1/Q"]))
 @example(("amqp://u:Q@x,amqps://u:Z@y/", ["Q@x", "Z"]))
+# Empty pieces between commas inside a password (found by this test, 2026-11-30).
+@example(("amqp://:Ω@localhost,amqp://:@,,Ω@localhost", ["Ω", "Ω", "@,,Ω", "@,,Ω"]))
 def test_no_output_shows_a_password(case: tuple[str, list[str]]) -> None:
     """redact_url, and every error parsing or TLS options give, never hold a password."""
     text, secrets = case
