@@ -881,11 +881,15 @@ def confirmed_in_window(
     first `window` messages at once, then for the next one each time one is
     confirmed (on whatever thread the confirm arrives, the link's I/O
     thread), so at most `window` of them are held at once, here and in
-    pika's buffers. One future: done when all are confirmed, failed with the
-    first failure, after which nothing more is published.
+    pika's buffers. Messages reach `publish` in index order whatever thread
+    calls it: the receiver puts slices together in order, and a confirm
+    arriving while the caller was still making message i must not send i+1
+    first. One future: done when all are confirmed, failed with the first
+    failure, after which nothing more is published.
     """
     combined: concurrent.futures.Future[None] = concurrent.futures.Future()
-    lock = threading.Lock()
+    lock = threading.Lock()  # the counters
+    in_order = threading.Lock()  # held from taking an index to handing its message on
     state = {"next": 0, "confirmed": 0, "ended": False}
 
     def end(error: BaseException | None) -> None:
@@ -899,16 +903,20 @@ def confirmed_in_window(
             combined.set_exception(error)
 
     def publish_next() -> None:
-        with lock:
-            if state["ended"] or state["next"] >= count:
-                return
-            index = state["next"]
-            state["next"] += 1
-        try:
-            future = publish(index)
-        except Exception as e:
-            end(e)
+        with in_order:
+            with lock:
+                if state["ended"] or state["next"] >= count:
+                    return
+                index = state["next"]
+                state["next"] += 1
+            try:
+                future = publish(index)
+            except Exception as e:
+                future, error = None, e
+        if future is None:
+            end(error)
             return
+        # Outside `in_order`: a future already settled runs `one_done` here and now.
         future.add_done_callback(one_done)
 
     def one_done(future: concurrent.futures.Future[None]) -> None:

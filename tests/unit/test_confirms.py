@@ -7,12 +7,14 @@ The broker's answers are fed in as `BrokerLink` feeds them (delivery tag,
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import pika
 import pytest
 
 from flaap_mq.broker.confirms import PUBLISH_ID_HEADER, ConfirmTracker, Outgoing
 from flaap_mq.broker.errors import BrokerError, LinkClosed, MessageTooLarge, Unroutable
+from flaap_mq.broker.link import confirmed_in_window
 
 
 class Clock:
@@ -216,3 +218,24 @@ def test_a_lost_link_fails_everything_and_wakes_the_settled_waiters():
     assert tracker.next_queued() is None and not tracker.awaiting_confirm
     # Nothing pending: a new waiter resolves at once.
     assert _settled(tracker).result(0) is None
+
+
+def test_a_window_hands_messages_on_in_order_while_confirms_race_the_caller():
+    """A confirm arriving (on another thread) while the caller still makes message i
+    must not send message i + 1 first: the receiver puts slices together in order."""
+    handed_on: list[int] = []
+    confirmer = concurrent.futures.ThreadPoolExecutor(1)  # the link's I/O thread
+
+    def publish(index: int) -> concurrent.futures.Future[None]:
+        if index == 2:
+            time.sleep(0.2)  # making a large slice; message 0's confirm arrives meanwhile
+        handed_on.append(index)
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        confirmer.submit(future.set_result, None)
+        return future
+
+    try:
+        confirmed_in_window(publish, 10, 4).result(timeout=10)
+    finally:
+        confirmer.shutdown()
+    assert handed_on == list(range(10))
