@@ -34,7 +34,7 @@ from flaap_mq.protocol import collector
 from flaap_mq.protocol.v1 import task_pb2
 
 # What a reply settles a call with: the result, and its response payload
-# (a view of the message, or the slices of a chunked one, joined by the caller).
+# (a view of the message, or the slices of a chunked one, checked by the caller).
 Reply = tuple[task_pb2.TaskResult, memoryview | collector.Parts]
 
 

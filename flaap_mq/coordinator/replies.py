@@ -18,10 +18,8 @@ A large result's slices are written, as they arrive, into one buffer in the
 call table's `transfers` (within its `Limits`, keyed by the call's task id
 and expiring with its deadline: `calls`), and hashed on the way; the last
 one settles the call with that buffer (`collector.Parts`). The caller checks
-it and makes the `bytes` protobuf parses from (`Parts.join`: no pass over it
-but that copy), off the I/O thread every silo shares. (protobuf copies a
-`memoryview` into `bytes` before it parses one: handing it the buffer
-itself would cost that copy and hold the buffer beside it.)
+it (`Parts.view`: no pass over it), off the I/O thread every silo shares, and
+reads a computed value's arrays straight from it (`value_read`).
 
 Nothing here logs: `take` says what it dropped, and the `TaskClient` logs it.
 """

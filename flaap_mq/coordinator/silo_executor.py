@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 
 from tensorflow_federated.proto.v0 import executor_pb2
 
-from flaap_mq.coordinator import value_wire
+from flaap_mq.coordinator import value_read, value_wire
 from flaap_mq.coordinator.computation_cache import ComputationCache
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.protocol import envelope
@@ -252,9 +252,8 @@ class SiloExecutor(executor_base.Executor):
             answer.cancel()
             answer.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
-        response = (await answer).response
-        result, _ = value_serialization.deserialize_value(response.value, value.type_signature)
-        return result
+        # Arrays read from the answer's own buffer, not copied (`value_read`).
+        return value_read.deserialize_compute_response((await answer).payload, value.type_signature)
 
     def _dispose(self, value_id: str, remote: ExecutorHandle) -> None:
         """Called by value finalizers, from any thread; never waits."""

@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -56,10 +57,19 @@ _CLOSE_STEP_TIMEOUT_S = 5.0
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-    """A silo's response to an awaited request."""
+    """A silo's response to an awaited request: as it arrived, parsed on first use.
 
-    response: protobuf_message.Message
+    A large answer stays in the buffer its slices were written into:
+    `payload` is a view of it (`coordinator.value_read` reads arrays from it).
+    """
+
+    payload: chunking.Buffer
+    response_type: type[protobuf_message.Message]
     incarnation: str  # the worker incarnation that answered (see worker.incarnation)
+
+    @functools.cached_property
+    def response(self) -> protobuf_message.Message:
+        return self.response_type.FromString(self.payload)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +247,10 @@ class TaskClient:
                 raise errors.error_from_result(silo_id, spec.name, result.error)
             if isinstance(payload, collector.Parts):
                 try:
-                    payload = payload.join()  # here, not on the I/O thread every silo shares
+                    payload = payload.view()  # checked here, not on the shared I/O thread
                 except chunking.ChunkError as e:
                     raise errors.SiloRetryableError(silo_id, spec.name, str(e)) from None
             received = len(payload)
-            response = spec.response_type()
-            response.ParseFromString(payload)
         finally:
             self._calls.forget(task_id)
             self._observed(Exchange(silo_id, spec.name, sent, received))
@@ -256,7 +264,7 @@ class TaskClient:
             bytes_out=sent,
             bytes_in=received,
         )
-        return Answer(response, result.worker_incarnation)
+        return Answer(payload, spec.response_type, result.worker_incarnation)
 
     def _timeout_now(self, timeout_s: float | None) -> tuple[float, calls.Deadline | None]:
         """A task's timeout: `timeout_s` (default the task timeout), cut to the

@@ -158,14 +158,14 @@ def _serialize(
 def _array(value: np.ndarray) -> Pieces:
     """An `Array` as `array.to_proto_content` makes it: dtype, shape, then the raw bytes."""
     header = array_pb2.Array(
-        dtype=_dtype_enum(value.dtype), shape=array_pb2.ArrayShape(dim=list(value.shape))
+        dtype=dtype_enum(value.dtype), shape=array_pb2.ArrayShape(dim=list(value.shape))
     ).SerializeToString()
     memory = memoryview(value.reshape(-1).view(np.uint8))
     return [header, wire.field_head(_ARRAY_CONTENT, memory.nbytes), memory]
 
 
 @functools.cache
-def _dtype_enum(dtype: np.dtype) -> int:
+def dtype_enum(dtype: np.dtype) -> int:
     """TFF's `DataType` for `dtype`, as TFF itself writes it."""
     tiny = np.zeros([1], dtype)
     proto, _ = value_serialization.serialize_value(

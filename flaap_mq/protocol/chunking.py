@@ -8,7 +8,7 @@ count, SHA-256 and length of the whole payload). The receiver writes each
 slice, as it arrives, into one buffer of the declared size and feeds it to a
 running SHA-256 (`collector.Collector`); once the last one is in, `Parts` hands the
 buffer on, checked against the declared length and digest, without another
-pass over it but the copy into the `bytes` its reader needs (`Parts.join`).
+pass over it or a copy (`Parts.view`).
 
 A sender's payload may be one `bytes` or a `Gathered` list of buffers (a
 tensor's serialized header and the array's own memory, say): it is never

@@ -3,7 +3,7 @@
 The receiving half of `flaap_mq.protocol.chunking`: a `Collector` writes
 each slice, as it arrives, into one buffer of the payload's declared size
 and feeds it to a running SHA-256; once the last one is in, `Parts` hands
-the buffer on, checked against the declared length and digest (`Parts.join`).
+the buffer on, checked against the declared length and digest (`Parts.view`).
 Both sides use it: the worker for a task's request, the coordinator for a
 reply's response.
 
@@ -34,7 +34,7 @@ hold more than `Limits.max_pending_bytes`, however it lies:
   and must fit in what is left of the budget when its first slice arrives;
   its slices may not add up to more than it declared.
 * Charges last until the buffer is handed on: a complete transfer stays
-  charged until it is joined (or dropped unjoined), so complete transfers
+  charged until it is handed on (or dropped), so complete transfers
   waiting for a worker thread count too.
 * A partial transfer is dropped at its task's deadline (at `max_age_s`
   without one), on any inconsistency, and when its receiver says
@@ -136,7 +136,7 @@ def monotonic_deadline(deadline_unix_ms: int) -> float | None:
 class Parts:
     """One whole payload, written slice by slice into one buffer; handed on once, checked.
 
-    The buffer stays charged to its collector until handed on (`join`), or
+    The buffer stays charged to its collector until handed on (`view`), or
     until this object is dropped unused (a task refused before it was read).
     """
 
@@ -167,10 +167,12 @@ class Parts:
 
         Raises `ChunkError` if its length or digest is wrong. No copy and no
         pass over the payload: the digest was taken as the slices arrived.
-        Lets go of the buffer and of its charge.
+        Lets go of the buffer and of its charge: the caller holds the payload,
+        as it holds an unchunked one (the worker sends it on to its executor,
+        the coordinator reads arrays from it, `value_read`).
         """
         if self._buffer is None:
-            raise ChunkError(f"task {self.task_id}: slices already joined")
+            raise ChunkError(f"task {self.task_id}: slices already handed on")
         buffer, self._buffer = self._buffer, None
         self._release()
         if len(buffer) != self.total_size:
@@ -180,21 +182,6 @@ class Parts:
         if self._digest != self.sha256:
             raise ChunkError(f"task {self.task_id}: reassembled payload fails its SHA-256 check")
         return memoryview(buffer).toreadonly()
-
-    def join(self) -> bytes:
-        """The whole payload, checked, as `bytes`; raises `ChunkError` if it is wrong.
-
-        One copy out of the buffer and no other pass over it, for the
-        coordinator's answer: protobuf copies any other buffer into `bytes`
-        before it parses it. (The worker sends its request on from `view`.)
-        The buffer and its charge are let go: the caller holds the payload,
-        as it holds an unchunked one.
-        """
-        view = self.view()
-        try:
-            return view.tobytes()
-        finally:
-            view.release()
 
 
 @dataclasses.dataclass

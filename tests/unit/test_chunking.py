@@ -28,7 +28,7 @@ def test_any_payload_reassembles_exactly(payload, size):
     assert all(len(part) <= size for _, part in parts)
     receiver = collector.Collector()
     results = [receiver.add("t", header, part) for header, part in parts]
-    assert results[-1].join() == payload
+    assert results[-1].view() == payload
     assert all(r is None for r in results[:-1])
     assert receiver.pinned_bytes == 0
 
@@ -41,7 +41,7 @@ def test_corrupt_slice_fails_the_digest_check():
     header, part = parts[-1]
     whole = receiver.add("t", header, bytes([part[0] ^ 1]) + part[1:])
     with pytest.raises(chunking.ChunkError, match="SHA-256"):
-        whole.join()
+        whole.view()
 
 
 def test_last_slice_without_the_others_is_missing_chunks():
@@ -67,7 +67,7 @@ def test_redelivered_slice_is_ignored():
     assert receiver.add("t", *parts[0]) is None
     for header, part in parts[1:-1]:
         receiver.add("t", header, part)
-    assert receiver.add("t", *parts[-1]).join() == payload
+    assert receiver.add("t", *parts[-1]).view() == payload
 
 
 def test_memory_is_bounded():
@@ -108,7 +108,7 @@ def test_encode_task_keeps_every_envelope_field_on_every_slice():
         )
         assert part.incarnation == "i"
         whole = receiver.add(part.task_id, part.chunk, payload)
-    assert whole.join() == request
+    assert whole.view() == request
     [single] = envelope.encode_task(task, request, 1000)
     assert parse_task(single) == task_pb2.Task(request=request, **_fields(task))
     assert chunking.headers(3, 4) == {chunking.CHUNK_HEADER: "4/4"}
@@ -252,17 +252,17 @@ def test_a_partial_transfer_is_dropped_at_its_deadline():
         receiver.add("late", *parts[0], expires_at=now[0])
 
 
-def test_complete_slices_stay_charged_until_joined_or_dropped():
+def test_complete_slices_stay_charged_until_handed_on_or_dropped():
     payload = os.urandom(3000)
     receiver = collector.Collector()
-    for key in ("joined", "dropped"):
+    for key in ("handed-on", "dropped"):
         for header, part in _split(payload, 1000):
             whole = receiver.add(key, header, part)
         assert receiver.pinned_bytes > 3000
-        if key == "joined":
-            assert whole.join() == payload
-            with pytest.raises(chunking.ChunkError, match="already joined"):
-                whole.join()
+        if key == "handed-on":
+            assert whole.view() == payload
+            with pytest.raises(chunking.ChunkError, match="already handed on"):
+                whole.view()
         del whole  # a task refused before its request was read
         assert receiver.pinned_bytes == 0
 
@@ -344,7 +344,7 @@ _transfers = st.lists(
 
 def _check_join(parts: collector.Parts, known: dict[bytes, bytes]) -> None:
     try:
-        joined = parts.join()
+        joined = parts.view()
     except chunking.ChunkError:
         return
     # Only ever a payload some transfer really had, under its own digest.

@@ -104,7 +104,7 @@ def test_slices_are_collected_and_the_last_settles_the_call():
         taken.append(replies.take(table, bodies[-1], _props(), USERS))
         result, parts = await call.future
         assert not result.HasField("chunk")
-        return taken, parts.join(), held
+        return taken, parts.view(), held
 
     taken, joined, held = asyncio.run(main())
     assert taken == [None] * 11 and joined == response and held > 0
@@ -129,7 +129,7 @@ def test_a_result_failing_its_digest_fails_its_check():
     dropped, parts = asyncio.run(main())
     assert dropped is None  # checked by the caller, `TaskClient.ask`, which fails the call
     with pytest.raises(chunking.ChunkError, match="SHA-256"):
-        parts.join()
+        parts.view()
 
 
 def test_a_slice_over_the_limits_fails_the_call_retryable():
