@@ -515,28 +515,34 @@ def test_a_server_that_reads_slowly_meets_the_deadline(tmp_path: Path) -> None:
     assert time.monotonic() - started < 3
 
 
+def _closed_while_calling(target: str) -> BaseException:
+    """What a call without a deadline raises when the client is closed 0.3 s into it."""
+    client = ExecutorClient(target, max_message_bytes=LIMIT)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.call(SERVICE + "Compute", b"")
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.3)
+    client.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    return outcome[0]
+
+
 def test_closing_the_client_ends_a_handshake_waiting_for_settings(tmp_path: Path) -> None:
     def script(connection: socket.socket, _: int) -> None:
         with contextlib.suppress(OSError):
             connection.recv(1)  # never sends its settings
 
     with framed_server(tmp_path, script) as target:
-        client = ExecutorClient(target, max_message_bytes=100)
-        outcome: list[BaseException] = []
-
-        def call() -> None:
-            try:
-                client.call(SERVICE + "Compute", b"")
-            except BaseException as e:
-                outcome.append(e)
-
-        thread = threading.Thread(target=call)
-        thread.start()
-        time.sleep(0.3)
-        client.close()
-        thread.join(5)
-        assert not thread.is_alive()
-    assert isinstance(outcome[0], ExecutorCallError) and outcome[0].unavailable
+        error = _closed_while_calling(target)
+    assert isinstance(error, ExecutorCallError) and error.unavailable
 
 
 def test_a_server_that_never_answers_meets_the_deadline(tmp_path: Path) -> None:
@@ -549,22 +555,8 @@ def test_a_server_that_never_answers_meets_the_deadline(tmp_path: Path) -> None:
 
 def test_closing_the_client_ends_a_call_waiting_without_a_deadline(tmp_path: Path) -> None:
     with fake_server(tmp_path, _answer_with(then_wait=True)) as target:
-        client = ExecutorClient(target, max_message_bytes=LIMIT)
-        outcome: list[BaseException] = []
-
-        def call() -> None:
-            try:
-                client.call(SERVICE + "Compute", b"")
-            except BaseException as e:
-                outcome.append(e)
-
-        thread = threading.Thread(target=call)
-        thread.start()
-        time.sleep(0.3)
-        client.close()
-        thread.join(5)
-        assert not thread.is_alive()
-    assert isinstance(outcome[0], ExecutorCallError) and outcome[0].unavailable
+        error = _closed_while_calling(target)
+    assert isinstance(error, ExecutorCallError) and error.unavailable
 
 
 def test_no_server_is_unavailable_naming_the_target(tmp_path: Path) -> None:

@@ -8,25 +8,12 @@ import numpy as np
 import pytest
 import tensorflow_federated as tff
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from flaap_mq.coordinator import value_wire
 from flaap_mq.protocol import chunking, envelope
 from flaap_mq.tff_internals import value_serialization
-
-BIG = value_wire.MIN_DIRECT_BYTES
-
-# Every dtype written from memory; others are TFF's (see the tests below).
-DTYPES = sorted((d.type for d in value_wire.DIRECT_DTYPES), key=lambda t: np.dtype(t).str)
-
-
-def _array(dtype, shape, seed=0):
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=int(np.prod(shape)) * np.dtype(dtype).itemsize, dtype=np.uint8)
-    if dtype is np.bool_:
-        return (raw[: int(np.prod(shape))] % 2).astype(np.bool_).reshape(shape)
-    return raw.view(dtype).reshape(shape)
+from tests.unit.arrays import BIG, DTYPES, any_array, random_array
 
 
 def _tff_bytes(value, type_spec) -> bytes:
@@ -51,32 +38,24 @@ def _assert_same(value, type_spec, *, direct=True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", [(BIG,), (BIG // 8, 8), (3, 5, BIG // 15 + 1), (1, BIG)])
 def test_a_tensor_is_written_as_tff_writes_it(dtype, shape):
-    value = _array(dtype, shape)
+    value = random_array(dtype, shape)
     _assert_same(value, tff.TensorType(dtype, shape))
     # A type with unknown dimensions takes the same value.
     _assert_same(value, tff.TensorType(dtype, [None] * len(shape)))
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    dtype=st.sampled_from(DTYPES),
-    dims=st.lists(st.integers(1, 9), min_size=0, max_size=3),
-    length=st.integers(0, 3 * BIG),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_any_shape_and_dtype_is_written_as_tff_writes_it(dtype, dims, length, seed):
-    itemsize = np.dtype(dtype).itemsize
-    last = max(1, length // itemsize // max(1, int(np.prod(dims))))
-    shape = (*dims, last)
-    value = _array(dtype, shape, seed)
+@given(value=any_array())
+def test_any_shape_and_dtype_is_written_as_tff_writes_it(value):
+    dtype, shape = value.dtype.type, value.shape
     ours, _, was_direct = _ours(value, tff.TensorType(dtype, shape))
     assert ours == _tff_bytes(value, tff.TensorType(dtype, shape))
     assert was_direct == (value.nbytes >= BIG)
 
 
 def test_structs_and_federated_values_are_written_as_tff_writes_them():
-    big = _array(np.float32, (BIG // 4 + 3,))
-    other = _array(np.int64, (4, BIG // 32 + 1), seed=1)
+    big = random_array(np.float32, (BIG // 4 + 3,))
+    other = random_array(np.int64, (4, BIG // 32 + 1), seed=1)
     member = tff.StructType([("w", tff.TensorType(np.float32, big.shape)), ("n", np.int32)])
     named = collections.OrderedDict(w=big, n=np.int32(7))
     cases = [
@@ -117,10 +96,10 @@ def test_structs_and_federated_values_are_written_as_tff_writes_them():
         (np.array(["a", "b"]), tff.TensorType(np.str_, [2])),
         # a big array in the wrong byte order, not contiguous, of another
         # dtype than its type, or a list: TFF converts it, so TFF writes it
-        (_array(np.float32, (BIG,)).astype(">f4"), tff.TensorType(np.float32, [BIG])),
-        (_array(np.float32, (2, BIG))[:, ::2], tff.TensorType(np.float32, [2, BIG // 2])),
-        (_array(np.float32, (2, BIG)).T, tff.TensorType(np.float32, [BIG, 2])),
-        (_array(np.int32, (BIG,)), tff.TensorType(np.int64, [BIG])),
+        (random_array(np.float32, (BIG,)).astype(">f4"), tff.TensorType(np.float32, [BIG])),
+        (random_array(np.float32, (2, BIG))[:, ::2], tff.TensorType(np.float32, [2, BIG // 2])),
+        (random_array(np.float32, (2, BIG)).T, tff.TensorType(np.float32, [BIG, 2])),
+        (random_array(np.int32, (BIG,)), tff.TensorType(np.int64, [BIG])),
         (list(range(BIG)), tff.TensorType(np.int64, [BIG])),
         ([np.float32(1)], tff.FederatedType(np.float32, tff.CLIENTS)),
     ],
@@ -131,7 +110,7 @@ def test_what_it_cannot_write_exactly_is_tffs(value, type_spec):
 
 
 def test_what_tff_refuses_it_refuses_with_tffs_error():
-    big = _array(np.float32, (BIG,))
+    big = random_array(np.float32, (BIG,))
     for value, type_spec in [
         (big, tff.TensorType(np.float32, [BIG + 1])),
         (big, tff.TensorType(np.float32, [BIG, 1])),
@@ -145,7 +124,7 @@ def test_what_tff_refuses_it_refuses_with_tffs_error():
 
 
 def test_the_array_is_not_copied_until_the_messages_are_made():
-    big = _array(np.float32, (BIG,))
+    big = random_array(np.float32, (BIG,))
     serialized, _ = value_wire.serialize_value(big, tff.TensorType(np.float32, [BIG]))
     assert isinstance(serialized, chunking.Gathered)
     assert any(np.shares_memory(np.asarray(piece), big) for piece in serialized.pieces)
