@@ -9,101 +9,37 @@ in slices had to be joined first.
 
 This client speaks only what a unary call to one known, local server needs
 of HTTP/2 (RFC 9113) and of gRPC's mapping onto it (gRPC's
-PROTOCOL-HTTP2.md). It sends a request from the caller's buffers as they
+PROTOCOL-HTTP2.md; `http2.py`). It sends a request from the caller's buffers as they
 are, and reads the answer's DATA frames straight into one buffer of the
 size the gRPC message prefix declares: nothing is copied in Python.
 
-A connection carries one call at a time, on the caller's thread: there is
-no reader thread and no multiplexing. `ExecutorClient` keeps the idle
-connections, opens another when none is idle, and drops a connection after
-any error. Header blocks are coded with `hpack` (python-hyper's, as `h2`
-uses). A deadline bounds every wait on the socket and goes to the server
-as `grpc-timeout`.
+A connection (`http2.Connection`) carries one call at a time, on the
+caller's thread: there is no reader thread and no multiplexing.
+`ExecutorClient` keeps the idle connections, reads what the server sent an
+idle one before using it, opens another when none is idle, drops a
+connection after an error that leaves it unusable, and sends a call the
+server provably never took once more.
 """
 
 from __future__ import annotations
 
-import contextlib
-import select
-import socket
-import struct
 import threading
 import time
-import urllib.parse
 from collections.abc import Sequence
 
 import grpc
-import hpack
 
-from flaap_mq.protocol.chunking import Buffer
-from flaap_mq.protocol.collector import new_buffer
-
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_FRAME_HEAD = struct.Struct(">I B I")  # 24-bit length in the high bytes of the first field
-_MESSAGE_HEAD = struct.Struct(">BI")  # gRPC's compressed flag and message length
-
-# Frame types and flags (RFC 9113, section 6).
-_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = (
-    0x0,
-    0x1,
-    0x3,
-    0x4,
-    0x6,
-    0x7,
-    0x8,
-    0x9,
+from flaap_mq.executor.http2 import (
+    Connection,
+    ExecutorCallError,
+    NotTaken,
+    grpc_timeout,
 )
-_END_STREAM = _ACK = 0x1
-_END_HEADERS = 0x4
-_PADDED = 0x8
-_PRIORITY = 0x20
-
-_SETTINGS_HEADER_TABLE_SIZE = 0x1
-_SETTINGS_ENABLE_PUSH = 0x2
-_SETTINGS_INITIAL_WINDOW_SIZE = 0x4
-_SETTINGS_MAX_FRAME_SIZE = 0x5
-
-_MAX_WINDOW = 2**31 - 1
-_DEFAULT_WINDOW = 65_535
-_DEFAULT_FRAME = 16_384
-# The largest DATA frame we accept: few frames for a large answer, each
-# read straight into its place.
-_MAX_INBOUND_FRAME = 1 << 20
-# Frames handed to one `sendmsg` (two buffers each; Linux takes 1024).
-_FRAMES_PER_SEND = 256
-# The largest header block accepted, compressed (`hpack`'s decoder refuses
-# more than 64 KiB of headers once decoded).
-_MAX_HEADER_BLOCK = 64 * 1024
-_MIN_FRAME, _MAX_FRAME = 16_384, 2**24 - 1  # what SETTINGS_MAX_FRAME_SIZE may be
-_PUSH_PROMISE = 0x5
+from flaap_mq.protocol.chunking import Buffer
 
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
-_REFUSED_STREAM = 0x7
-_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
-# The payload lengths RFC 9113 fixes (SETTINGS: a multiple of 6, checked where read).
-_FIXED_LENGTHS = {_RST_STREAM: 4, _PING: 8, _WINDOW_UPDATE: 4}
-# RST_STREAM error codes as gRPC maps them (PROTOCOL-HTTP2.md, "Errors").
-_RESET_STATUS = {
-    0x0: grpc.StatusCode.INTERNAL,  # NO_ERROR before the call ended
-    0x7: _UNAVAILABLE,  # REFUSED_STREAM
-    0x8: grpc.StatusCode.CANCELLED,  # CANCEL
-    0xB: grpc.StatusCode.RESOURCE_EXHAUSTED,  # ENHANCE_YOUR_CALM
-    0xC: grpc.StatusCode.PERMISSION_DENIED,  # INADEQUATE_SECURITY
-}
 
-
-class ExecutorCallError(Exception):
-    """A call that did not return an answer: the server's status, or why the client gave up."""
-
-    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
-        super().__init__(f"{code.name if code else 'UNKNOWN'}: {details}")
-        self.code = code
-        self.details = details
-
-    @property
-    def unavailable(self) -> bool:
-        return self.code in (_UNAVAILABLE, grpc.StatusCode.CANCELLED)
+__all__ = ["ExecutorCallError", "ExecutorClient", "grpc_timeout"]
 
 
 class ExecutorClient:
@@ -117,8 +53,8 @@ class ExecutorClient:
         self.target = target
         self._max_message_bytes = max_message_bytes
         self._lock = threading.Lock()
-        self._idle: list[_Connection] = []
-        self._open: set[_Connection] = set()
+        self._idle: list[Connection] = []
+        self._open: set[Connection] = set()
         self._closed = False
 
     def call(
@@ -136,7 +72,7 @@ class ExecutorClient:
         connection, pooled = self._take(deadline)
         try:
             return self._call_on(connection, method, pieces, deadline)
-        except _NotTaken:
+        except NotTaken:
             if not pooled:
                 raise
         # A pooled connection the server had closed or was closing: it never
@@ -145,7 +81,7 @@ class ExecutorClient:
 
     def _call_on(
         self,
-        connection: _Connection,
+        connection: Connection,
         method: str,
         pieces: list[memoryview],
         deadline: float | None,
@@ -189,7 +125,7 @@ class ExecutorClient:
         for connection in connections:
             connection.close()
 
-    def _take(self, deadline: float | None) -> tuple[_Connection, bool]:
+    def _take(self, deadline: float | None) -> tuple[Connection, bool]:
         """An idle connection still usable (and True), or a new one (and False)."""
         while True:
             with self._lock:
@@ -203,8 +139,8 @@ class ExecutorClient:
             self._drop(connection)
         return self._connect(deadline), False
 
-    def _connect(self, deadline: float | None) -> _Connection:
-        connection = _Connection(self.target)
+    def _connect(self, deadline: float | None) -> Connection:
+        connection = Connection(self.target)
         with self._lock:  # registered first, so that `close` can end its handshake too
             if self._closed:
                 raise ExecutorCallError(_UNAVAILABLE, "the client is closed")
@@ -216,457 +152,18 @@ class ExecutorClient:
             raise
         return connection
 
-    def _give_back(self, connection: _Connection) -> None:
+    def _give_back(self, connection: Connection) -> None:
         with self._lock:
             if not self._closed and connection.reusable:
                 self._idle.append(connection)
                 return
         self._drop(connection)
 
-    def _drop(self, connection: _Connection) -> None:
+    def _drop(self, connection: Connection) -> None:
         with self._lock:
             self._open.discard(connection)
         connection.close()
 
 
-class _NotTaken(ExecutorCallError):
-    """The server did not take the call (GOAWAY before it, REFUSED_STREAM, or the
-    connection gone before the request was all sent): safe to send again."""
-
-
-def grpc_timeout(seconds: float) -> str:
-    """`seconds` as gRPC's `grpc-timeout` header value: at most 8 digits and a unit."""
-    for unit, per_second in (("m", 1000), ("S", 1), ("M", 1 / 60), ("H", 1 / 3600)):
-        value = max(1, int(seconds * per_second + 0.999999))  # never round down to less time
-        if value < 10**8:
-            return f"{value}{unit}"
-    return "99999999H"
-
-
 def _is_buffer(request: object) -> bool:
     return isinstance(request, bytes | bytearray | memoryview)
-
-
-class _Connection:
-    """One HTTP/2 connection: the handshake, then one unary call at a time."""
-
-    def __init__(self, target: str) -> None:
-        self._target = target
-        try:
-            if target.startswith("unix:"):
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self._address: str | tuple[str, int] = target.removeprefix("unix:")
-            else:
-                host, _, port = target.rpartition(":")
-                self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._address = (host.strip("[]"), int(port))
-        except (OSError, ValueError) as e:
-            raise ExecutorCallError(_UNAVAILABLE, f"bad target {target!r}: {e}") from e
-        self._encoder = hpack.Encoder()
-        self._decoder = hpack.Decoder()
-        self._next_stream = 1
-        self._send_window = _DEFAULT_WINDOW  # the server's, for the whole connection
-        self._peer_initial_window = _DEFAULT_WINDOW
-        self._peer_max_frame = _DEFAULT_FRAME
-        self._stream_window = 0  # the server's, for the call running
-        self._received = 0  # DATA bytes since our last connection WINDOW_UPDATE
-        self._settings_seen = False
-        self.reusable = True
-
-    def open(self, deadline: float | None) -> None:
-        """Connects and exchanges settings; `ExecutorCallError` if that fails."""
-        with self._io(f"connecting to {self._target}", deadline):
-            self._sock.connect(self._address)
-            self._handshake(deadline)
-
-    def catch_up(self) -> bool:
-        """Reads what the server sent while this connection was idle; False if it is unusable.
-
-        A server may have sent settings, pings, window updates, or a GOAWAY,
-        or closed the connection: a call sent on it then would fail though
-        the server never saw it.
-        """
-        try:
-            with self._io("reading an idle connection", time.monotonic() + 1.0):
-                while self.reusable and select.select([self._sock], [], [], 0)[0]:
-                    self._read_frame(time.monotonic() + 1.0, None)
-        except ExecutorCallError:
-            return False
-        return self.reusable
-
-    def close(self) -> None:
-        self.reusable = False
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a call blocked on it
-        self._sock.close()
-
-    def _handshake(self, deadline: float | None) -> None:
-        """Our preface, settings and window; then the server's settings, acknowledged."""
-        settings = struct.pack(
-            ">HIHIHIHI",
-            _SETTINGS_ENABLE_PUSH,
-            0,
-            _SETTINGS_INITIAL_WINDOW_SIZE,
-            _MAX_WINDOW,
-            _SETTINGS_MAX_FRAME_SIZE,
-            _MAX_INBOUND_FRAME,
-            _SETTINGS_HEADER_TABLE_SIZE,
-            4096,
-        )
-        self._sock.sendall(
-            _PREFACE
-            + _frame_head(len(settings), _SETTINGS, 0, 0)
-            + settings
-            + _window_update(0, _MAX_WINDOW - _DEFAULT_WINDOW)
-        )
-        while not self._settings_seen:
-            self._read_frame(deadline, None)
-
-    def call(
-        self,
-        method: str,
-        request: list[memoryview],
-        deadline: float | None,
-        max_message_bytes: int,
-    ) -> memoryview:
-        if self._next_stream >= _MAX_WINDOW:  # stream ids are spent: use another connection
-            self.reusable = False
-            raise ExecutorCallError(_UNAVAILABLE, "connection has no stream ids left")
-        stream, self._next_stream = self._next_stream, self._next_stream + 2
-        call = _Call(stream, max_message_bytes)
-        headers = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", method),
-            (":authority", "localhost"),
-            ("te", "trailers"),
-            ("content-type", "application/grpc"),
-        ]
-        if deadline is not None:
-            headers.append(("grpc-timeout", grpc_timeout(deadline - time.monotonic())))
-        block = self._encoder.encode(headers)
-        size = sum(piece.nbytes for piece in request)
-        try:
-            with self._io(method, deadline):
-                try:
-                    _set_timeout(self._sock, deadline)
-                    self._sock.sendall(
-                        _frame_head(len(block), _HEADERS, _END_HEADERS, stream) + block
-                    )
-                    self._stream_window = self._peer_initial_window
-                    message = [memoryview(_MESSAGE_HEAD.pack(0, size)), *request]
-                    self._send_data(call, message, deadline)
-                except (BrokenPipeError, ConnectionResetError) as e:
-                    # Gone before the request was all sent (its END_STREAM with
-                    # it): the server cannot have started the call.
-                    self.reusable = False
-                    raise _NotTaken(_UNAVAILABLE, f"{method}: {e.strerror or e}") from None
-                while not call.ended:
-                    self._read_frame(deadline, call)
-        except BaseException:
-            if not call.ended:  # a frame may be half read: nothing more can be read here
-                self.reusable = False
-            raise
-        return call.answer(method)
-
-    def _send_data(self, call: _Call, pieces: list[memoryview], deadline: float | None) -> None:
-        """Sends `pieces` as DATA frames within the server's windows, the last ending the stream."""
-        pieces = [p.cast("B") if p.format != "B" or p.ndim != 1 else p for p in pieces]
-        left = sum(p.nbytes for p in pieces)
-        while True:
-            allowed = min(left, self._send_window, self._stream_window)
-            if allowed <= 0 and left:  # a window may even be negative (RFC 9113, 6.9.2)
-                self._read_frame(deadline, call)  # a WINDOW_UPDATE, or the call's end
-                if call.ended:  # the server answered (an error) before taking it all:
-                    self.reusable = False  # our half of the stream is left open
-                    return
-                continue
-            frames: list[memoryview | bytes] = []
-            while allowed:
-                size = min(allowed, self._peer_max_frame)
-                left -= size
-                allowed -= size
-                self._send_window -= size
-                self._stream_window -= size
-                frames.append(_frame_head(size, _DATA, 0 if left else _END_STREAM, call.stream))
-                while size:
-                    piece = pieces[0]
-                    if piece.nbytes <= size:
-                        frames.append(pieces.pop(0))
-                        size -= piece.nbytes
-                    else:
-                        frames.append(piece[:size])
-                        pieces[0] = piece[size:]
-                        size = 0
-                if len(frames) >= 2 * _FRAMES_PER_SEND:
-                    _send_all(self._sock, frames, deadline)
-                    frames = []
-            if frames:
-                _send_all(self._sock, frames, deadline)
-            if not left:
-                return
-
-    def _read_frame(self, deadline: float | None, call: _Call | None) -> None:
-        """Reads one frame and does what it asks: settings, pings, windows, the call's parts."""
-        head = self._read_exactly(9, deadline)
-        first, flags, stream = _FRAME_HEAD.unpack(head)
-        length, kind, stream = first >> 8, first & 0xFF, stream & _MAX_WINDOW
-        if length > _MAX_INBOUND_FRAME:
-            raise self._protocol_error(f"a frame of {length} bytes, over the {_MAX_INBOUND_FRAME}")
-        if length != _FIXED_LENGTHS.get(kind, length) or (kind == _GOAWAY and length < 8):
-            raise self._protocol_error(f"a frame of type {kind:#x} of {length} bytes")
-        if kind == _PUSH_PROMISE:
-            raise self._protocol_error("a PUSH_PROMISE, though push is disabled")
-        if kind == _DATA:
-            self._received += length
-            if self._received >= _MAX_WINDOW // 2:  # keep the connection's window open
-                self._sock.sendall(_window_update(0, self._received))
-                self._received = 0
-        if kind == _DATA and call is not None and stream == call.stream:
-            if not call.has_headers:
-                raise self._protocol_error("DATA before the answer's headers")
-            padding = self._read_exactly(1, deadline)[0] if flags & _PADDED else 0
-            data = length - (1 if flags & _PADDED else 0) - padding
-            if data < 0:
-                raise self._protocol_error("DATA frame padding longer than the frame")
-            while data:
-                target = call.next_target(data)
-                self._read_into(target, deadline)
-                call.filled(target.nbytes)
-                data -= target.nbytes
-            self._read_exactly(padding, deadline)
-            if flags & _END_STREAM:
-                call.end_without_trailers()
-            return
-        payload = self._read_exactly(length, deadline)
-        if kind in (_HEADERS, _CONTINUATION):
-            self._on_headers(kind, flags, stream, payload, deadline, call)
-        elif kind == _SETTINGS:
-            if not flags & _ACK:
-                self._on_settings(payload)
-        elif kind == _PING:
-            if not flags & _ACK:
-                self._sock.sendall(_frame_head(8, _PING, _ACK, 0) + payload)
-        elif kind == _WINDOW_UPDATE:
-            increment = struct.unpack(">I", payload)[0] & _MAX_WINDOW
-            if stream == 0:
-                self._send_window = self._grown(self._send_window, increment)
-            elif call is not None and stream == call.stream:
-                self._stream_window = self._grown(self._stream_window, increment)
-        elif kind == _RST_STREAM and call is not None and stream == call.stream:
-            code = struct.unpack(">I", payload)[0]
-            self.reusable = False
-            error = _NotTaken if code == _REFUSED_STREAM else ExecutorCallError
-            raise error(
-                _RESET_STATUS.get(code, grpc.StatusCode.INTERNAL),
-                f"the server reset the call (HTTP/2 error code {code:#x})",
-            )
-        elif kind == _GOAWAY:
-            self.reusable = False
-            last_stream = struct.unpack(">I", payload[:4])[0] & _MAX_WINDOW
-            if call is not None and call.stream > last_stream:
-                raise _NotTaken(_UNAVAILABLE, "the server is going away")
-        # Anything else (PRIORITY, frames of closed streams, unknown types) is ignored,
-        # as RFC 9113 asks.
-
-    def _on_headers(
-        self,
-        kind: int,
-        flags: int,
-        stream: int,
-        payload: bytes,
-        deadline: float | None,
-        call: _Call | None,
-    ) -> None:
-        if kind == _CONTINUATION:
-            raise self._protocol_error("CONTINUATION frame without HEADERS before it")
-        view = memoryview(payload)
-        if flags & _PADDED:
-            if not view or view[0] >= len(view):
-                raise self._protocol_error("HEADERS padding as long as the frame")
-            view = view[1 : len(view) - view[0]]
-        if flags & _PRIORITY:
-            if len(view) < 5:
-                raise self._protocol_error("HEADERS too short for its priority")
-            view = view[5:]
-        block = bytearray(view)
-        ends_stream = bool(flags & _END_STREAM)
-        while not flags & _END_HEADERS:  # the block goes on in CONTINUATION frames
-            first, flags, next_stream = _FRAME_HEAD.unpack(self._read_exactly(9, deadline))
-            length, kind = first >> 8, first & 0xFF
-            if kind != _CONTINUATION or next_stream & _MAX_WINDOW != stream:
-                raise self._protocol_error("a header block broken off")
-            if len(block) + length > _MAX_HEADER_BLOCK:
-                raise self._protocol_error(f"a header block over {_MAX_HEADER_BLOCK} bytes")
-            block += self._read_exactly(length, deadline)
-        try:
-            # Decoded even when not ours: the decoder's table must see every block.
-            fields = self._decoder.decode(bytes(block))
-        except hpack.HPACKError as e:
-            raise self._protocol_error(f"an undecodable header block ({e})") from e
-        if call is not None and stream == call.stream:
-            call.headers(fields, ends_stream)
-
-    def _on_settings(self, payload: bytes) -> None:
-        if len(payload) % 6:
-            raise self._protocol_error("a SETTINGS frame of a length not a multiple of 6")
-        for offset in range(0, len(payload), 6):
-            key, value = struct.unpack_from(">HI", payload, offset)
-            if key == _SETTINGS_INITIAL_WINDOW_SIZE:
-                if value > _MAX_WINDOW:
-                    raise self._protocol_error(f"an initial window of {value} bytes")
-                self._stream_window += value - self._peer_initial_window
-                self._peer_initial_window = value
-            elif key == _SETTINGS_MAX_FRAME_SIZE:
-                if not _MIN_FRAME <= value <= _MAX_FRAME:
-                    raise self._protocol_error(f"a largest frame of {value} bytes")
-                self._peer_max_frame = value
-            elif key == _SETTINGS_HEADER_TABLE_SIZE:
-                self._encoder.header_table_size = value
-        self._sock.sendall(_frame_head(0, _SETTINGS, _ACK, 0))
-        self._settings_seen = True
-
-    def _grown(self, window: int, increment: int) -> int:
-        """A send window after a WINDOW_UPDATE; RFC 9113 forbids 0 and more than 2^31-1."""
-        if increment == 0 or window + increment > _MAX_WINDOW:
-            raise self._protocol_error(f"a window update of {increment} bytes")
-        return window + increment
-
-    def _read_exactly(self, size: int, deadline: float | None) -> bytes:
-        buffer = bytearray(size)
-        self._read_into(memoryview(buffer), deadline)
-        return bytes(buffer)
-
-    def _read_into(self, target: memoryview, deadline: float | None) -> None:
-        while target.nbytes:
-            _set_timeout(self._sock, deadline)
-            got = self._sock.recv_into(target)
-            if not got:
-                self.reusable = False
-                raise ExecutorCallError(_UNAVAILABLE, "the server closed the connection mid-call")
-            target = target[got:]
-
-    def _protocol_error(self, what: str) -> ExecutorCallError:
-        self.reusable = False
-        return ExecutorCallError(grpc.StatusCode.INTERNAL, f"the server broke HTTP/2: {what}")
-
-    @contextlib.contextmanager
-    def _io(self, doing: str, deadline: float | None):  # type: ignore[no-untyped-def]
-        """Maps socket failures to gRPC statuses, as grpcio reports them."""
-        try:
-            _set_timeout(self._sock, deadline)
-            yield
-        except TimeoutError:
-            self.reusable = False
-            raise ExecutorCallError(_DEADLINE_EXCEEDED, "Deadline Exceeded") from None
-        except OSError as e:
-            self.reusable = False
-            raise ExecutorCallError(_UNAVAILABLE, f"{doing}: {e.strerror or e}") from None
-
-
-class _Call:
-    """One call's answer as it arrives: headers, the one message, trailers."""
-
-    def __init__(self, stream: int, max_message_bytes: int) -> None:
-        self.stream = stream
-        self._max = max_message_bytes
-        self._prefix = memoryview(bytearray(_MESSAGE_HEAD.size))
-        self._message: memoryview | None = None  # made once the prefix is in
-        self._at = 0  # bytes of the prefix, then of the message, received
-        self._status: str | None = None  # HTTP's, from the first header block
-        self._trailers: dict[str, str] | None = None
-        self.ended = False
-
-    def next_target(self, available: int) -> memoryview:
-        """Where the next (at most `available`) DATA bytes go."""
-        target = self._prefix if self._message is None else self._message
-        if self._at == target.nbytes:
-            raise self._error("more data than one message of the size its prefix declared")
-        return target[self._at : self._at + available]
-
-    def filled(self, count: int) -> None:
-        self._at += count
-        if self._message is None and self._at == self._prefix.nbytes:
-            compressed, size = _MESSAGE_HEAD.unpack(self._prefix)
-            if compressed:
-                raise self._error("a compressed message, which was not asked for")
-            if size > self._max:
-                raise ExecutorCallError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"an answer of {size} bytes, over the limit of {self._max}",
-                )
-            self._message = memoryview(new_buffer(size))
-            self._at = 0
-
-    @property
-    def has_headers(self) -> bool:
-        return self._status is not None
-
-    def headers(self, fields: list[tuple[str, str]], ends_stream: bool) -> None:
-        named = dict(fields)
-        if self._status is None:
-            self._status = named.get(":status", "")
-            if not ends_stream:
-                return
-        self._trailers = named
-        self.ended = True
-
-    def end_without_trailers(self) -> None:
-        self._trailers = {}
-        self.ended = True
-
-    def answer(self, method: str) -> memoryview:
-        trailers = self._trailers or {}
-        if self._status != "200":
-            raise ExecutorCallError(
-                grpc.StatusCode.UNKNOWN if self._status else grpc.StatusCode.INTERNAL,
-                f"{method}: HTTP status {self._status or 'missing'}",
-            )
-        if "grpc-status" not in trailers:
-            raise self._error("the call ended without a grpc-status")
-        status = trailers["grpc-status"]
-        number = int(status) if status.isascii() and status.isdecimal() else -1
-        code = _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
-        if code is not grpc.StatusCode.OK:
-            raise ExecutorCallError(code, urllib.parse.unquote(trailers.get("grpc-message", "")))
-        if self._message is None or self._at != self._message.nbytes:
-            raise self._error("the answer ended before its message did")
-        return self._message
-
-    def _error(self, what: str) -> ExecutorCallError:
-        return ExecutorCallError(grpc.StatusCode.INTERNAL, f"the server broke gRPC: {what}")
-
-
-def _frame_head(length: int, kind: int, flags: int, stream: int) -> bytes:
-    return _FRAME_HEAD.pack(length << 8 | kind, flags, stream)
-
-
-def _window_update(stream: int, increment: int) -> bytes:
-    return _frame_head(4, _WINDOW_UPDATE, 0, stream) + struct.pack(">I", increment)
-
-
-def _set_timeout(sock: socket.socket, deadline: float | None) -> None:
-    if deadline is None:
-        sock.settimeout(None)
-        return
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError
-    sock.settimeout(left)
-
-
-def _send_all(
-    sock: socket.socket, buffers: list[memoryview | bytes], deadline: float | None
-) -> None:
-    """`sendall` for several buffers at once (`sendmsg` may send part of them)."""
-    views = [memoryview(b) for b in buffers]
-    while views:
-        _set_timeout(sock, deadline)  # the whole send, not each part, is bounded
-        sent = sock.sendmsg(views[:1024])
-        while sent:
-            if views[0].nbytes <= sent:
-                sent -= views.pop(0).nbytes
-            else:
-                views[0] = views[0][sent:]
-                sent = 0

@@ -40,9 +40,12 @@ hold more than `Limits.max_pending_bytes`, however it lies:
   without one), on any inconsistency, and when its receiver says
   so (`discard`: the coordinator drops a call's transfer when the call ends).
 
-What the collector does not bound: a payload once joined is the task's
+What the collector does not bound: a payload once handed on is the task's
 request (or the call's response) like any unchunked one, one per running
 task.
+
+Why one module of some 430 lines: it is one class and the limits it keeps
+(above), which every path of `add` must charge and release alike.
 """
 
 from __future__ import annotations
