@@ -335,9 +335,16 @@ class SiloWorker:
     # ----------------------------------------------------------- task handling
 
     def _handle_in_order(self, entries: list[Entry]) -> None:
-        """Runs on the pool: a delivery's task(s), one after another (`Intake`)."""
+        """Runs on the pool: a delivery's task(s), one after another (`Intake`).
+
+        `_handle` settles every task; should it raise all the same, the
+        batch's later tasks still run, so that none is left in flight.
+        """
         for request, sequence, received in entries:
-            self._handle(request, sequence, received)
+            try:
+                self._handle(request, sequence, received)
+            except Exception:
+                self._log.exception("task_handler_failed")
 
     def _handle(self, request: TaskRequest, sequence: int, received: Received) -> None:
         """Runs on the pool: the task's outcome, settled by its request, and logged."""

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import tensorflow_federated as tff
 from hypothesis import given, settings
-from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.proto.v0 import computation_pb2, executor_pb2
 
-from flaap_mq.coordinator import value_read
+from flaap_mq.coordinator import value_read, value_wire
+from flaap_mq.protocol import wire
 from flaap_mq.tff_internals import structure, value_serialization
 from tests.unit.arrays import BIG, DTYPES, any_array, random_array
 
@@ -92,7 +93,8 @@ def test_structs_and_federated_values_are_read_as_tff_reads_them():
         (big, tff.FederatedType(big_type, tff.SERVER), 1),
         (big, tff.FederatedType(big_type, tff.CLIENTS, True), 1),
         (named, member, 1),
-        ([named], tff.FederatedType(member, tff.CLIENTS), 1),
+        # members that are structs: TFF checks their types against each other, so TFF reads them
+        ([named], tff.FederatedType(member, tff.CLIENTS), 0),
         (
             [big, [other, np.float64(2.5)]],
             tff.StructType(
@@ -142,3 +144,98 @@ def test_what_tff_refuses_it_refuses_with_tffs_error():
         _tffs(truncated, tff.TensorType(np.float32, [BIG]))
     with pytest.raises(type(theirs.value)):
         value_read.deserialize_compute_response(truncated, tff.TensorType(np.float32, [BIG]))
+
+
+# --- answers a silo wrote otherwise than TFF does --------------------------
+# A silo is not trusted to write its answer as TFF would; whatever it sends,
+# the coordinator must read what TFF reads, or fail as TFF fails.
+
+
+def _ld(number: int, body: bytes) -> bytes:
+    return wire.field_head(number, len(body)) + body
+
+
+def _vi(number: int, value: int) -> bytes:
+    return wire.varint(number << 3) + wire.varint(value & (2**64 - 1))
+
+
+N = BIG // 4 * 2  # float32 elements: 2x BIG bytes
+_CONTENT = np.arange(N, dtype=np.float32).tobytes()
+_TENSOR = tff.TensorType(np.float32, [N])
+_DTYPE = _vi(1, value_wire.dtype_enum(np.dtype(np.float32)))
+
+
+def _dims(*dims: int) -> bytes:
+    return _ld(2, b"".join(_vi(1, d) for d in dims))
+
+
+def _arr(*fields: bytes) -> bytes:
+    return _ld(6, b"".join(fields))  # Value.array
+
+
+_GOOD = _arr(_DTYPE, _dims(N), _ld(18, _CONTENT))
+
+
+def _element(name: bytes | None, value: bytes) -> bytes:
+    return _ld(1, (_ld(1, name) if name is not None else b"") + _ld(2, value))
+
+
+def _fed(*fields: bytes) -> bytes:
+    return _ld(5, b"".join(fields))  # Value.federated
+
+
+def _fed_type(uri: str, all_equal: bool = False) -> bytes:
+    federated = computation_pb2.FederatedType(all_equal=all_equal)
+    federated.placement.value.uri = uri
+    return _ld(1, federated.SerializeToString())
+
+
+_CLIENTS = tff.FederatedType(_TENSOR, tff.CLIENTS)
+_ALL_EQUAL = tff.FederatedType(_TENSOR, tff.CLIENTS, all_equal=True)
+_STRUCT = tff.StructType([("a", _TENSOR)])
+OTHERWISE = {
+    "shape-twice": (_arr(_DTYPE, _dims(1), _dims(N), _ld(18, _CONTENT)), _TENSOR),
+    "dtype-length-delimited": (_arr(_ld(1, _DTYPE[1:]), _dims(N), _ld(18, _CONTENT)), _TENSOR),
+    "shape-varint": (_arr(_DTYPE, _vi(2, 5), _ld(18, _CONTENT)), _TENSOR),
+    "negative-dims": (_arr(_DTYPE, _dims(-1, -N), _ld(18, _CONTENT)), _TENSOR),
+    "dims-overflowing": (_arr(_DTYPE, _dims(1 << 62, 4, N), _ld(18, _CONTENT)), _TENSOR),
+    "fields-out-of-order": (_arr(_ld(18, _CONTENT), _dims(N), _DTYPE), _TENSOR),
+    "content-short": (_arr(_DTYPE, _dims(N + 1), _ld(18, _CONTENT)), _TENSOR),
+    "oneof-twice": (_ld(3, _element(b"a", _GOOD)) + _GOOD, _TENSOR),
+    "name-not-utf8": (_ld(3, _element(b"\xff", _GOOD)), _STRUCT),
+    "name-varint": (_ld(3, _ld(1, _vi(1, 7) + _ld(2, _GOOD))), _STRUCT),
+    "federated-no-type": (_fed(_ld(2, _GOOD), _ld(2, _GOOD)), _CLIENTS),
+    "federated-bad-placement": (_fed(_fed_type("bogus"), _ld(2, _GOOD)), _CLIENTS),
+    "federated-type-twice": (
+        _fed(_fed_type("bogus"), _ld(2, _GOOD), _fed_type("clients")),
+        _CLIENTS,
+    ),
+    "federated-member-varint": (_fed(_fed_type("clients"), _ld(2, _GOOD), _vi(2, 0)), _CLIENTS),
+    "all-equal-junk-second": (
+        _fed(_fed_type("clients", True), _ld(2, _GOOD), _ld(2, b"\xff\xff")),
+        _ALL_EQUAL,
+    ),
+    "federated-structs-named-apart": (
+        _fed(
+            _fed_type("clients"),
+            _ld(2, _ld(3, _element(b"a", _GOOD))),
+            _ld(2, _ld(3, _element(b"b", _GOOD))),
+        ),
+        tff.FederatedType(tff.StructType([_TENSOR]), tff.CLIENTS),
+    ),
+    "two-million-unknown-fields": (_GOOD + _vi(9, 1) * 2_000_000, _TENSOR),
+    "well-formed": (_fed(_fed_type("clients"), _ld(2, _GOOD), _ld(2, _GOOD)), _CLIENTS),
+}
+
+
+@pytest.mark.parametrize("case", OTHERWISE, ids=list(OTHERWISE))
+def test_an_answer_written_otherwise_is_read_or_refused_as_tff_does(case):
+    value, type_spec = OTHERWISE[case]
+    answer = memoryview(_ld(1, value)).toreadonly()  # ComputeResponse.value
+    try:
+        theirs = _tffs(answer, type_spec)
+    except Exception as e:
+        with pytest.raises(type(e)):
+            value_read.deserialize_compute_response(answer, type_spec)
+        return
+    _assert_equal(value_read.deserialize_compute_response(answer, type_spec), theirs)
