@@ -43,8 +43,11 @@ BOUND = 32 * MiB
 MAX_TRANSFER = 16 * MiB
 # What the process may hold beyond the bound while attacked: the messages
 # in flight through pika (each body, and its frames while it is read) and
-# the allocator's slack. Far below what each attack tries to pin.
-SLACK = 48 * MiB
+# the allocator's slack. The worker, correct, grew 63 to 92 MiB here
+# (2026-11-30: 63-76 run alone, 84 and 92 after the parallel phase), so 48 MiB
+# proved too tight; an unbounded collector would add some 140 MiB (what the
+# attacks below try to pin), far over this.
+SLACK = 72 * MiB
 LIMITS = collector.Limits(max_transfer_bytes=MAX_TRANSFER, max_pending_bytes=BOUND)
 
 # serial: both tests measure a process's resident memory while it is
