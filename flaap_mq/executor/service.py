@@ -241,9 +241,10 @@ class ExecutorService:
     def open_channel(self) -> grpc.Channel:
         """A new gRPC channel to the executor (the caller closes it).
 
-        For TFF's own remote executor stub (the coordinator's `merge`, tests);
-        `call` goes through `ExecutorClient`, which receives an answer into
-        one buffer where grpcio holds it three times.
+        For TFF's own grpcio stub, which only the tests' reference runtime
+        uses (`flaap_mq/testing/tff_local.py`); `call`, and the coordinator's
+        merge executor, go through `ExecutorClient`, which receives an answer
+        into one buffer where grpcio holds it three times.
         """
         if self.target is None:
             raise RuntimeError("the executor service is not started")
