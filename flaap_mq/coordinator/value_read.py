@@ -116,7 +116,7 @@ def _array(body: memoryview, type_spec: computation_types.Type) -> tuple[object]
     )
     if fields is None or len(fields) != 3:
         return None
-    dtype = _dtype_by_enum().get(_varint(fields[_ARRAY["dtype"].number]))
+    dtype = _dtype_by_enum().get(wire.read_varint(fields[_ARRAY["dtype"].number], 0)[0])
     content = fields[_ARRAY["content"].number]
     if dtype is None or len(content) < MIN_DIRECT_BYTES:
         return None
@@ -213,13 +213,6 @@ def _fields(view: memoryview, most: int) -> Fields | None:
     except wire.WireError:
         return None
     return found
-
-
-def _varint(view: memoryview) -> int:
-    value = 0
-    for shift, byte in enumerate(view):
-        value |= (byte & 0x7F) << (7 * shift)
-    return value
 
 
 @functools.cache

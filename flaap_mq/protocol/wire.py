@@ -34,7 +34,8 @@ def varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+def read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and the position after it; `WireError` if it is cut off."""
     result = shift = 0
     while True:
         if pos >= len(view):
@@ -68,16 +69,16 @@ def fields(data: Buffer, max_fields: int = MAX_FIELDS) -> Iterator[tuple[int, in
         if count > max_fields:
             raise WireError(f"more than {max_fields} top-level fields: not a message of ours")
         start = pos
-        key, pos = _read_varint(view, pos)
+        key, pos = read_varint(view, pos)
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise WireError("field number 0")
         if wire_type == 2:  # length-delimited
-            length, pos = _read_varint(view, pos)
+            length, pos = read_varint(view, pos)
             value_start, pos = pos, pos + length
         elif wire_type == 0:
             value_start = pos
-            _, pos = _read_varint(view, pos)
+            _, pos = read_varint(view, pos)
         elif wire_type in (1, 5):
             value_start, pos = pos, pos + (8 if wire_type == 1 else 4)
         else:
