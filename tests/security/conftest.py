@@ -32,6 +32,7 @@ from flaap_mq.testing import cli
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY_CONF = REPO / "deploy" / "rabbitmq" / "rabbitmq.conf"
+DEPLOY_ADVANCED_CONFIG = REPO / "deploy" / "rabbitmq" / "advanced.config"
 VHOST = "federation"
 PREFIX = "flaap"
 COORDINATOR = "coordinator"
@@ -184,7 +185,10 @@ def secure_broker() -> Iterator[SecureBroker]:
     secrets_dir = tls.directory / "secrets"
     definitions = tls.directory / "definitions.json"
     generate_definitions(secrets_dir, definitions)
-    node = PrivateBrokerNode(rabbitmq_conf=deploy_conf_for(tls, tls_port))
+    node = PrivateBrokerNode(
+        rabbitmq_conf=deploy_conf_for(tls, tls_port),
+        advanced_config=DEPLOY_ADVANCED_CONFIG.read_text(),
+    )
     try:
         node.start()
         node.rabbitmqctl("import_definitions", str(definitions))
