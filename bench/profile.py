@@ -171,9 +171,9 @@ LINK_STEPS: list[tuple[str, str, Callable[..., int] | None]] = [
         lambda self, task_id, transfer, index, part: len(part),
     ),
     (
-        "flaap_mq.protocol.collector:Parts.join",
-        "copy: whole payload to bytes (Parts.join)",
-        lambda self: self.total_size,
+        "flaap_mq.protocol.collector:Parts.view",
+        "io: whole payload checked, not copied (Parts.view)",
+        None,
     ),
     (
         "flaap_mq.protocol.chunking:sha256_of",
@@ -221,6 +221,11 @@ COORDINATOR_STEPS: list[tuple[str, str, Callable[..., int] | None]] = [
     *LINK_STEPS,
     (f"{_VS}:serialize_value", "TFF: serialize_value", None),
     (f"{_VS}:deserialize_value", "TFF: deserialize_value", None),
+    (
+        "flaap_mq.coordinator.value_read:deserialize_compute_response",
+        "value_read: answer read where it arrived (else TFF's)",
+        None,
+    ),
     (f"{_REMOTE}:RemoteExecutor.create_value", "RemoteExecutor.create_value", None),
     (f"{_REMOTE}:RemoteExecutor._compute", "RemoteExecutor._compute", None),
     *((f"{_STUB}:RemoteExecutorGrpcStub.{m}", f"gRPC: {m}", None) for m in STUB_METHODS),

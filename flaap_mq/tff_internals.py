@@ -39,6 +39,9 @@ from tensorflow_federated.python.core.impl.executors import (
     remote_executor_stub,
     value_serialization,
 )
+from tensorflow_federated.python.core.impl.federated_context.federated_computation import (
+    federated_computation,
+)
 from tensorflow_federated.python.core.impl.types import (
     computation_types,
     placements,
@@ -61,6 +64,7 @@ __all__ = [
     "executor_base",
     "executor_value_base",
     "executors_errors",
+    "federated_computation",
     "ingestable_base",
     "invoke_merge_in_async_pool",
     "invoke_once",

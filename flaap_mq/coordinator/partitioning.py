@@ -44,6 +44,8 @@ This module provides:
   ``flaap_mq.coordinator.local_merge``) instead of on a silo, so that no silo
   receives another silo's partial aggregate, and in part order, so that the
   same inputs give the same bits whichever silo finishes first.
+* :func:`_whole`, what runs when there is a single part: the computation
+  whole, on that part's silo, in one round trip (nothing to merge).
 * :class:`SiloSplittingContext`, TFF's ``MergeableCompExecutionContext`` with
   only the argument splitting, the result ordering and (given a
   ``merge_context``) where ``merge`` runs replaced.
@@ -62,6 +64,8 @@ marked; kept together, it can be diffed against TFF's
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -406,6 +410,43 @@ async def _invoke_merge_on_coordinator(
     return merged, last_context
 
 
+_wholes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_wholes_lock = threading.Lock()
+
+
+def _whole(comp: mergeable_comp_execution_context.MergeableCompForm) -> object:
+    """`comp` as one computation: `after_merge(arg, up_to_merge(arg))`.
+
+    What runs when an invocation has a single part (one silo, or one client):
+    there is nothing to merge, so `up_to_merge` and `after_merge` run as one
+    invocation on that part's silo, one broker round trip where the two
+    steps took two (or one and 5 calls to the merge executor). The silo
+    learns nothing it did not hold: with one part it already receives the
+    whole argument, and the merged result is its own partial result, so
+    what `after_merge` makes of them it could compute itself. TFF's remote
+    runtime likewise runs a computation whole on its one worker.
+
+    One per `comp` (TFF's compiler caches `comp`), so each silo context
+    compiles it once.
+    """
+    with _wholes_lock:
+        whole = _wholes.get(comp)
+        if whole is None:
+            whole = _wholes[comp] = _compose(comp)
+        return whole
+
+
+def _compose(comp: mergeable_comp_execution_context.MergeableCompForm) -> object:
+    parameter = comp.up_to_merge.type_signature.parameter
+    if parameter is None:
+        return tffi.federated_computation(lambda: comp.after_merge(comp.up_to_merge()))
+    # As `compute_after_merged`: with an argument, `after_merge` takes
+    # `<original_arg, merge_result>`.
+    return tffi.federated_computation(
+        lambda arg: comp.after_merge(arg, comp.up_to_merge(arg)), parameter
+    )
+
+
 async def _invoke_mergeable_comp_form_in_order(
     comp: mergeable_comp_execution_context.MergeableCompForm,
     arg: PartitionedArgument | None,
@@ -424,10 +465,17 @@ async def _invoke_mergeable_comp_form_in_order(
 
     With a `merge_context`, every `merge` runs there (on the coordinator)
     instead of on a silo, by way of `_invoke_merge_on_coordinator`, and so does
-    an `after_merge` whose result has no per-client part.
+    an `after_merge` whose result has no per-client part. A single part has
+    nothing to merge: `comp` then runs whole on its silo (`_whole`).
     """
     # Not TFF's: each part is sent to a silo once (see `part_arguments`).
     arg_list = part_arguments(arg, len(execution_contexts))
+    if len(arg_list) == 1:
+        # Not TFF's either: one part has nothing to merge (see `_whole`).
+        result = await execution_contexts[0].invoke(_whole(comp), arg_list[0])
+        return tffi.repackage_partitioned_values(
+            [result], result_type_spec=comp.after_merge.type_signature.result
+        )
 
     if merge_context is None:
         merge_result, last_context = await tffi.invoke_merge_in_async_pool(

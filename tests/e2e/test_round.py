@@ -293,6 +293,42 @@ def test_after_merge_without_per_client_results_runs_on_the_coordinator(silos):
     assert len(set(tasks.values())) == 1 and tasks["a"] > 0, tasks
 
 
+def test_a_single_part_runs_whole_on_its_silo_in_one_round_trip(silos):
+    """One client makes one part: nothing to merge, so up_to_merge and after_merge
+    run as one computation on that part's silo (partitioning._whole), one Compute
+    in all, instead of a silo round trip and then the merge executor. The other
+    silos get nothing; per-client results come back whole."""
+    context = tff.framework.get_context_stack().current
+    merge_context = context.merge_context
+    computes: list[str] = []
+    context.client.observe(lambda e: computes.append(e.silo_id) if e.request == "Compute" else None)
+    temperature_average([[1.0]])  # warm: the composed computation compiled and sent
+    runs_before, tasks_before = merge_context.merges_run, _tasks_by_silo(silos)
+    computes.clear()
+    assert temperature_average([[7.0, 9.0]]) == pytest.approx(8.0)
+    assert deviations_from_mean([4.0]) == pytest.approx([0.0])
+    assert computes == ["a", "a"]
+    assert merge_context.merges_run == runs_before
+    tasks = {s: n - tasks_before[s] for s, n in _tasks_by_silo(silos).items()}
+    assert tasks["a"] > 0 and tasks["b"] == tasks["c"] == 0, tasks
+
+
+def test_one_silo_runs_a_computation_whole_and_returns_per_client_results(
+    fleet, broker_url, module_prefix
+):
+    """A federation of one silo: every invocation is one part, run whole there."""
+    with (
+        flaap_mq.create_execution_context(
+            broker_url, ["b"], topology_prefix=module_prefix, task_timeout=120
+        ) as context,
+        tff.framework.get_context_stack().install(context),
+    ):
+        assert deviations_from_mean([1.0, 2.0, 6.0]) == pytest.approx([-2.0, -1.0, 3.0])
+        assert temperature_average([[1.0, 3.0], [8.0]]) == pytest.approx(5.0)
+        assert broadcast_map_sum(2.0) == pytest.approx(3.0)  # no argument split: one part
+        assert context.merge_context.merges_run == 0
+
+
 def test_each_computation_is_sent_to_a_silo_once(silos):
     """Later invocations reuse the computation's value instead of sending it again."""
     context = tff.framework.get_context_stack().current

@@ -183,9 +183,9 @@ def test_a_drain_mid_compute_answers_has_the_reply_confirmed_and_exits(
 
             thread = threading.Thread(target=run_round, daemon=True)
             thread.start()
-            # TFF first runs a quick chain, then the slow one, which starts
-            # with a CreateStruct of the client's data.
-            _wait_for_slow_call(worker, after="CreateStruct")
+            # One part, run whole on the silo: the computation's and the
+            # client's CreateValue, a quick CreateCall, then the slow Compute.
+            _wait_for_slow_call(worker, after="CreateCall")
             signalled_at = time.time()
             if ctrl_c:
                 worker.interrupt()  # SIGINT to the worker's whole process group
