@@ -546,7 +546,9 @@ def tiny_segments(coordinator: Sequence[Event], worker: Sequence[Event]) -> dict
             ),
             "broker: reply in, out + coordinator I/O": taken[1] - w_end,
             "coordinator after the reply": t1 - taken[1],
-            "  of which local merge gRPC (busy)": _busy(coordinator, "gRPC:", taken[1], t1),
+            "  of which the merge executor's calls (busy)": _busy(
+                coordinator, "merge executor:", taken[1], t1
+            ),
             "total": t1 - t0,
         }
         for name, seconds in segments.items():
