@@ -82,9 +82,16 @@ class LocalMergeContext(async_execution_context.AsyncExecutionContext):
         def executor_for(
             cardinalities: dict[placements.PlacementLiteral, int],
         ) -> remote_executor.RemoteExecutor:
-            # As TFF's local_cpp_executor_factory; `merge` is unplaced anyway.
+            # No CLIENTS-placed argument to count them (`merge` is unplaced;
+            # an `after_merge` run here may have an argument without clients):
+            # one client, where TFF's local_cpp_executor_factory has none. An
+            # all-equal CLIENTS result (a broadcast of the aggregate) needs a
+            # member to be read back ("deserialize federated value with no
+            # data" with none), and how many there are cannot change its
+            # value: `after_merge` holds no aggregation (TFF's mergeable form),
+            # and a per-client result runs on the silos, never here.
             if cardinalities.get(placements.CLIENTS) is None:
-                cardinalities[placements.CLIENTS] = 0
+                cardinalities[placements.CLIENTS] = 1
             executor = _MergeExecutor(ServiceStub(service))
             executor.set_cardinalities(cardinalities)
             self._executors.append(executor)
