@@ -218,6 +218,42 @@ def test_train_matches_tff_local_runtime(fleet, broker_url, module_prefix, data_
     )
 
 
+def test_fedavg_at_one_silo_matches_tff_local_runtime(fleet, broker_url, module_prefix, data_dir):
+    """A federation of one silo runs each round whole on it (`partitioning._whole`):
+    FedAvg's rounds there equal TFF's local runtime on that silo's data."""
+    silo = SILOS[0]
+    algorithm = SiloFedAvg(TrainingConfig(seed=SEED, rounds=2))
+    with (
+        flaap_mq.create_execution_context(
+            broker_url, [silo], topology_prefix=module_prefix, task_timeout=300
+        ) as context,
+        tff.framework.get_context_stack().install(context),
+    ):
+        state = algorithm.initial_state()
+        remote_metrics = []
+        for _ in range(2):
+            state, metrics = algorithm.round(state)
+            remote_metrics.append(metrics)
+        remote = [np.asarray(w) for w in algorithm.model_weights(state).trainable]
+        assert context.merge_context.merges_run == 0  # nothing merged, nothing after
+    dataset = read_silo_dataset(data_dir / silo, digits.DEFAULT_NAME, digits.ELEMENT_SPEC)
+    with (
+        local_cpp_contexts(with_sync=True) as (_, local),
+        tff.framework.get_context_stack().install(local),
+    ):
+        state = algorithm.initial_state()
+        local_metrics = []
+        for _ in range(2):
+            state, metrics = algorithm.round_with_data(state, [dataset])
+            local_metrics.append(metrics)
+        local_weights = [np.asarray(w) for w in algorithm.model_weights(state).trainable]
+    for r, lw in zip(remote, local_weights, strict=True):
+        np.testing.assert_allclose(r, lw, atol=1e-5)
+    for got, want in zip(remote_metrics, local_metrics, strict=True):
+        assert got.loss == pytest.approx(want.loss, rel=1e-4)
+        assert got.num_examples == want.num_examples
+
+
 @pytest.mark.slow
 def test_30_rounds_reach_090_on_3_skewed_silos(
     fleet, broker_url, module_prefix, data_dir, tmp_path
