@@ -20,7 +20,8 @@ mirrors TFF's
 process.  An `after_merge` whose result has no per-client part runs here
 too (TFF runs it on a silo, which then sees the final aggregate); one with
 per-client results runs on the silos, which hold the CLIENTS-placed values,
-and receives only the merged (global) result.
+and receives only the merged (global) result.  An invocation with a single
+part needs neither: it runs whole on its silo (`partitioning._whole`).
 """
 
 from __future__ import annotations
