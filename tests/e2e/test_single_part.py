@@ -33,6 +33,7 @@ import flaap_mq
 from flaap_mq.examples import temperature_average
 from flaap_mq.testing.tff_local import local_cpp_contexts
 from flaap_mq.tff_internals import mergeable_comp_execution_context, type_analysis
+from tests.e2e.test_round import add_one, broadcast_map_sum, deviations_from_mean
 
 SILOS = ["a", "b", "c"]
 
@@ -49,11 +50,6 @@ Totals = collections.namedtuple("Totals", ["total", "weighted_mean"])
 
 # --------------------------------------------------------------------------
 # TensorFlow building blocks.
-
-
-@tff.tensorflow.computation(np.float32)
-def add_one(x):
-    return x + 1.0
 
 
 @tff.tensorflow.computation
@@ -123,17 +119,6 @@ def server_map(x):
 @tff.federated_computation(SERVER_F)
 def server_identity(x):
     return x
-
-
-@tff.federated_computation(SERVER_F)
-def broadcast_map_sum(x):
-    return tff.federated_sum(tff.federated_map(add_one, tff.federated_broadcast(x)))
-
-
-@tff.federated_computation(CLIENTS_F)
-def deviations_from_mean(values):
-    mean = tff.federated_broadcast(tff.federated_mean(values))
-    return tff.federated_map(subtract, tff.federated_zip([values, mean]))
 
 
 @tff.federated_computation(CLIENTS_F)
