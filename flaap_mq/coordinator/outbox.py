@@ -18,7 +18,9 @@ When held tasks go (`flush`), in the order they were sent:
   one-way task's confirm but the Compute that takes it along
   (`SiloValue.wait_sent`), so lingering costs nobody time;
 * at once, when sent from a thread with no running loop (a value
-  finalizer's Dispose on the garbage collector's thread);
+  finalizer's Dispose on the garbage collector's thread), unless a running
+  loop already has a linger pending for that silo: then it joins the held
+  chain instead of sending it ahead of its Compute;
 * before a task too large to batch, which then goes alone (sliced if
   need be), and whenever a batch would grow past `MAX_BATCH_TASKS` tasks or
   `max_bytes` of requests;
@@ -45,8 +47,12 @@ from flaap_mq.protocol import batch
 
 # How long a one-way task sent from an event loop may wait for an awaited task
 # to its silo to take it along (module docstring). A chain's requests are
-# made within about a millisecond of each other (docs/benchmarks.md).
-LINGER_S = 0.005
+# made within about a millisecond of each other (docs/benchmarks.md), but on
+# a loaded machine the loop's thread can wait its turn for longer: at 5 ms a
+# chain was sometimes split in two messages under `make test`. Nothing waits
+# for a held task but the awaited task that takes it along, so a longer
+# linger costs nobody time.
+LINGER_S = 0.05
 # A request larger than this goes alone: batching saves a message's fixed
 # cost, which a large request dwarfs.
 BATCHED_REQUEST_BYTES = 64 * 1024
@@ -121,9 +127,13 @@ class Outbox:
         """Has the silo's held tasks published `LINGER_S` from now, unless they go before."""
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop in this thread: nothing follows soon
-            if now_if_no_loop:
-                self.flush(silo_id)
+        except RuntimeError:  # no loop in this thread
+            with self._lock:
+                asked = self._flush_asked.get(silo_id)
+                # A running loop's linger (or the chain's awaited task) sends
+                # it with what is held; else nothing follows soon.
+                if now_if_no_loop and not (asked is not None and asked[0].is_running()):
+                    self.flush(silo_id)
             return
         with self._lock:
             # Once per held batch. A flush asked of a loop that has since

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -223,3 +224,39 @@ def test_silos_are_held_apart_and_close_sends_what_is_left(outbox, link):
     asyncio.run(both())
     sent = {link.messages[i][0]: link.task_ids(i) for i in range(len(link.messages))}
     assert sent == {"a": ["a1", "a2"], "b": ["b1"]}
+
+
+async def _send_on_loop(outbox: Outbox, out: Any) -> concurrent.futures.Future[None]:
+    return outbox.send(out)
+
+
+def test_a_disposal_from_a_thread_without_a_loop_joins_a_chain_held_on_a_loop(outbox, link):
+    """The garbage collector's thread disposes of a value while a chain is held on
+    a running loop. Sent at once, the disposal would take the chain's Create*
+    tasks with it and leave its Compute to go alone; it joins them instead, and
+    goes with the Compute, or at the loop's linger if no awaited task comes."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def on_loop(out: Any) -> None:
+        asyncio.run_coroutine_threadsafe(_send_on_loop(outbox, out), loop).result(5)
+
+    try:
+        on_loop(_out("v0"))
+        outbox.send(_out("d1"))  # this thread has no loop
+        assert link.messages == []
+        on_loop(_out("c1", reply=True))
+        assert [link.task_ids(i) for i in range(len(link.messages))] == [["v0", "d1", "c1"]]
+
+        on_loop(_out("v2"))
+        outbox.send(_out("d2"))
+        assert len(link.messages) == 1
+        deadline = time.monotonic() + 5
+        while len(link.messages) < 2 and time.monotonic() < deadline:
+            time.sleep(outbox_module.LINGER_S)
+        assert [link.task_ids(i) for i in range(len(link.messages))][1:] == [["v2", "d2"]]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
