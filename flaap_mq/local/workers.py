@@ -8,6 +8,7 @@ them: whatever happens, `close()` leaves none running.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -137,6 +138,32 @@ class WorkerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def task_events(self, at_least: int = 0, timeout_s: float = 30.0) -> list[dict]:
+        """The `task` events in the worker's JSON log, once `at_least` are there.
+
+        The worker logs a task after settling it, so its reply can reach the
+        coordinator before the line is written: a caller that knows how many
+        tasks it sent waits for that many instead of reading too early.
+        Raises TimeoutError if they are not all logged within `timeout_s`.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            text = self.log_text()
+            complete = text[: text.rfind("\n") + 1]  # not a line still being written
+            events = [
+                event
+                for event in (json.loads(line) for line in complete.splitlines() if line[:1] == "{")
+                if event.get("event") == "task"
+            ]
+            if len(events) >= at_least:
+                return events
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"worker {self.silo_id} logged {len(events)} tasks in {timeout_s:.0f} s,"
+                    f" not the {at_least} it was sent"
+                )
+            time.sleep(0.05)
 
     def stop(self, grace_s: float = 30.0) -> int:
         """SIGTERM, as systemd does; SIGKILL if it has not exited in time."""

@@ -8,7 +8,7 @@ one (docs/design.md, "One broker round trip per chain").
 
 from __future__ import annotations
 
-import json
+import collections
 
 import numpy as np
 import pytest
@@ -24,16 +24,6 @@ def mean(values):
     return tff.federated_mean(values)
 
 
-def _tasks(worker) -> list[dict]:
-    return [
-        event
-        for event in (
-            json.loads(line) for line in worker.log_text().splitlines() if line[:1] == "{"
-        )
-        if event.get("event") == "task"
-    ]
-
-
 def test_each_silo_gets_one_message_per_invocation_and_answers_once(
     module_workers, broker_url, module_prefix
 ):
@@ -45,8 +35,11 @@ def test_each_silo_gets_one_message_per_invocation_and_answers_once(
         ) as context,
         tff.framework.get_context_stack().install(context),
     ):
+        # Each worker logs a task after replying: wait for as many as were sent.
+        sent = collections.Counter()
+        context.client.observe(lambda exchange: sent.update([exchange.silo_id]))
         assert mean([1.0, 2.0, 3.0]) == pytest.approx(2.0)  # executors made, computation sent
-        seen = {s: len(_tasks(w)) for s, w in fleet.workers.items()}
+        seen = {s: len(w.task_events(at_least=sent[s])) for s, w in fleet.workers.items()}
         messages, requests = context.client.messages_published, context.client.requests_sent
         for i in range(calls):
             assert mean([float(i), 2.0 * i, 3.0 * i]) == pytest.approx(2.0 * i)
@@ -57,7 +50,7 @@ def test_each_silo_gets_one_message_per_invocation_and_answers_once(
     assert requests >= 3 * calls * len(SILOS)
     assert messages <= requests / 2, (messages, requests)
     for silo_id, worker in fleet.workers.items():
-        tasks = _tasks(worker)[seen[silo_id] :]
+        tasks = worker.task_events(at_least=sent[silo_id])[seen[silo_id] :]
         awaited = [t for t in tasks if not t["one_way"]]
         assert len(awaited) == calls, (silo_id, awaited)  # one answer per invocation
         # Every Compute came with the tasks of its chain, in one batch.

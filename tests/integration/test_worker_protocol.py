@@ -544,11 +544,19 @@ def _chain(executor: _Executor, *, argument: executor_pb2.Value | None = None):
     return requests, task_ids
 
 
-def _logged_tasks(raw: RawCoordinator, task_ids: list[str]) -> list[dict]:
-    """The worker's `task` log lines for `task_ids`, in the order logged."""
+def _logged_tasks(raw: RawCoordinator, task_ids: list[str], count: int) -> list[dict]:
+    """The worker's `task` log events for `task_ids`, in the order logged.
+
+    The worker logs a task after settling it, so the reply (or the
+    dead-lettering) can come before the line: wait up to 30 s for `count`.
+    """
     wanted = set(task_ids)
-    events = [json.loads(line) for line in raw.worker.log_text().splitlines() if '"task"' in line]
-    return [e for e in events if e.get("event") == "task" and e.get("task_id") in wanted]
+    deadline = time.monotonic() + 30
+    while True:
+        logged = [e for e in raw.worker.task_events() if e.get("task_id") in wanted]
+        if len(logged) >= count or time.monotonic() > deadline:
+            return logged
+        time.sleep(0.05)
 
 
 def _nothing_left_unacked(raw: RawCoordinator) -> bool:
@@ -566,7 +574,7 @@ def test_a_batch_runs_its_chain_and_answers_its_last_task_once(raw):
     assert properties.correlation_id == result.task_id == task_ids[-1]
     assert _computed_float(result) == 3.0
     assert raw.no_reply_within(1.0)  # the three Create* tasks are one-way
-    logged = _logged_tasks(raw, task_ids)
+    logged = _logged_tasks(raw, task_ids, len(task_ids))
     assert sorted(e["task_id"] for e in logged) == sorted(task_ids)
     assert all(e["batched"] and e["outcome"] == "ok" and not e["cached"] for e in logged)
     assert _nothing_left_unacked(raw)  # acked, once every task was done
@@ -581,7 +589,7 @@ def test_a_batch_delivered_again_is_answered_from_the_cache_not_run_again(raw):
     _send_batch(raw, body, task_ids[-1])  # as the broker redelivers it
     _, second = raw.reply()
     assert second.SerializeToString() == first.SerializeToString()
-    logged = _logged_tasks(raw, task_ids)
+    logged = _logged_tasks(raw, task_ids, 8)
     assert len(logged) == 8
     ran = [e for e in logged if not e["cached"]]
     assert sorted(e["task_id"] for e in ran) == sorted(task_ids)  # each task ran once
@@ -631,4 +639,5 @@ def test_a_batch_with_a_task_no_worker_can_run_is_dead_lettered_once_the_rest_is
     assert_rejected_by_the_worker(raw.dead_letter(task_ids[-1]), raw.names.silo_queue("a"))
     reason = logged_dead_letter_reason(raw.worker.log_text(), task_ids[0])
     assert "Compute task needs a reply_to" in reason
-    assert {e["task_id"] for e in _logged_tasks(raw, task_ids)} == set(task_ids)  # all ran
+    logged = _logged_tasks(raw, task_ids, len(task_ids))
+    assert {e["task_id"] for e in logged} == set(task_ids)  # all ran
