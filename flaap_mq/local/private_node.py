@@ -24,6 +24,8 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -180,15 +182,14 @@ class PrivateBrokerNode(Lifecycle):
             return
         began = time.monotonic()
         deadline = began + self._stop_timeout
-        try:
-            result = self._ctl(["stop"], timeout=self._stop_timeout)
-            stopping = result.returncode == 0
-            if not stopping:
-                logger.warning("rabbitmqctl stop failed: %s", output_of(result))
-        except subprocess.TimeoutExpired:
-            stopping = False
-            logger.warning("rabbitmqctl stop timed out for %s", self._node_name)
-        # `rabbitmqctl stop` returns when the node agrees to halt, before the VM has exited.
+        # SIGTERM stops a node as `rabbitmqctl stop` does (RabbitMQ's signal
+        # handler calls init:stop()), without booting a VM for rabbitmqctl.
+        stopping = False
+        for process in self.os_processes():
+            with contextlib.suppress(psutil.Error):
+                if process.name() == "beam.smp":
+                    process.send_signal(signal.SIGTERM)
+                    stopping = True
         while stopping and self.os_processes() and time.monotonic() < deadline:
             time.sleep(0.2)
         if self.os_processes():
@@ -294,6 +295,18 @@ class PrivateBrokerNode(Lifecycle):
             )
 
     def _await_startup(self, deadline: float) -> None:
+        # Each rabbitmqctl call boots an Erlang VM (half a CPU-second), and
+        # await_startup fails at once until the node has registered with epmd:
+        # so ask epmd first, which costs nothing.
+        short_name = self._node_name.split("@")[0]
+        polls = 0
+        while not _registered_with_epmd(short_name):
+            if time.monotonic() > deadline:
+                raise self._boot_error(f"not up after {self._start_timeout:.0f} s", "")
+            polls += 1
+            if polls % 10 == 0 and not self.os_processes():
+                raise self._boot_error("the node exited while booting", "")
+            time.sleep(0.1)
         last_output = ""
         while True:
             remaining = deadline - time.monotonic()
@@ -372,6 +385,21 @@ class PrivateBrokerNode(Lifecycle):
                 "killing node %s processes %s", self._node_name, [p.pid for p in processes]
             )
             terminate(processes)
+
+
+def _registered_with_epmd(short_name: str) -> bool:
+    """Whether the local epmd lists an Erlang node named `short_name` (NAMES_REQ)."""
+    port = int(os.environ.get("ERL_EPMD_PORT", "4369"))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as conn:
+            conn.sendall(b"\x00\x01n")
+            answer = b""
+            while chunk := conn.recv(4096):
+                answer += chunk
+    except OSError:
+        return False  # no epmd yet: the node starts it
+    # After epmd's own port (4 bytes): one "name N at port P" line per node.
+    return f"name {short_name} at port ".encode() in answer[4:]
 
 
 def _chown_tree(root: Path, user: str) -> None:
