@@ -41,12 +41,13 @@ demo: install
 	$(VENV)/bin/flaap-mq demo
 
 # Most tests wait (on brokers, executors, subprocesses), so six pytest-xdist
-# workers share the 2 cores (four left them idle a fifth of the time: 5 min 11 s
-# against 4 min 38 s here); --dist loadfile keeps a module's tests, and its
+# workers share the 2 cores (four left them idle a fifth of the time; eight
+# were no faster); --dist loadfile keeps a module's tests, and its
 # module-scoped fleets and broker nodes, in one worker, and the longest modules
-# are handed out first (tests/conftest.py), not by test count. Tests marked serial push
-# a broker to its alarms and run alone afterwards. Both runs run, so a failure
-# in the first does not hide the second's.
+# are handed out first (tests/conftest.py), not by test count. Tests marked
+# serial push a broker to its alarms and run alone, first: their run writes the
+# bytecode caches, which the six workers then read instead of each writing them
+# at once. Both runs run, so a failure in the first does not hide the second's.
 TEST_WORKERS ?= 6
 TEST_MARKS := not faults and not slow
 # Where PYTHONDONTWRITEBYTECODE is set (this machine sets it), nothing is
@@ -56,10 +57,10 @@ TEST_MARKS := not faults and not slow
 # The test targets write the caches (to __pycache__/, which git ignores).
 test test-faults test-slow test-systemd bench: export PYTHONDONTWRITEBYTECODE =
 test: install
-	$(PY) -m pytest tests -m "$(TEST_MARKS) and not serial" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; \
-	  parallel=$$?; \
-	  $(PY) -m pytest tests -m "$(TEST_MARKS) and serial"; \
+	$(PY) -m pytest tests -m "$(TEST_MARKS) and serial"; \
 	  serial=$$?; \
+	  $(PY) -m pytest tests -m "$(TEST_MARKS) and not serial" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; \
+	  parallel=$$?; \
 	  test $$parallel -eq 0 -a $$serial -eq 0
 
 # --tb=native: pytest's own traceback formatting crashed (INTERNALERROR, an

@@ -98,10 +98,16 @@ def test_a_directory_of_another_configuration_is_refused_and_fresh_starts_over(
     assert tr.row_rounds(out) == list(range(tr.ROUNDS + 1))
     assert tr.saved_rounds(out)[-1] == tr.ROUNDS
 
-    # --fresh: the other configuration, from round 0.
+    # --fresh: the other configuration, from round 0 (one local epoch: the
+    # round only has to run, not to last long enough to be killed in).
     fresh = run_cli(
         *tr.train_args(
-            broker_url, module_prefix, data_dir, out, "--hidden-units", "16", "--fresh", rounds=1
+            broker_url,
+            module_prefix,
+            data_dir,
+            out,
+            *("--hidden-units", "16", "--local-epochs", "1", "--fresh"),
+            rounds=1,
         ),
         cwd=tmp_path,
         timeout=300,
