@@ -39,13 +39,11 @@ from flaap_mq.coordinator import errors, partitioning
 from flaap_mq.coordinator.task_client import TaskClient
 from flaap_mq.logs import get_logger
 from flaap_mq.tff_internals import (
-    computation_types,
     compute_after_merged,
     context_base,
     invoke_up_to_merge_and_return_context,
     merge_results,
     mergeable_comp_execution_context,
-    type_analysis,
 )
 
 log = get_logger("flaap_mq.coordinator")
@@ -76,17 +74,10 @@ class Participation:
         return ";".join(f"{silo}:{reason}" for silo, reason in self.dropped.items())
 
 
-def _no_per_client_part(type_spec: computation_types.Type) -> bool:
-    def predicate(t: computation_types.Type) -> bool:
-        return not isinstance(t, computation_types.FederatedType) or t.all_equal
-
-    return type_analysis.contains_only(type_spec, predicate)
-
-
 def droppable(comp: MergeableCompForm) -> str | None:
     """None if a silo's part of `comp` may be dropped; else why not (the soundness rule)."""
     result = comp.after_merge.type_signature.result
-    if not _no_per_client_part(result):
+    if not partitioning.has_no_per_client_part(result):
         return (
             f"its result ({result}) has a per-client (CLIENTS-placed) part, which would "
             "silently lose that silo's clients"

@@ -118,6 +118,19 @@ def _contains_split_leaf(type_spec: computation_types.Type) -> bool:
     return _is_split_leaf(type_spec)
 
 
+def has_no_per_client_part(type_spec: computation_types.Type) -> bool:
+    """Whether every federated value in `type_spec` is all-equal (none CLIENTS-placed).
+
+    TFF's test for running `after_merge` once instead of once per part; also
+    whether a silo's part may be dropped (`participation.droppable`).
+    """
+
+    def all_equal(t: computation_types.Type) -> bool:
+        return not isinstance(t, computation_types.FederatedType) or t.all_equal
+
+    return type_analysis.contains_only(type_spec, all_equal)
+
+
 def _client_ranges(num_clients: int, num_silos: int) -> list[slice]:
     """Contiguous client ranges, one per used silo, sizes as even as possible.
 
@@ -486,10 +499,7 @@ async def _invoke_mergeable_comp_form_in_order(
             comp, arg_list, execution_contexts, merge_context
         )
 
-    def _predicate(type_spec: computation_types.Type) -> bool:
-        return not isinstance(type_spec, computation_types.FederatedType) or type_spec.all_equal
-
-    if type_analysis.contains_only(comp.after_merge.type_signature.result, _predicate):
+    if has_no_per_client_part(comp.after_merge.type_signature.result):
         # No per-client part in the result: every part's after_merge would give
         # the same value, so, as TFF does, it runs once, on the first part. TFF
         # runs it on the silo that finished last, which thereby sees the final
