@@ -13,6 +13,10 @@ crashed, left one running for hours. So each running node has a reaper
 (`_REAPER`), a standard-library process that waits on a pipe from the
 node's owner; when the pipe closes without the owner having stopped the node
 (the owner died), it kills the node's processes and deletes its data.
+
+One module of some 420 lines, for the node's whole life (data directory,
+boot, readiness, stop, reaper): each step depends on the names, ports and
+directory the others chose.
 """
 
 from __future__ import annotations
