@@ -53,7 +53,7 @@ LIMITS = collector.Limits(max_transfer_bytes=MAX_TRANSFER, max_pending_bytes=BOU
 # serial: both tests measure a process's resident memory while it is
 # attacked; how many messages pika holds in flight at once depends on how
 # fast the attacked process reads, and beside other tests it reads slower
-# (make test runs serial tests alone, after the rest).
+# (make test runs serial tests alone, before the rest).
 pytestmark = pytest.mark.serial
 
 _TASK_PAYLOAD = task_pb2.Task.DESCRIPTOR.fields_by_name["request"].number

@@ -63,7 +63,7 @@ from tests.security.conftest import (
 
 # serial: a flood is measured against a broker node's memory and disk and must
 # reach its alarm within seconds; beside other tests it may not (make test runs
-# serial tests alone, after the rest).
+# serial tests alone, before the rest).
 pytestmark = [pytest.mark.broker_node, pytest.mark.serial]
 
 NAMES = topology.Names(PREFIX)
