@@ -241,16 +241,23 @@ class BrokerLink:
     def trouble(self, routing_key: str | None = None) -> str | None:
         """Why the broker is not taking this link's messages right now; None when it is.
 
-        A queue we need down with its node or its quorum (`_on_outage`), or
-        publishes left unconfirmed past `confirm_timeout` (to `routing_key`,
-        or to any key when None). Owners use it to not blame a peer for the
-        broker's outage (a silo whose queue shows no consumer because the
-        queue has no quorum is not a silo whose worker is gone). Safe from
-        any thread: each attribute is read once.
+        A queue we need down with its node or its quorum (`_on_outage`), the
+        connection lost and not back yet, or publishes left unconfirmed past
+        `confirm_timeout` (to `routing_key`, or to any key when None). Owners
+        use it to not blame a peer for the broker's outage (a silo whose
+        queue shows no consumer because the queue has no quorum is not a silo
+        whose worker is gone), and to say why a call went unanswered. Safe
+        from any thread: each attribute is read once.
         """
         outage = self._outage
         if outage is not None:
             return outage.explain()
+        down_since = self._down_since
+        if down_since is not None:
+            return (
+                f"no connection to the broker at {self.describe_addresses()} for "
+                f"{time.monotonic() - down_since:.0f} s (last error: {self._last_error})"
+            )
         return self._confirms.trouble(routing_key)
 
     @property

@@ -105,7 +105,8 @@ class SiloValue(executor_value_base.ExecutorValue):
     async def wait_sent(self) -> None:
         """Returns once the broker holds the tasks making this value and its parents.
 
-        Raises the `SiloError` of the first that it did not take.
+        Raises the `SiloError` of the first that it did not take. Cancelling
+        the wait leaves the publishes' futures alone: the link settles them.
         """
         unsettled: list[SiloValue] = []
         stack, seen = [self], set()
@@ -117,7 +118,8 @@ class SiloValue(executor_value_base.ExecutorValue):
             unsettled.append(value)
             stack.extend(value._parents)
         outcomes = await asyncio.gather(
-            *(asyncio.wrap_future(v._sent) for v in unsettled), return_exceptions=True
+            *(asyncio.shield(asyncio.wrap_future(v._sent)) for v in unsettled),
+            return_exceptions=True,
         )
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -244,16 +246,24 @@ class SiloExecutor(executor_base.Executor):
         answer = asyncio.ensure_future(
             self._client.ask(self._silo_id, request, incarnation=value.remote.incarnation)
         )
+        # The chain's tasks are usually long at the broker. Waited for beside
+        # the answer, so that a value the broker refused is reported as such,
+        # and no longer than the answer is waited for (its task timeout): with
+        # the broker gone, a send settles only once the link gives the broker
+        # up, 30 s on.
+        sent = asyncio.ensure_future(value.wait_sent())
         try:
-            # Usually long settled; waited for alongside the answer, so that a
-            # value the broker refused is reported as such.
-            await value.wait_sent()
+            await asyncio.wait({answer, sent}, return_when=asyncio.FIRST_EXCEPTION)
+            if sent.done():
+                sent.result()  # the broker's refusal, which explains a failed answer
+            reply = answer.result()
         except BaseException:
-            answer.cancel()
-            answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+            for task in (answer, sent):
+                task.cancel()
+                task.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
         # Arrays read from the answer's own buffer, not copied (`value_read`).
-        return value_read.deserialize_compute_response((await answer).payload, value.type_signature)
+        return value_read.deserialize_compute_response(reply.payload, value.type_signature)
 
     def _dispose(self, value_id: str, remote: ExecutorHandle) -> None:
         """Called by value finalizers, from any thread; never waits."""

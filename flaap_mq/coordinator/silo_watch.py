@@ -250,7 +250,10 @@ class SiloWatch:
         if by is not None:
             raise self._deadline_lost(call, by)
         message = f"no answer within the task timeout of {timeout_s:g} s"
-        if await self._has_no_consumer(call.silo_id):
+        trouble = self._link.trouble(call.silo_id)
+        if trouble is not None:
+            message += f"; the broker is not taking this coordinator's tasks: {trouble}"
+        elif await self._has_no_consumer(call.silo_id):
             message += "; " + self._no_worker_hint(call.silo_id)
         raise errors.SiloTimeoutError(call.silo_id, call.request, message)
 
