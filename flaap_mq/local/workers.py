@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import pika
@@ -139,8 +139,14 @@ class WorkerProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
-    def task_events(self, at_least: int = 0, timeout_s: float = 30.0) -> list[dict]:
-        """The `task` events in the worker's JSON log, once `at_least` are there.
+    def task_events(
+        self,
+        at_least: int = 0,
+        timeout_s: float = 30.0,
+        task_ids: Collection[str] | None = None,
+    ) -> list[dict]:
+        """The `task` events in the worker's JSON log (of `task_ids` only, if
+        given), once `at_least` are there.
 
         The worker logs a task after settling it, so its reply can reach the
         coordinator before the line is written: a caller that knows how many
@@ -155,6 +161,7 @@ class WorkerProcess:
                 event
                 for event in (json.loads(line) for line in complete.splitlines() if line[:1] == "{")
                 if event.get("event") == "task"
+                and (task_ids is None or event.get("task_id") in task_ids)
             ]
             if len(events) >= at_least:
                 return events

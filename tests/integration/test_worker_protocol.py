@@ -545,18 +545,9 @@ def _chain(executor: _Executor, *, argument: executor_pb2.Value | None = None):
 
 
 def _logged_tasks(raw: RawCoordinator, task_ids: list[str], count: int) -> list[dict]:
-    """The worker's `task` log events for `task_ids`, in the order logged.
-
-    The worker logs a task after settling it, so the reply (or the
-    dead-lettering) can come before the line: wait up to 30 s for `count`.
-    """
-    wanted = set(task_ids)
-    deadline = time.monotonic() + 30
-    while True:
-        logged = [e for e in raw.worker.task_events() if e.get("task_id") in wanted]
-        if len(logged) >= count or time.monotonic() > deadline:
-            return logged
-        time.sleep(0.05)
+    """The worker's `task` log events for `task_ids`, in the order logged, once
+    `count` are (the reply or the dead-lettering can come before the line)."""
+    return raw.worker.task_events(at_least=count, task_ids=set(task_ids))
 
 
 def _nothing_left_unacked(raw: RawCoordinator) -> bool:
