@@ -53,9 +53,10 @@ TEST_MARKS := not faults and not slow
 # Where PYTHONDONTWRITEBYTECODE is set (this machine sets it), nothing is
 # cached at import: every pytest process rewrote and compiled all 190 test
 # modules again (4 of its 9 CPU-seconds of collection, in each of seven
-# processes), and every worker and command the tests start compiled flaap_mq.
-# The test targets write the caches (to __pycache__/, which git ignores).
-test test-faults test-slow test-systemd bench: export PYTHONDONTWRITEBYTECODE =
+# processes), and flaap_mq's modules too. The test targets let pytest's
+# collection write the caches (to __pycache__/, which git ignores), and
+# nothing after it (tests/conftest.py says why).
+test test-faults test-slow test-systemd: export PYTHONDONTWRITEBYTECODE =
 test: install
 	$(PY) -m pytest tests -m "$(TEST_MARKS) and serial"; \
 	  serial=$$?; \

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -132,6 +133,20 @@ _LONGEST_FIRST = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {module: i for i, module in enumerate(_LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Nothing more is written to bytecode caches once the tests are collected.
+
+    `make test` lets the collection write them (the test modules, rewritten,
+    and flaap_mq's): that is what spares each pytest process recompiling
+    them. What is imported later includes TensorFlow's autograph code, which
+    it writes to /tmp, one file per traced function: cached, it left
+    thousands of files in /tmp/__pycache__ per run, here and in the
+    processes the tests start.
+    """
+    sys.dont_write_bytecode = True
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
 
 
 @pytest.fixture(scope="session")
