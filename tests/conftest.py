@@ -12,6 +12,7 @@ import contextlib
 import io
 import os
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -55,6 +56,7 @@ def broker_url() -> Iterator[str]:
 # and the controller checks the whole run once every worker has finished.
 _RUN_VARIABLE = "FLAAP_TEST_RUN"
 _XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in xdist's workers only
+_STARTED = time.time()  # when this process began (the controller's: the run's start)
 if _XDIST_WORKER is None:
     os.environ[_RUN_VARIABLE] = uuid.uuid4().hex
 RUN_ID = os.environ[_RUN_VARIABLE].split("/")[0]
@@ -92,6 +94,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """
     if _XDIST_WORKER is not None:
         return
+    _remove_autograph_files(since=_STARTED)
     deadline = time.monotonic() + 15  # a stopped worker's executor may take a moment
     leaked = executors_of_this_run()
     while leaked and time.monotonic() < deadline:
@@ -100,6 +103,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if leaked:
         print(f"\nFAILED: executor processes left running by this run: {leaked}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _remove_autograph_files(since: float) -> None:
+    """Deletes the code TensorFlow's autograph wrote to the temporary directory
+    since `since`, and its bytecode caches: TensorFlow leaves them behind (a
+    process that exits without its atexit handlers, the caches always). Run
+    where the run ends, once every process of it is done with them."""
+    tmp = Path(tempfile.gettempdir())
+    for path in [
+        *tmp.glob("__autograph_generated_file*.py"),
+        *(tmp / "__pycache__").glob("__autograph_generated_file*.pyc"),
+    ]:
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime >= since:
+                path.unlink()
 
 
 # The modules that take longest, longest first (about 3.5 to 0.5 minutes
