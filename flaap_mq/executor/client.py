@@ -43,7 +43,11 @@ __all__ = ["ExecutorCallError", "ExecutorClient", "grpc_timeout"]
 
 
 class ExecutorClient:
-    """Unary gRPC calls to the server at `target` (`unix:PATH` or `HOST:PORT`); thread-safe.
+    """Unary gRPC calls to the server at `target`; thread-safe.
+
+    `target` is `HOST:PORT`, `unix:PATH`, or `handoff:PATH`: a Unix socket
+    that answers each connection with a socket connected to the server
+    (the executor's sandbox, `flaap_mq/executor/inside/relay.py`).
 
     `max_message_bytes` bounds an answer (RESOURCE_EXHAUSTED above it), as
     grpcio's `max_receive_message_length` does.

@@ -6,8 +6,11 @@ handshake; a call's HEADERS and DATA within the server's flow-control
 windows; the answer's frames read as they come, its DATA straight into the
 one buffer its gRPC message prefix sizes (`_Call`); settings, pings, window
 updates, GOAWAY and resets answered or turned into an `ExecutorCallError`
-that names them. Header blocks are coded with `hpack`. A deadline bounds
-every wait on the socket.
+that names them. Header blocks are coded by `headers.py`. A deadline
+bounds every wait on the socket. Small frames are read from a read-ahead
+buffer (an answer is about five frames: one `recv` for all of them, where
+each frame head and payload took one), large DATA straight into its place;
+a call's HEADERS and DATA go in one `sendmsg` where the windows allow.
 
 Longer than 400 lines, as one state machine: every frame a server may send
 is read in one place (`Connection._read_frame`), so that what RFC 9113
@@ -27,6 +30,7 @@ import urllib.parse
 import grpc
 import hpack
 
+from flaap_mq.executor.headers import AnswerHeaders, RequestHeaders
 from flaap_mq.protocol.collector import new_buffer
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -60,6 +64,9 @@ _DEFAULT_FRAME = 16_384
 # The largest DATA frame we accept: few frames for a large answer, each
 # read straight into its place.
 _MAX_INBOUND_FRAME = 1 << 20
+# What one `recv` may read ahead of the frame being read; a read of at least
+# a quarter of it goes straight into its target instead.
+_READ_AHEAD = 64 * 1024
 # Frames handed to one `sendmsg` (two buffers each; Linux takes 1024).
 _FRAMES_PER_SEND = 256
 # The largest header block accepted, compressed (`hpack`'s decoder refuses
@@ -116,10 +123,13 @@ class Connection:
 
     def __init__(self, target: str) -> None:
         self._target = target
+        # `handoff:PATH`: the server at PATH answers with a socket connected to
+        # the executor (the sandbox's `relay.hand_out`), which we then use.
+        self._handed = target.startswith("handoff:")
         try:
-            if target.startswith("unix:"):
+            if target.startswith(("unix:", "handoff:")):
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self._address: str | tuple[str, int] = target.removeprefix("unix:")
+                self._address: str | tuple[str, int] = target.partition(":")[2]
             else:
                 host, _, port = target.rpartition(":")
                 self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -127,8 +137,10 @@ class Connection:
                 self._address = (host.strip("[]"), int(port))
         except (OSError, ValueError) as e:
             raise ExecutorCallError(_UNAVAILABLE, f"bad target {target!r}: {e}") from e
-        self._encoder = hpack.Encoder()
-        self._decoder = hpack.Decoder()
+        self._request_headers = RequestHeaders()
+        self._answer_headers = AnswerHeaders()
+        self._ahead = memoryview(bytearray(_READ_AHEAD))
+        self._ahead_at = self._ahead_end = 0  # the unread bytes: [at, end)
         self._next_stream = 1
         self._send_window = _DEFAULT_WINDOW  # the server's, for the whole connection
         self._peer_initial_window = _DEFAULT_WINDOW
@@ -136,13 +148,30 @@ class Connection:
         self._stream_window = 0  # the server's, for the call running
         self._received = 0  # DATA bytes since our last connection WINDOW_UPDATE
         self._settings_seen = False
+        self._closed = False
         self.reusable = True
 
     def open(self, deadline: float | None) -> None:
         """Connects and exchanges settings; `ExecutorCallError` if that fails."""
         with self._io(f"connecting to {self._target}", deadline):
             self._sock.connect(self._address)
+            if self._handed:
+                self._take_handed_socket()
             self._handshake(deadline)
+
+    def _take_handed_socket(self) -> None:
+        """Replaces our Unix socket by the connected socket the server sends over it."""
+        data, fds, _, _ = socket.recv_fds(self._sock, 1, 1, socket.MSG_CMSG_CLOEXEC)
+        handed = [socket.socket(fileno=fd) for fd in fds]
+        if data != b"+" or len(handed) != 1:
+            for sock in handed:
+                sock.close()
+            raise OSError(f"no connection to the executor was handed over (got {data!r})")
+        unix, self._sock = self._sock, handed[0]
+        unix.close()
+        if self._closed:  # `close` ran meanwhile, on the Unix socket
+            self._sock.close()
+            raise OSError("the connection was closed")
 
     def catch_up(self) -> bool:
         """Reads what the server sent while this connection was idle; False if it is unusable.
@@ -153,13 +182,16 @@ class Connection:
         """
         try:
             with self._io("reading an idle connection", time.monotonic() + 1.0):
-                while self.reusable and select.select([self._sock], [], [], 0)[0]:
+                while self.reusable and (
+                    self._ahead_at < self._ahead_end or select.select([self._sock], [], [], 0)[0]
+                ):
                     self._read_frame(time.monotonic() + 1.0, None)
         except ExecutorCallError:
             return False
         return self.reusable
 
     def close(self) -> None:
+        self._closed = True
         self.reusable = False
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes a call blocked on it
@@ -199,28 +231,16 @@ class Connection:
             raise ExecutorCallError(_UNAVAILABLE, "connection has no stream ids left")
         stream, self._next_stream = self._next_stream, self._next_stream + 2
         call = _Call(stream, max_message_bytes)
-        headers = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", method),
-            (":authority", "localhost"),
-            ("te", "trailers"),
-            ("content-type", "application/grpc"),
-        ]
-        if deadline is not None:
-            headers.append(("grpc-timeout", grpc_timeout(deadline - time.monotonic())))
-        block = self._encoder.encode(headers)
+        timeout = None if deadline is None else grpc_timeout(deadline - time.monotonic())
+        block = self._request_headers.block(method, timeout)
         size = sum(piece.nbytes for piece in request)
         try:
             with self._io(method, deadline):
                 try:
-                    _set_timeout(self._sock, deadline)
-                    self._sock.sendall(
-                        _frame_head(len(block), _HEADERS, _END_HEADERS, stream) + block
-                    )
                     self._stream_window = self._peer_initial_window
                     message = [memoryview(_MESSAGE_HEAD.pack(0, size)), *request]
-                    self._send_data(call, message, deadline)
+                    headers = _frame_head(len(block), _HEADERS, _END_HEADERS, stream) + block
+                    self._send_data(call, headers, message, deadline)
                 except (BrokenPipeError, ConnectionResetError) as e:
                     # Gone before the request was all sent (its END_STREAM with
                     # it): the server cannot have started the call.
@@ -234,19 +254,25 @@ class Connection:
             raise
         return call.answer(method)
 
-    def _send_data(self, call: _Call, pieces: list[memoryview], deadline: float | None) -> None:
-        """Sends `pieces` as DATA frames within the server's windows, the last ending the stream."""
+    def _send_data(
+        self, call: _Call, headers: bytes, pieces: list[memoryview], deadline: float | None
+    ) -> None:
+        """Sends the call's `headers` frame, then `pieces` as DATA frames within the
+        server's windows, the last ending the stream."""
         pieces = [p.cast("B") if p.format != "B" or p.ndim != 1 else p for p in pieces]
         left = sum(p.nbytes for p in pieces)
+        frames: list[memoryview | bytes] = [headers]
         while True:
             allowed = min(left, self._send_window, self._stream_window)
             if allowed <= 0 and left:  # a window may even be negative (RFC 9113, 6.9.2)
+                if frames:
+                    _send_all(self._sock, frames, deadline)
+                    frames = []
                 self._read_frame(deadline, call)  # a WINDOW_UPDATE, or the call's end
                 if call.ended:  # the server answered (an error) before taking it all:
                     self.reusable = False  # our half of the stream is left open
                     return
                 continue
-            frames: list[memoryview | bytes] = []
             while allowed:
                 size = min(allowed, self._peer_max_frame)
                 left -= size
@@ -266,9 +292,8 @@ class Connection:
                 if len(frames) >= 2 * _FRAMES_PER_SEND:
                     _send_all(self._sock, frames, deadline)
                     frames = []
-            if frames:
-                _send_all(self._sock, frames, deadline)
             if not left:
+                _send_all(self._sock, frames, deadline)
                 return
 
     def _read_frame(self, deadline: float | None, call: _Call | None) -> None:
@@ -366,7 +391,7 @@ class Connection:
             block += self._read_exactly(length, deadline)
         try:
             # Decoded even when not ours: the decoder's table must see every block.
-            fields = self._decoder.decode(bytes(block))
+            fields = self._answer_headers.decode(bytes(block))
         except hpack.HPACKError as e:
             raise self._protocol_error(f"an undecodable header block ({e})") from e
         if call is not None and stream == call.stream:
@@ -386,8 +411,6 @@ class Connection:
                 if not _MIN_FRAME <= value <= _MAX_FRAME:
                     raise self._protocol_error(f"a largest frame of {value} bytes")
                 self._peer_max_frame = value
-            elif key == _SETTINGS_HEADER_TABLE_SIZE:
-                self._encoder.header_table_size = value
         self._sock.sendall(_frame_head(0, _SETTINGS, _ACK, 0))
         self._settings_seen = True
 
@@ -398,17 +421,32 @@ class Connection:
         return window + increment
 
     def _read_exactly(self, size: int, deadline: float | None) -> bytes:
+        if self._ahead_end - self._ahead_at >= size:  # the usual case: read ahead already
+            start, self._ahead_at = self._ahead_at, self._ahead_at + size
+            return bytes(self._ahead[start : self._ahead_at])
         buffer = bytearray(size)
         self._read_into(memoryview(buffer), deadline)
         return bytes(buffer)
 
     def _read_into(self, target: memoryview, deadline: float | None) -> None:
-        while target.nbytes:
+        """Fills `target`: from the bytes read ahead, then from the socket."""
+        ahead = min(self._ahead_end - self._ahead_at, target.nbytes)
+        if ahead:
+            target[:ahead] = self._ahead[self._ahead_at : self._ahead_at + ahead]
+            self._ahead_at += ahead
+            target = target[ahead:]
+        while target.nbytes:  # nothing is left ahead
             _set_timeout(self._sock, deadline)
-            got = self._sock.recv_into(target)
+            direct = target.nbytes >= _READ_AHEAD // 4
+            got = self._sock.recv_into(target if direct else self._ahead)
             if not got:
                 self.reusable = False
                 raise ExecutorCallError(_UNAVAILABLE, "the server closed the connection mid-call")
+            if not direct:
+                self._ahead_end = got
+                self._ahead_at = min(got, target.nbytes)
+                target[: self._ahead_at] = self._ahead[: self._ahead_at]
+                got = self._ahead_at
             target = target[got:]
 
     def _protocol_error(self, what: str) -> ExecutorCallError:

@@ -6,8 +6,11 @@ and has no option to bind elsewhere, so started as TFF starts it, anyone who
 can reach the host can run TensorFlow graphs there. `ExecutorService` starts
 it in a sandbox instead (`flaap_mq/executor/inside`): its own network
 namespace with only a loopback, a read-only view of the file system, its own
-PID namespace, and a minimal environment. The owner talks to it through a
-Unix socket in a private directory (0700, socket 0600).
+PID namespace, and a minimal environment. The owner reaches it through Unix
+sockets in a private directory (0700, sockets 0600): `call` on a TCP
+connection the sandbox hands it over one of them (made inside, so the
+executor's port stays in the sandbox's namespace, and no byte is relayed),
+and `open_channel` (grpcio, which can only dial a path) through a relay.
 
 Both flaap-mq processes that run TFF computations use it: the silo worker,
 and the coordinator for `merge`. `ExecutorNetwork.HOST` starts the binary
@@ -58,10 +61,11 @@ CHANNEL_OPTIONS = [
 ]
 _INSIDE = Path(__file__).with_name("inside")
 _SOCKET_DIR_PREFIX = "flaap-executor-"
-_SOCKET_NAME = "executor.sock"
+_SOCKET_NAME = "executor.sock"  # bytes relayed (grpcio's channels)
+_HANDOFF_SOCKET_NAME = "connect.sock"  # a connected socket handed over (our client)
 # The port the executor listens on inside its own network namespace, where
 # nothing else listens: any port will do.
-_SANDBOX_PORT = 8000
+SANDBOX_PORT = 8000
 
 
 class ExecutorNetwork(enum.Enum):
@@ -120,7 +124,9 @@ class ExecutorService:
         self._socket_dir: str | None = None
         self._client: ExecutorClient | None = None
         self._methods: dict[int, str] = {}
-        self.target: str | None = None  # gRPC target, once started
+        self.target: str | None = None  # grpcio's target, once started
+        # `ExecutorClient`'s: in the sandbox, `handoff:PATH` (`http2.Connection`).
+        self.client_target: str | None = None
 
     @property
     def pid(self) -> int | None:
@@ -133,7 +139,7 @@ class ExecutorService:
             self._start_sandboxed()
         else:
             self._start_on_host()
-        self._client = ExecutorClient(self.target, max_message_bytes=_MAX_MESSAGE_BYTES)
+        self._client = ExecutorClient(self.client_target, max_message_bytes=_MAX_MESSAGE_BYTES)
         try:
             self._client.wait_ready(self._startup_timeout_s)
         except ExecutorCallError:
@@ -167,9 +173,10 @@ class ExecutorService:
             "mode": "sandbox",
             "parent_pid": os.getpid(),
             "binary": str(worker_binary_path()),
-            "args": self._binary_args(_SANDBOX_PORT),
-            "port": _SANDBOX_PORT,
+            "args": self._binary_args(SANDBOX_PORT),
+            "port": SANDBOX_PORT,
             "socket": socket_path,
+            "handoff_socket": os.path.join(self._socket_dir, _HANDOFF_SOCKET_NAME),
             "data_dir": self._data_dir,
             "hidden": self._hidden,
             "status_fd": status_write,
@@ -188,6 +195,7 @@ class ExecutorService:
             reason = answer.removeprefix("error: ") or "it exited without saying why"
             raise SandboxUnavailable(f"cannot start TFF's executor in its sandbox: {reason}")
         self.target = f"unix:{socket_path}"
+        self.client_target = f"handoff:{config['handoff_socket']}"
 
     def _start_on_host(self) -> None:
         port = portpicker.pick_unused_port()
@@ -199,7 +207,7 @@ class ExecutorService:
             "data_dir": self._data_dir,
         }
         self._process = self._popen(config)
-        self.target = f"127.0.0.1:{port}"
+        self.target = self.client_target = f"127.0.0.1:{port}"
         log.warning(
             "executor_network_host",
             port=port,
@@ -291,7 +299,7 @@ class ExecutorService:
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
-        self.target = None
+        self.target = self.client_target = None
 
     def __enter__(self) -> ExecutorService:
         self.start()

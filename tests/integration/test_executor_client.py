@@ -11,6 +11,7 @@ hang, and an answer larger than the limit is refused before it is allocated.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import threading
@@ -25,6 +26,7 @@ import pytest
 
 from flaap_mq.executor import ExecutorService
 from flaap_mq.executor.client import ExecutorCallError, ExecutorClient, grpc_timeout
+from flaap_mq.executor.service import SANDBOX_PORT
 from flaap_mq.protocol.v1 import tff_executor_pb2 as light
 
 SERVICE = "/tensorflow_federated.v0.ExecutorGroup/"
@@ -89,7 +91,7 @@ def _compute_request(executor: str, ref: str) -> bytes:
 def test_a_large_answer_is_grpcios_byte_for_byte_in_one_buffer(
     service: ExecutorService, executor_id: str
 ) -> None:
-    client = ExecutorClient(service.target, max_message_bytes=LIMIT)
+    client = ExecutorClient(service.client_target, max_message_bytes=LIMIT)
     channel = service.open_channel()
     try:
         model = np.arange(5_000_000, dtype=np.float32)  # 20 MB, sent in 7 buffers
@@ -107,7 +109,7 @@ def test_a_large_answer_is_grpcios_byte_for_byte_in_one_buffer(
 def test_the_servers_error_is_raised_with_its_status_and_the_connection_kept(
     service: ExecutorService, executor_id: str
 ) -> None:
-    client = ExecutorClient(service.target, max_message_bytes=LIMIT)
+    client = ExecutorClient(service.client_target, max_message_bytes=LIMIT)
     try:
         with pytest.raises(ExecutorCallError) as raised:
             client.call(SERVICE + "Compute", _compute_request(executor_id, "not-a-ref"))
@@ -123,7 +125,7 @@ def test_the_servers_error_is_raised_with_its_status_and_the_connection_kept(
 def test_a_deadline_ends_the_call_and_the_next_call_works(
     service: ExecutorService, executor_id: str
 ) -> None:
-    client = ExecutorClient(service.target, max_message_bytes=LIMIT)
+    client = ExecutorClient(service.client_target, max_message_bytes=LIMIT)
     try:
         ref = _create_value(client, executor_id, np.ones(8_000_000, np.float32), pieces=1)
         started = time.monotonic()
@@ -140,7 +142,7 @@ def test_a_deadline_ends_the_call_and_the_next_call_works(
 def test_concurrent_calls_each_get_their_own_answer(
     service: ExecutorService, executor_id: str
 ) -> None:
-    client = ExecutorClient(service.target, max_message_bytes=LIMIT)
+    client = ExecutorClient(service.client_target, max_message_bytes=LIMIT)
     _, executor_pb2, value_serialization, _ = _tff()
     results: dict[int, np.ndarray] = {}
     errors: list[BaseException] = []
@@ -167,9 +169,87 @@ def test_concurrent_calls_each_get_their_own_answer(
         assert results[n].shape == (200_000 + n,) and np.all(results[n] == n)
 
 
-def test_a_killed_executor_fails_calls_unavailable_without_hanging() -> None:
+def test_the_client_talks_to_the_sandboxed_executor_on_a_socket_handed_out_of_it(
+    service: ExecutorService, executor_id: str
+) -> None:
+    """No byte of our calls passes through the sandbox's relay, and no port opens."""
+    assert service.client_target.startswith("handoff:")
+    client = ExecutorClient(service.client_target, max_message_bytes=LIMIT)
+    try:
+        ref = _create_value(client, executor_id, np.arange(10, dtype=np.float32), pieces=1)
+        assert ref
+        # The sandbox's TCP table (the relay lives in its network namespace):
+        # the connection to the executor's port is a socket of ours.
+        sandbox = _tcp_table(service.pid)
+        ours = _socket_inodes(os.getpid())
+        handed = [e for e in sandbox if e["inode"] in ours and e["remote_port"] == SANDBOX_PORT]
+        # This client's and the service's own (`executor_id` called through it).
+        assert len(handed) == 2 and {e["state"] for e in handed} == {"01"}, sandbox
+        assert not any(e["inode"] in ours for e in _tcp_table(os.getpid()))  # none in the host's
+        relay = _socket_inodes(service.pid)
+        assert not any(e["inode"] in relay for e in sandbox)  # it keeps no copy, relays nothing
+    finally:
+        client.close()
+
+
+def _tcp_table(pid: int) -> list[dict]:
+    """The TCP sockets of `pid`'s network namespace (`/proc/PID/net/tcp`)."""
+    entries = []
+    with open(f"/proc/{pid}/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            entries.append(
+                {
+                    "remote_port": int(fields[2].rsplit(":", 1)[1], 16),
+                    "state": fields[3],
+                    "inode": int(fields[9]),
+                }
+            )
+    return entries
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def test_a_handoff_socket_that_hands_nothing_is_an_error_naming_it(tmp_path: Path) -> None:
+    """A server on the handoff path that answers without a socket (the sandbox's
+    relay when its executor is gone) fails the call UNAVAILABLE at once."""
+    path = tmp_path / "connect.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen()
+
+    def refuse() -> None:
+        connection, _ = listener.accept()
+        connection.sendall(b"-")
+        connection.close()
+
+    server = threading.Thread(target=refuse, daemon=True)
+    server.start()
+    client = ExecutorClient(f"handoff:{path}", max_message_bytes=LIMIT)
+    try:
+        with pytest.raises(ExecutorCallError) as raised:
+            client.call(SERVICE + "GetExecutor", b"", timeout_s=10)
+        assert raised.value.unavailable
+        assert "no connection to the executor was handed over" in raised.value.details
+    finally:
+        client.close()
+        server.join(5)
+        listener.close()
+
+
+@pytest.mark.parametrize("path", ["handed", "relayed"])
+def test_a_killed_executor_fails_calls_unavailable_without_hanging(path: str) -> None:
     with ExecutorService() as service:
-        client = ExecutorClient(service.target, max_message_bytes=LIMIT)
+        target = service.client_target if path == "handed" else service.target
+        client = ExecutorClient(target, max_message_bytes=LIMIT)
         try:
             with pytest.raises(ExecutorCallError) as raised:  # a clean error: connection kept
                 client.call(SERVICE + "GetExecutor", b"", timeout_s=30)

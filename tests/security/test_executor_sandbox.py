@@ -358,6 +358,7 @@ def test_what_runs_in_the_executors_place_can_change_nothing_and_reach_no_socket
         "args": ["-I", "-S", "-c", probe],
         "port": 18790,
         "socket": str(tmp_path / "executor.sock"),
+        "handoff_socket": str(tmp_path / "connect.sock"),
         "data_dir": str(tmp_path / "data"),
         "hidden": [],
         "status_fd": status_write,

@@ -41,6 +41,26 @@ def test_json_lines_keep_their_keys(cli_json: None, capsys: pytest.CaptureFixtur
     assert "ZeroDivisionError: boom" in second["exception"]
 
 
+def test_json_lines_of_events_are_what_structlog_renders(cli_json: None) -> None:
+    """The short path for our events (`_JsonLines`) writes structlog's line, time apart."""
+    records: list[logging.LogRecord] = []
+    keep = logging.Handler()
+    keep.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(keep)
+    try:
+        log = logs.get_logger("flaap_mq.test").bind(silo="a")
+        log.info("task", task_id="t1", cached=False, none=None, odd=object(), ms=1.5)
+        log.warning("reply_not_confirmed", error="a b")
+    finally:
+        logging.getLogger().removeHandler(keep)
+    formatter = logs._cli_handler.formatter
+    for record in records:
+        ours = json.loads(formatter.format(record))
+        structlogs = json.loads(formatter._fallback.format(record))
+        assert ours.pop("timestamp")[:16] == structlogs.pop("timestamp")[:16]
+        assert list(ours.items()) == list(structlogs.items())
+
+
 def test_a_plain_formatter_prints_the_event_and_its_values(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -3,8 +3,10 @@
 `flaap_mq.executor.service` starts this program; it becomes three processes:
 
     relay             new user, network, mount and IPC namespaces. Listens on
-                      the Unix socket and joins each connection to the
-                      executor's port on the namespace's own loopback.
+                      two Unix sockets and joins each connection to the
+                      executor's port on the namespace's own loopback: by
+                      handing out a connected socket, or by relaying bytes
+                      (`relay.py`).
       keeper          waits for the executor and exits with its status (a
                       process that unshares its PID namespace can start no
                       threads, so the relay cannot be the one).
@@ -132,6 +134,7 @@ def main() -> int:
         namespaces.bring_up_loopback()
         # Bound before the file system is sealed: its directory is read-only after.
         listener = _bind_socket(config["socket"])
+        handoff = _bind_socket(config["handoff_socket"])
         namespaces.seal_filesystem(config["hidden"])
         namespaces.check_read_only(config["data_dir"] or "/")
         relay_pid = os.getpid()
@@ -154,6 +157,7 @@ def main() -> int:
                 os.waitpid(keeper, 0)
         return EXIT_SANDBOX_FAILED
     threading.Thread(target=relay.serve, args=(listener, config["port"]), daemon=True).start()
+    threading.Thread(target=relay.hand_out, args=(handoff, config["port"]), daemon=True).start()
     status.write("ready\n")
     status.close()
     _, wait_status = os.waitpid(keeper, 0)

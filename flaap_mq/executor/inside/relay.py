@@ -1,11 +1,20 @@
-"""Connects each connection accepted on a Unix socket to the executor's TCP port.
+"""Joins the owner, outside the sandbox, to the executor's TCP port inside it.
 
 The executor (TFF's `worker_binary`) can only listen on TCP, on every
 interface; inside the sandbox's network namespace "every interface" is a
-loopback nobody else shares. The worker outside reaches it through a Unix
-socket in a private directory, and this relay joins the two.
+loopback nobody else shares. The owner reaches it through Unix sockets in a
+private directory, two ways:
 
-Bytes are moved with `splice(2)` through a pipe, so they are never copied
+- `hand_out`: each connection is answered with a TCP socket already
+  connected to the executor, passed over the Unix socket (`SCM_RIGHTS`), and
+  nothing more. The owner then talks to the executor directly: a socket
+  keeps the network namespace it was made in, so this opens nothing in the
+  host's, and no byte passes through this process. flaap-mq's own executor
+  client (`flaap_mq/executor/client.py`) connects this way.
+- `serve`: bytes are relayed, for clients that can only dial a path
+  (grpcio's `unix:` channels: TFF's own stub in the tests and benchmarks).
+
+Relayed bytes are moved with `splice(2)` through a pipe, so they are never copied
 into Python: a 64 MB value costs two kernel page moves per hop, and a small
 message one wake-up per direction. Each connection gets two threads (gRPC
 keeps one long-lived connection per channel, so there are few of them);
@@ -75,6 +84,33 @@ def _join(client: socket.socket, port: int, slots: threading.BoundedSemaphore) -
     finally:
         client.close()
         slots.release()
+
+
+def hand_out(listener: socket.socket, port: int) -> None:
+    """Answers each connection on `listener` with a socket connected to `127.0.0.1:port`.
+
+    One byte goes with the descriptor (`SCM_RIGHTS` needs data to ride on):
+    `b"+"`, or `b"-"` with no descriptor if the executor refused the
+    connection (it is gone; the owner then sees UNAVAILABLE). Our copy of
+    the descriptor is closed once sent, so the owner holds the only one.
+    """
+    while True:
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            time.sleep(0.1)  # out of descriptors: retried rather than ending
+            continue
+        with client:
+            try:
+                upstream = socket.create_connection(("127.0.0.1", port))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    client.sendall(b"-")
+                continue
+            with upstream:
+                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with contextlib.suppress(OSError):  # the owner gave up waiting
+                    socket.send_fds(client, [b"+"], [upstream.fileno()])
 
 
 def serve(listener: socket.socket, port: int) -> None:
