@@ -14,7 +14,7 @@ crashed, left one running for hours. So each running node has a reaper
 node's owner; when the pipe closes without the owner having stopped the node
 (the owner died), it kills the node's processes and deletes its data.
 
-One module of some 420 lines, for the node's whole life (data directory,
+One module of some 470 lines, for the node's whole life (data directory,
 boot, readiness, stop, reaper): each step depends on the names, ports and
 directory the others chose.
 """
@@ -165,8 +165,23 @@ class PrivateBrokerNode(Lifecycle):
         self._prepare_data_dir()
         logger.info("starting private RabbitMQ node %s on port %d", self._node_name, self._port)
         try:
-            self._launch(deadline)
-            self._await_startup(deadline)
+            try:
+                self._launch(deadline)
+                self._await_startup(deadline)
+            except _DistributionPortTaken:
+                # Free when picked, taken by another process before the VM
+                # bound it (parallel test runs pick ports at once): another
+                # port, once. Peers find a node's distribution port via epmd.
+                self._kill_node_processes()
+                taken, self._dist_port = self._dist_port, portpicker.pick_unused_port()
+                logger.warning(
+                    "node %s: distribution port %d was taken; starting again on %d",
+                    self._node_name,
+                    taken,
+                    self._dist_port,
+                )
+                self._launch(deadline)
+                self._await_startup(deadline)
         except BaseException:
             self._kill_node_processes()
             raise
@@ -309,7 +324,10 @@ class PrivateBrokerNode(Lifecycle):
                 raise self._boot_error(f"not up after {self._start_timeout:.0f} s", "")
             polls += 1
             if polls % 10 == 0 and not self.os_processes():
-                raise self._boot_error("the node exited while booting", "")
+                error = self._boot_error("the node exited while booting", "")
+                if _port_state(self._dist_port) != _FREE:
+                    raise _DistributionPortTaken(str(error))
+                raise error
             time.sleep(0.1)
         last_output = ""
         while True:
@@ -352,7 +370,14 @@ class PrivateBrokerNode(Lifecycle):
             parts.append(f"last lines of {self.log_file}:")
             parts.extend(lines[-_LOG_TAIL_LINES:])
         except OSError as exc:
+            # A VM that dies before the node logs anything (seen once under
+            # load, 2026-11-30) says why nowhere: say what may explain it.
             parts.append(f"no node log ({exc})")
+            with contextlib.suppress(OSError):
+                out = (self.data_dir / "rabbitmq-server.out").read_text(errors="replace")
+                parts.append(f"rabbitmq-server -detached said: {out.strip() or '(nothing)'}")
+            for what, port in (("AMQP", self._port), ("distribution", self._dist_port)):
+                parts.append(f"{what} port {port}: {_port_state(port)}")
         return "\n".join(parts)
 
     def _ctl(self, args: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -413,6 +438,23 @@ def _chown_tree(root: Path, user: str) -> None:
         raise RuntimeError(f"no {user!r} OS user; install the rabbitmq-server package") from None
     for path in [root, *root.rglob("*")]:
         os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+
+
+_FREE = "free now"
+
+
+class _DistributionPortTaken(RuntimeError):
+    """The VM died while booting, and its distribution port is another process's."""
+
+
+def _port_state(port: int) -> str:
+    """Whether a process (another node, another test) holds `port` on 127.0.0.1 now."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            return f"taken by another process now ({e.strerror or e})"
+    return _FREE
 
 
 def _check_reachable_by_others(directory: Path) -> None:

@@ -105,6 +105,35 @@ def test_failed_boot_raises_with_log_and_leaves_no_vm() -> None:
     assert not _beam_processes_for(node.node_name)
 
 
+def test_a_distribution_port_taken_after_it_was_picked_is_picked_again(monkeypatch) -> None:
+    """Another process binds the node's distribution port between its pick and the
+    boot (xdist workers pick ports at once): the VM dies before it logs anything,
+    and the node starts again on another port, once; twice, and the error says why."""
+    import flaap_mq.local.private_node as private_node
+
+    real_pick = private_node.portpicker.pick_unused_port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy_port = taken.getsockname()[1]
+        picks = iter([real_pick(), busy_port])  # the AMQP port, then the distribution port
+        monkeypatch.setattr(
+            private_node.portpicker, "pick_unused_port", lambda: next(picks, None) or real_pick()
+        )
+        with PrivateBrokerNode() as node:
+            assert node.dist_port != busy_port
+            assert broker_answers(node.url)
+
+        picks = iter([real_pick(), busy_port, busy_port])  # taken again on the second try
+        node = PrivateBrokerNode()
+        with pytest.raises(RuntimeError) as excinfo, node:
+            pytest.fail("the node should not have started")
+    message = str(excinfo.value)
+    assert "exited while booting" in message
+    assert f"distribution port {busy_port}: taken by another process" in message
+    assert not _beam_processes_for(node.node_name)
+
+
 _OWNER = """
 import sys, time
 from flaap_mq.local.private_node import PrivateBrokerNode
