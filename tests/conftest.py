@@ -25,6 +25,7 @@ from flaap_mq import cli, logs
 from flaap_mq.broker import declare
 from flaap_mq.broker.credentials import DEFAULT_BROKER_URL
 from flaap_mq.data.fleet import SiloDataFleet
+from flaap_mq.executor.service import remove_stale_socket_dirs
 from flaap_mq.local.broker import throwaway_broker
 from flaap_mq.local.workers import WorkerFleet, all_executor_processes
 from flaap_mq.protocol import topology
@@ -103,6 +104,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if leaked:
         print(f"\nFAILED: executor processes left running by this run: {leaked}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    # The socket directories of sandboxes whose workers the tests killed (a
+    # start removes its predecessors' after a minute; nothing starts after this).
+    remove_stale_socket_dirs(min_age_s=1.0)
 
 
 def _remove_autograph_files(since: float) -> None:

@@ -164,8 +164,8 @@ class ExecutorService:
         return [sys.executable, "-I", "-S", str(_INSIDE), json.dumps(config)]
 
     def _start_sandboxed(self) -> None:
-        base = os.environ.get("RUNTIME_DIRECTORY") or tempfile.gettempdir()  # systemd's, or /tmp
-        _remove_stale_socket_dirs(base)
+        base = _socket_base()
+        remove_stale_socket_dirs(base)
         self._socket_dir = tempfile.mkdtemp(prefix=_SOCKET_DIR_PREFIX, dir=base)  # mode 0700
         socket_path = os.path.join(self._socket_dir, _SOCKET_NAME)
         status_read, status_write = os.pipe()
@@ -319,17 +319,23 @@ def _describe_exit(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-def _remove_stale_socket_dirs(base: str) -> None:
+def _socket_base() -> str:
+    return os.environ.get("RUNTIME_DIRECTORY") or tempfile.gettempdir()  # systemd's, or /tmp
+
+
+def remove_stale_socket_dirs(base: str | None = None, *, min_age_s: float = 60.0) -> None:
     """Removes socket directories that owners killed with SIGKILL could not remove.
 
     Only this user's, only where nothing listens on the socket (a connection
-    is refused, or there is no socket), and only a minute after the last
-    change, so that a sandbox another process is starting is never touched.
+    is refused, or there is no socket), and only `min_age_s` after the last
+    change (a sandbox starts in milliseconds), so that a sandbox another
+    process is starting is never touched. A start does this for the
+    directories its predecessors left; the test run, at its end, for its own.
     """
-    for directory in Path(base).glob(f"{_SOCKET_DIR_PREFIX}*"):
+    for directory in Path(base or _socket_base()).glob(f"{_SOCKET_DIR_PREFIX}*"):
         try:
             info = directory.stat()
-            if info.st_uid != os.getuid() or time.time() - info.st_mtime < 60:
+            if info.st_uid != os.getuid() or time.time() - info.st_mtime < min_age_s:
                 continue
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.settimeout(1.0)  # a full backlog would block: then it is alive

@@ -662,3 +662,36 @@ def test_grpc_timeout_never_rounds_down_and_keeps_to_eight_digits(
     seconds: float, header: str
 ) -> None:
     assert grpc_timeout(seconds) == header
+
+
+def test_socket_dirs_whose_sandbox_is_gone_are_removed_and_live_ones_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an owner killed with SIGKILL leaves (a socket nothing listens on, or none)
+    goes once it is `min_age_s` old; a live sandbox's directory, and a young one, stay."""
+    from flaap_mq.executor.service import remove_stale_socket_dirs
+
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    old = time.time() - 120
+
+    def left_behind(name: str, with_socket: bool, mtime: float) -> Path:
+        directory = tmp_path / f"flaap-executor-{name}"
+        directory.mkdir(mode=0o700)
+        if with_socket:
+            with socket.socket(socket.AF_UNIX) as dead:  # bound, never listening: refused
+                dead.bind(str(directory / "executor.sock"))
+        os.utime(directory, (mtime, mtime))
+        return directory
+
+    dead = left_behind("dead", True, old)
+    empty = left_behind("empty", False, old)
+    young = left_behind("young", True, time.time())
+    with ExecutorService() as live:
+        live_dir = Path(live.target.removeprefix("unix:")).parent
+        os.utime(live_dir, (old, old))
+        remove_stale_socket_dirs(min_age_s=60.0)
+        assert not dead.exists() and not empty.exists()
+        assert young.exists() and live_dir.exists()
+        with pytest.raises(ExecutorCallError) as raised:  # and it still answers
+            live.call(_kind("GET_EXECUTOR"), b"", timeout_s=30)
+        assert raised.value.code is grpc.StatusCode.NOT_FOUND  # TFF's answer to no cardinalities
