@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -664,18 +666,27 @@ def test_grpc_timeout_never_rounds_down_and_keeps_to_eight_digits(
     assert grpc_timeout(seconds) == header
 
 
+@pytest.fixture
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A `RUNTIME_DIRECTORY` of its own, short: a Unix socket's path has at most
+    107 bytes, which pytest's `tmp_path` under xdist can exceed."""
+    directory = Path(tempfile.mkdtemp(prefix="fx-"))
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(directory))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_socket_dirs_whose_sandbox_is_gone_are_removed_and_live_ones_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runtime_dir: Path,
 ) -> None:
     """What an owner killed with SIGKILL leaves (a socket nothing listens on, or none)
     goes once it is `min_age_s` old; a live sandbox's directory, and a young one, stay."""
     from flaap_mq.executor.service import remove_stale_socket_dirs
 
-    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
     old = time.time() - 120
 
     def left_behind(name: str, with_socket: bool, mtime: float) -> Path:
-        directory = tmp_path / f"flaap-executor-{name}"
+        directory = runtime_dir / f"flaap-executor-{name}"
         directory.mkdir(mode=0o700)
         if with_socket:
             with socket.socket(socket.AF_UNIX) as dead:  # bound, never listening: refused
