@@ -21,6 +21,7 @@ a time, in order) reads in one place too.
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import struct
@@ -162,12 +163,16 @@ class Connection:
     def _take_handed_socket(self) -> None:
         """Replaces our Unix socket by the connected socket the server sends over it."""
         data, fds, _, _ = socket.recv_fds(self._sock, 1, 1, socket.MSG_CMSG_CLOEXEC)
-        handed = [socket.socket(fileno=fd) for fd in fds]
-        if data != b"+" or len(handed) != 1:
-            for sock in handed:
-                sock.close()
+        if data != b"+" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
             raise OSError(f"no connection to the executor was handed over (got {data!r})")
-        unix, self._sock = self._sock, handed[0]
+        try:
+            handed = socket.socket(fileno=fds[0])  # OSError if it is no socket
+        except OSError:
+            os.close(fds[0])
+            raise
+        unix, self._sock = self._sock, handed
         unix.close()
         if self._closed:  # `close` ran meanwhile, on the Unix socket
             self._sock.close()

@@ -220,27 +220,53 @@ def _socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def test_a_handoff_socket_that_hands_nothing_is_an_error_naming_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("answer", "named"),
+    [
+        ("nothing", "no connection to the executor was handed over"),
+        ("a pipe", "Socket operation on non-socket"),
+    ],
+)
+def test_a_handoff_that_hands_no_socket_is_an_error_naming_it_and_leaks_nothing(
+    tmp_path: Path, answer: str, named: str
+) -> None:
     """A server on the handoff path that answers without a socket (the sandbox's
-    relay when its executor is gone) fails the call UNAVAILABLE at once."""
+    relay when its executor is gone), or with a descriptor of something else,
+    fails the call UNAVAILABLE at once, and the descriptor is closed."""
     path = tmp_path / "connect.sock"
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen()
 
-    def refuse() -> None:
+    handed_pipe: list[str] = []
+
+    def hand_over() -> None:
         connection, _ = listener.accept()
-        connection.sendall(b"-")
+        if answer == "nothing":
+            connection.sendall(b"-")
+        else:
+            read_end, write_end = os.pipe()
+            handed_pipe.append(f"pipe:[{os.fstat(read_end).st_ino}]")
+            socket.send_fds(connection, [b"+"], [read_end])
+            os.close(read_end)
+            os.close(write_end)
         connection.close()
 
-    server = threading.Thread(target=refuse, daemon=True)
+    server = threading.Thread(target=hand_over, daemon=True)
     server.start()
     client = ExecutorClient(f"handoff:{path}", max_message_bytes=LIMIT)
     try:
         with pytest.raises(ExecutorCallError) as raised:
             client.call(SERVICE + "GetExecutor", b"", timeout_s=10)
         assert raised.value.unavailable
-        assert "no connection to the executor was handed over" in raised.value.details
+        assert named in raised.value.details
+        server.join(5)
+        # The handed pipe is open nowhere in this process any more.
+        open_here = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                open_here.add(os.readlink(f"/proc/self/fd/{fd}"))
+        assert not open_here.intersection(handed_pipe)
     finally:
         client.close()
         server.join(5)
